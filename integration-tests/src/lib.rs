@@ -1,0 +1,1 @@
+//! Integration tests against the mistral.rs engine (serving work).

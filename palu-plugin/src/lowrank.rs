@@ -1,0 +1,114 @@
+//! The low-rank K/V projection: `x -> h = x·Aᵀ` (the cached latent) and `h -> B·h (+ bias)`.
+//!
+//! Tensor layout follows the authors' checkpoints: the down factor `VT` is `[R, d]` with the
+//! groups' rows concatenated, each up factor `U.i` is `[g·dh, r_i]` and produces the output rows
+//! of KV heads `i·g .. i·g+g`.
+use candle_core::{Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvKind {
+    K,
+    V,
+}
+
+impl KvKind {
+    pub const BOTH: [KvKind; 2] = [KvKind::K, KvKind::V];
+    pub fn proj_name(self) -> &'static str {
+        match self {
+            KvKind::K => "k_proj",
+            KvKind::V => "v_proj",
+        }
+    }
+}
+
+/// `y = x Wᵀ + b` for `x` of any leading shape.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let (lead, din) = dims.split_at(dims.len() - 1);
+    let n: usize = lead.iter().product();
+    let x2 = x.reshape((n, din[0]))?;
+    let y = x2.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = lead.to_vec();
+    out.push(w.dim(0)?);
+    y.reshape(out)
+}
+
+#[derive(Debug, Clone)]
+pub struct LowRankProj {
+    /// Down factor A, `[R, d]` (the authors' `VT`).
+    pub down: Tensor,
+    /// Up factors B_i, `[g·dh, r_i]` (the authors' `U.i`).
+    pub ups: Vec<Tensor>,
+    /// Output bias (Qwen2), `[G·g·dh]`: the authors store it per group as `U.i.bias`.
+    pub bias: Option<Tensor>,
+    pub ranks: Vec<usize>,
+    /// Block-diagonal `[G·g·dh, R]` made of the B_i, so that one matmul rebuilds every group.
+    up_blockdiag: Tensor,
+}
+
+impl LowRankProj {
+    pub fn new(down: Tensor, ups: Vec<Tensor>, bias: Option<Tensor>) -> Result<Self> {
+        let ranks: Vec<usize> = ups.iter().map(|u| u.dim(1)).collect::<Result<_>>()?;
+        let total: usize = ranks.iter().sum();
+        if down.dim(0)? != total {
+            candle_core::bail!("down factor has {} rows but the up factors' ranks sum to {total}", down.dim(0)?)
+        }
+        let up_blockdiag = block_diag(&ups)?;
+        Ok(Self { down, ups, bias, ranks, up_blockdiag })
+    }
+
+    pub fn total_rank(&self) -> usize {
+        self.ranks.iter().sum()
+    }
+
+    pub fn out_dim(&self) -> Result<usize> {
+        self.up_blockdiag.dim(0)
+    }
+
+    /// `[.., d] -> [.., R]`: the values palu caches.
+    pub fn latent(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.down, None)
+    }
+
+    /// `[.., R] -> [.., G·g·dh]`: rebuild K or V (pre-RoPE) from cached latents.
+    pub fn reconstruct(&self, h: &Tensor) -> Result<Tensor> {
+        linear(h, &self.up_blockdiag, self.bias.as_ref())
+    }
+
+    /// The dense equivalent `B·A` (`[G·g·dh, d]`), for checks and tests.
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        self.up_blockdiag.matmul(&self.down)
+    }
+}
+
+/// Block-diagonal matrix of `[m_i, n_i]` blocks.
+pub fn block_diag(blocks: &[Tensor]) -> Result<Tensor> {
+    let rows: usize = blocks.iter().map(|b| b.dim(0)).sum::<Result<usize>>()?;
+    let cols: usize = blocks.iter().map(|b| b.dim(1)).sum::<Result<usize>>()?;
+    let dev = blocks.first().map(|b| b.device().clone()).unwrap_or(candle_core::Device::Cpu);
+    let dtype = blocks.first().map(|b| b.dtype()).unwrap_or(candle_core::DType::F32);
+    let mut row_tensors = Vec::with_capacity(blocks.len());
+    let mut col = 0;
+    for b in blocks {
+        let (m, n) = b.dims2()?;
+        let mut parts = Vec::new();
+        if col > 0 {
+            parts.push(Tensor::zeros((m, col), dtype, &dev)?);
+        }
+        parts.push(b.clone());
+        if cols - col - n > 0 {
+            parts.push(Tensor::zeros((m, cols - col - n), dtype, &dev)?);
+        }
+        row_tensors.push(Tensor::cat(&parts, D::Minus1)?);
+        col += n;
+    }
+    let out = Tensor::cat(&row_tensors, 0)?;
+    debug_assert_eq!(out.dims(), &[rows, cols]);
+    Ok(out)
+}

@@ -1,0 +1,234 @@
+//! `palu`: compress Llama-family models with Palu low-rank KV projections, inspect and evaluate them.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use palu::alloc_config::{AllocConfig, Decompose, HadamardMode};
+use palu::compress::CompressOptions;
+use palu::eval::Protocol;
+use palu::ranks::RankSearch;
+
+#[derive(Parser)]
+#[command(
+    name = "palu",
+    version,
+    about = "Palu KV-cache compression for mistral.rs: low-rank K/V projections (arXiv 2407.21118)",
+    long_about = "Palu caches a low-rank latent h = x·A of each token instead of its keys and values, and rebuilds K = h·B \
+(then RoPE) and V at attention time.\n\nTypical flow:\n  palu convert-gguf model.gguf model/          # only if the model ships as GGUF\n  \
+palu compress model/ model-palu/ --ratio 0.5 --calib c4.jsonl\n  palu inspect model-palu/\n  palu eval ppl model-palu/ --text wiki.test.raw --seq-len 1024"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Convert a GGUF Llama-family file to a Hugging Face directory (config.json, model.safetensors, tokenizer).
+    ConvertGguf {
+        /// The .gguf file (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and K-quants are dequantized to f32).
+        input: PathBuf,
+        /// Output directory (must not exist; written atomically).
+        output: PathBuf,
+    },
+    /// Decompose k_proj/v_proj into low-rank factors and write a Palu checkpoint plus its palu.toml.
+    Compress(CompressArgs),
+    /// Summarise a checkpoint: ranks per layer, KV bytes per token before and after, tensor checks.
+    Inspect {
+        checkpoint: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evaluate a plain model or a Palu checkpoint.
+    #[command(subcommand)]
+    Eval(EvalCmd),
+    /// Greedy generation from a prompt (plain or Palu model; Palu layers cache latents).
+    Generate {
+        model: PathBuf,
+        /// Prompt text; empty for BOS only.
+        #[arg(long, default_value = "")]
+        prompt: String,
+        /// Prepend the BOS token.
+        #[arg(long)]
+        bos: bool,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Simulated latent bits (2, 3, 4, 8; 16 = none).
+        #[arg(long, default_value_t = 16)]
+        latent_bits: u8,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalCmd {
+    /// Perplexity over non-overlapping windows (every token but each window's first is scored).
+    Ppl(PplArgs),
+}
+
+#[derive(Args)]
+struct PplArgs {
+    model: PathBuf,
+    /// Evaluation text (e.g. wikitext-2-raw-test.txt, tinystories-sample.txt).
+    #[arg(long)]
+    text: PathBuf,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 1024)]
+    seq_len: usize,
+    /// Score only the first N windows.
+    #[arg(long)]
+    windows: Option<usize>,
+    /// Simulated low-bit latents (quantize-dequantize per token and group): 2, 3, 4, 8 or 16 (off).
+    #[arg(long, default_value_t = 16)]
+    latent_bits: u8,
+    /// Tokenization protocol (auto: stories when the text has <|endoftext|>, else wikitext).
+    #[arg(long, value_enum, default_value_t = Protocol::Auto)]
+    protocol: Protocol,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CompressArgs {
+    /// Hugging Face model directory (Llama, Mistral or Qwen2).
+    model: PathBuf,
+    /// Output directory for the Palu checkpoint (must not exist; written atomically).
+    output: PathBuf,
+    /// Kept fraction of the K/V width (0.5 = Palu-50%); the achieved value after rounding is reported.
+    #[arg(long, default_value_t = 0.5)]
+    ratio: f64,
+    /// KV heads per low-rank group: 1 = M-LRD, num_kv_heads = J-LRD, between = G-LRD.
+    #[arg(long, default_value_t = 1)]
+    group_size: usize,
+    #[arg(long, value_enum, default_value_t = Decompose::Whiten)]
+    decompose: Decompose,
+    /// uniform | fisher-uniform (authors' default) | fisher (per group) | waterfill (palu-rs).
+    #[arg(long, value_enum, default_value_t = RankSearch::FisherUniform)]
+    rank_search: RankSearch,
+    /// Round every group rank to a multiple of this (32 = the authors' kernel tile).
+    #[arg(long, default_value_t = 32)]
+    rank_multiple: usize,
+    /// Calibration text or JSONL file with a `text` field per line (e.g. the C4 sample).
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Calibration windows for whitening.
+    #[arg(long, default_value_t = 16)]
+    calib_samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 1024)]
+    calib_seq_len: usize,
+    /// Calibration windows for the Fisher backward passes.
+    #[arg(long, default_value_t = 8)]
+    fisher_samples: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Fold an orthonormal (Hadamard) rotation into the factors: off, on, or auto (per module, where it helps).
+    #[arg(long, value_enum, default_value_t = HadamardMode::Off, num_args = 0..=1, default_missing_value = "on")]
+    hadamard: HadamardMode,
+    /// Bits the latents will be cached at (recorded in palu.toml; guides --hadamard auto).
+    #[arg(long, default_value_t = 16)]
+    latent_bits: u8,
+    /// Re-apply a stored rank allocation (palu.toml) instead of searching.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::ConvertGguf { input, output } => {
+            let c = palu::gguf::convert(&input, &output)?;
+            let types: Vec<String> = c.tensor_types.iter().map(|(t, n)| format!("{n}×{t}")).collect();
+            println!("converted {} ({}; {} tensors: {}) -> {}", input.display(), c.architecture, c.num_tensors, types.join(", "), output.display());
+        }
+        Cmd::Compress(a) => {
+            let config = match &a.config {
+                Some(p) => Some((p.clone(), AllocConfig::from_file(p)?)),
+                None => None,
+            };
+            let opts = CompressOptions {
+                ratio: a.ratio,
+                group_size: a.group_size,
+                decompose: a.decompose,
+                rank_search: a.rank_search,
+                rank_multiple: a.rank_multiple,
+                calib: a.calib,
+                calib_samples: a.calib_samples,
+                calib_seq_len: a.calib_seq_len,
+                fisher_samples: a.fisher_samples,
+                seed: a.seed,
+                hadamard: a.hadamard,
+                latent_bits: a.latent_bits,
+                config,
+            };
+            let c = palu::compress::compress_to_dir(&a.model, &a.output, &opts)?;
+            let comp = &c.alloc.compression;
+            println!(
+                "wrote {} ({:?}, g={}, {:?}): KV reduction {:.2}% (target {:.0}%)",
+                a.output.display(),
+                comp.rank_search,
+                comp.group_size,
+                comp.decompose,
+                100.0 * comp.achieved_kv_reduction,
+                100.0 * (1.0 - comp.target_ratio)
+            );
+            println!("rank allocation: {}", a.output.join(palu::checkpoint::ALLOC_FILE).display());
+        }
+        Cmd::Inspect { checkpoint, json } => {
+            let r = palu::checkpoint::inspect(&checkpoint)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{r}");
+            }
+        }
+        Cmd::Eval(EvalCmd::Ppl(a)) => {
+            palu::quant::check_bits(a.latent_bits)?;
+            let mut model = palu::model::Model::load(&a.model, &candle_core::Device::Cpu)?;
+            if a.latent_bits < 16 {
+                model.latent_quant = Some(palu::model::LatentQuant { bits: a.latent_bits, sub_group: None });
+            }
+            let tok = palu::tokenizer::load(&a.model)?;
+            let text = std::fs::read_to_string(&a.text).map_err(|e| palu::PaluError::io(&a.text, e))?;
+            let ids = palu::eval::eval_tokens(&tok, &text, a.protocol, model.cfg.bos_token_id)?;
+            let p = palu::eval::perplexity(&model, &ids, a.seq_len, a.windows)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                println!("model       {}", a.model.display());
+                println!("text        {} ({} tokens)", a.text.display(), ids.len());
+                println!("windows     {} of {} × {} tokens, {} scored", p.windows, p.total_windows, a.seq_len, p.scored_tokens);
+                println!("latents     {}", if a.latent_bits < 16 { format!("{}-bit (simulated)", a.latent_bits) } else { "16-bit".into() });
+                println!("perplexity  {:.4}", p.perplexity);
+            }
+        }
+        Cmd::Generate { model, prompt, bos, max_tokens, latent_bits } => {
+            palu::quant::check_bits(latent_bits)?;
+            let mut m = palu::model::Model::load(&model, &candle_core::Device::Cpu)?;
+            if latent_bits < 16 {
+                m.latent_quant = Some(palu::model::LatentQuant { bits: latent_bits, sub_group: None });
+            }
+            let tok = palu::tokenizer::load(&model)?;
+            let mut ids = Vec::new();
+            if bos {
+                ids.extend(m.cfg.bos_token_id);
+            }
+            ids.extend(palu::tokenizer::encode(&tok, &prompt)?);
+            let eos = m.cfg.raw.get("eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+            let out = m.generate_greedy(&ids, max_tokens, eos)?;
+            let text = tok.decode(&out, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+            println!("{prompt}{text}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,601 @@
+//! A plain candle implementation of the Llama family (Llama, Mistral, Qwen2) whose K/V
+//! projections can be dense or Palu low-rank.
+//!
+//! The Palu attention caches the pre-RoPE latents `h = x·Aᵀ` and, at every step, rebuilds
+//! `K = RoPE(B_k h_k)` once per KV head (reused by its query heads) and `V = B_v h_v`: the same
+//! math the serving path runs. With `grad` on, every op used has a backward pass so that the
+//! Fisher statistics can be taken through this very code.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+use crate::config::{ModelConfig, RopeScaling};
+use crate::error::PaluError;
+use crate::lowrank::{linear, KvKind, LowRankProj};
+use crate::quant;
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub w: Tensor,
+    pub b: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.w, self.b.as_ref())
+    }
+}
+
+/// K/V projections of one layer.
+#[derive(Debug, Clone)]
+pub enum KvProj {
+    Dense { k: Linear, v: Linear },
+    Palu { k: LowRankProj, v: LowRankProj },
+}
+
+/// Where a probe sees an intermediate value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    /// Input of `k_proj` / `v_proj` (after the input norm), `[b, t, d]`.
+    KvInput,
+    /// Latent as cached (after simulated quantization), `[b, t, R]`.
+    Latent(KvKind),
+    /// Reconstructed projection output (pre-RoPE), `[b, t, H_kv·dh]`.
+    Output(KvKind),
+}
+
+pub type Probe<'a> = &'a mut dyn FnMut(usize, Site, &Tensor) -> Result<()>;
+
+/// Per-layer cache: dense post-RoPE K/V `[b, H_kv, T, dh]`, or Palu latents `[b, T, R]`.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    pub k: Option<Tensor>,
+    pub v: Option<Tensor>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Cache {
+    pub layers: Vec<LayerCache>,
+    pub seq_len: usize,
+}
+
+impl Cache {
+    pub fn new(num_layers: usize) -> Self {
+        Cache { layers: vec![LayerCache::default(); num_layers], seq_len: 0 }
+    }
+    /// Bytes held by the cache tensors (as stored here, f32 on CPU).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.k, &l.v])
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+/// Rotary tables from the model's own configuration (theta, Llama-3 scaling).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+    dev: Device,
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig, dev: &Device) -> Self {
+        let dh = cfg.head_dim;
+        let mut inv_freq: Vec<f64> =
+            (0..dh / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / dh as f64)).collect();
+        if let Some(s) = &cfg.rope_scaling {
+            apply_rope_scaling(&mut inv_freq, s);
+        }
+        Rope { inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(), dev: dev.clone() }
+    }
+
+    /// cos and sin, `[t, dh/2]`, for positions `start .. start + t`.
+    pub fn tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut ang = Vec::with_capacity(t * half);
+        for p in start..start + t {
+            for &f in &self.inv_freq {
+                ang.push(p as f32 * f);
+            }
+        }
+        let ang = Tensor::from_vec(ang, (t, half), &self.dev)?;
+        Ok((ang.cos()?, ang.sin()?))
+    }
+}
+
+fn apply_rope_scaling(inv_freq: &mut [f64], s: &RopeScaling) {
+    match s.rope_type.as_str() {
+        "llama3" => {
+            let factor = s.factor.unwrap_or(8.0);
+            let lo = s.low_freq_factor.unwrap_or(1.0);
+            let hi = s.high_freq_factor.unwrap_or(4.0);
+            let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
+            let (lo_wl, hi_wl) = (old / lo, old / hi);
+            for f in inv_freq.iter_mut() {
+                let wl = 2.0 * std::f64::consts::PI / *f;
+                *f = if wl < hi_wl {
+                    *f
+                } else if wl > lo_wl {
+                    *f / factor
+                } else {
+                    let smooth = (old / wl - lo) / (hi - lo);
+                    (1.0 - smooth) * *f / factor + smooth * *f
+                };
+            }
+        }
+        "linear" => {
+            let factor = s.factor.unwrap_or(1.0);
+            inv_freq.iter_mut().for_each(|f| *f /= factor);
+        }
+        _ => {}
+    }
+}
+
+/// Rotate-half RoPE on `[b, h, t, dh]`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, grad: bool) -> Result<Tensor> {
+    if !grad {
+        return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
+    }
+    let dh = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, dh / 2)?;
+    let x2 = x.narrow(D::Minus1, dh / 2, dh / 2)?;
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)?.add(&rot.broadcast_mul(&sin)?)
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, grad: bool) -> Result<Tensor> {
+    if !grad {
+        return candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32);
+    }
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+fn softmax(x: &Tensor, grad: bool) -> Result<Tensor> {
+    if !grad {
+        return candle_nn::ops::softmax_last_dim(&x.contiguous()?);
+    }
+    // Subtracting the (detached) max changes nothing mathematically but keeps exp finite.
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Additive mask `[t, T]` for queries at `start..start+t` over keys `0..start+t`.
+fn attention_mask(start: usize, t: usize, window: Option<usize>, dev: &Device) -> Result<Tensor> {
+    let total = start + t;
+    let mut m = vec![0f32; t * total];
+    for i in 0..t {
+        let p = start + i;
+        for j in 0..total {
+            let visible = j <= p && window.is_none_or(|w| p - j < w);
+            if !visible {
+                m[i * total + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Tensor::from_vec(m, (t, total), dev)
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q: Linear,
+    pub kv: KvProj,
+    pub o: Linear,
+    n_heads: usize,
+    n_kv: usize,
+    dh: usize,
+    window: Option<usize>,
+}
+
+/// Simulated low-bit latents (quantize then dequantize), per token and per low-rank group.
+#[derive(Debug, Clone, Copy)]
+pub struct LatentQuant {
+    pub bits: u8,
+    pub sub_group: Option<usize>,
+}
+
+impl Attention {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        rope: &Rope,
+        cache: Option<&mut LayerCache>,
+        start: usize,
+        lq: Option<LatentQuant>,
+        grad: bool,
+        probe: &mut Option<Probe>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, hkv, dh) = (self.n_heads, self.n_kv, self.dh);
+        if let Some(p) = probe.as_mut() {
+            p(layer, Site::KvInput, x)?;
+        }
+        let q = self.q.forward(x)?.reshape((b, t, h, dh))?.transpose(1, 2)?;
+        let total = start + t;
+        let (cos_all, sin_all) = rope.tables(0, total)?;
+        let (cos_q, sin_q) = (cos_all.narrow(0, start, t)?, sin_all.narrow(0, start, t)?);
+        let q = apply_rope(&q, &cos_q, &sin_q, grad)?;
+
+        let to_heads = |y: Tensor, len: usize| -> Result<Tensor> { y.reshape((b, len, hkv, dh))?.transpose(1, 2) };
+        let (k, v) = match &self.kv {
+            KvProj::Dense { k, v } => {
+                let kn = to_heads(k.forward(x)?, t)?;
+                let kn = apply_rope(&kn, &cos_q, &sin_q, grad)?;
+                let vn = to_heads(v.forward(x)?, t)?;
+                if let Some(p) = probe.as_mut() {
+                    p(layer, Site::Output(KvKind::V), &vn)?;
+                }
+                match cache {
+                    Some(c) => {
+                        let k = append(&mut c.k, kn, 2)?;
+                        let v = append(&mut c.v, vn, 2)?;
+                        (k, v)
+                    }
+                    None => (kn, vn),
+                }
+            }
+            KvProj::Palu { k: kp, v: vp } => {
+                let mut hk = kp.latent(x)?;
+                let mut hv = vp.latent(x)?;
+                if let Some(lq) = lq {
+                    hk = quant::fake_quant(&hk, lq.bits, &kp.ranks, lq.sub_group)?;
+                    hv = quant::fake_quant(&hv, lq.bits, &vp.ranks, lq.sub_group)?;
+                }
+                if let Some(p) = probe.as_mut() {
+                    p(layer, Site::Latent(KvKind::K), &hk)?;
+                    p(layer, Site::Latent(KvKind::V), &hv)?;
+                }
+                let (hk, hv) = match cache {
+                    Some(c) => (append(&mut c.k, hk, 1)?, append(&mut c.v, hv, 1)?),
+                    None => (hk, hv),
+                };
+                // Rebuild K for every cached position (RoPE depends on the position, so B_k
+                // cannot be folded into q), once per KV head.
+                let kr = kp.reconstruct(&hk)?;
+                let vr = vp.reconstruct(&hv)?;
+                if let Some(p) = probe.as_mut() {
+                    p(layer, Site::Output(KvKind::K), &kr)?;
+                    p(layer, Site::Output(KvKind::V), &vr)?;
+                }
+                let k = apply_rope(&to_heads(kr, total)?, &cos_all, &sin_all, grad)?;
+                (k, to_heads(vr, total)?)
+            }
+        };
+        // Group the query heads of each KV head: [b, H_kv, rep·t, dh], so K/V are never repeated.
+        let rep = h / hkv;
+        let q = q.reshape((b, hkv, rep * t, dh))?;
+        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?;
+        let mask = attention_mask(start, t, self.window, x.device())?;
+        let scores = scores.reshape((b, hkv, rep, t, total))?.broadcast_add(&mask)?;
+        let probs = softmax(&scores, grad)?.reshape((b, hkv, rep * t, total))?;
+        let out = probs.matmul(&v.contiguous()?)?; // [b, H_kv, rep·t, dh]
+        let out = out.reshape((b, h, t, dh))?.transpose(1, 2)?.reshape((b, t, h * dh))?;
+        self.o.forward(&out)
+    }
+}
+
+fn append(slot: &mut Option<Tensor>, new: Tensor, dim: usize) -> Result<Tensor> {
+    let all = match slot.take() {
+        Some(old) => Tensor::cat(&[&old, &new], dim)?,
+        None => new,
+    };
+    *slot = Some(all.clone());
+    Ok(all)
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate.forward(x)?.silu()?;
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub attn: Attention,
+    mlp: Mlp,
+    input_norm: Tensor,
+    post_norm: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    pub layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: Rope,
+    /// Use only ops with a backward pass (for Fisher statistics).
+    pub grad: bool,
+    /// Simulated low-bit latents.
+    pub latent_quant: Option<LatentQuant>,
+    pub device: Device,
+}
+
+/// The safetensors weights of a model directory, as f32 on one device.
+pub struct Weights {
+    pub dir: PathBuf,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+pub fn weight_files(dir: &Path) -> std::result::Result<Vec<PathBuf>, PaluError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| PaluError::io(dir, e))?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            n == "model.safetensors"
+                || n == "consolidated.safetensors"
+                || (n.starts_with("model-") && n.ends_with(".safetensors"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(PaluError::invalid(
+            dir,
+            "no weights found: expected model.safetensors or model-0000N-of-0000M.safetensors (convert a GGUF with `palu convert-gguf`)",
+        ));
+    }
+    Ok(files)
+}
+
+impl Weights {
+    pub fn load(dir: &Path, dev: &Device) -> std::result::Result<Self, PaluError> {
+        let mut tensors = HashMap::new();
+        for f in weight_files(dir)? {
+            let m = candle_core::safetensors::load(&f, dev)
+                .map_err(|e| PaluError::invalid(&f, format!("cannot read safetensors: {e}")))?;
+            for (k, v) in m {
+                let v = v.to_dtype(DType::F32).map_err(|e| PaluError::invalid(&f, e.to_string()))?;
+                tensors.insert(k, v);
+            }
+        }
+        Ok(Weights { dir: dir.to_path_buf(), tensors })
+    }
+
+    /// A tensor checked for presence, shape and finiteness.
+    pub fn get(&self, name: &str, shape: &[usize]) -> std::result::Result<Tensor, PaluError> {
+        let t = self.tensors.get(name).ok_or_else(|| PaluError::MissingTensor {
+            path: self.dir.clone(),
+            name: name.to_string(),
+            hint: String::new(),
+        })?;
+        if t.dims() != shape {
+            return Err(PaluError::TensorShape {
+                path: self.dir.clone(),
+                name: name.into(),
+                got: t.dims().to_vec(),
+                expected: shape.to_vec(),
+                hint: String::new(),
+            });
+        }
+        check_finite(t, &self.dir, name)?;
+        Ok(t.clone())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+pub fn check_finite(t: &Tensor, path: &Path, name: &str) -> std::result::Result<(), PaluError> {
+    let s = t
+        .abs()
+        .and_then(|a| a.sum_all())
+        .and_then(|s| s.to_scalar::<f32>())
+        .map_err(|e| PaluError::invalid(path, e.to_string()))?;
+    if !s.is_finite() {
+        return Err(PaluError::NonFinite { path: path.into(), name: name.into() });
+    }
+    Ok(())
+}
+
+impl Model {
+    /// Load a plain or Palu model directory.
+    pub fn load(dir: &Path, dev: &Device) -> std::result::Result<Self, PaluError> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let w = Weights::load(dir, dev)?;
+        Self::from_weights(cfg, &w)
+    }
+
+    pub fn from_weights(cfg: ModelConfig, w: &Weights) -> std::result::Result<Self, PaluError> {
+        let (d, v, ff) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let (h, hkv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let embed = w.get("model.embed_tokens.weight", &[v, d])?;
+        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            w.get("lm_head.weight", &[v, d])?
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let lin = |name: &str, o: usize, i: usize, bias: bool| -> std::result::Result<Linear, PaluError> {
+                let w_ = w.get(&format!("{p}.{name}.weight"), &[o, i])?;
+                let b = if bias { Some(w.get(&format!("{p}.{name}.bias"), &[o])?) } else { None };
+                Ok(Linear { w: w_, b })
+            };
+            let kv = if cfg.is_palu {
+                KvProj::Palu {
+                    k: load_lowrank(w, &cfg, l, KvKind::K)?,
+                    v: load_lowrank(w, &cfg, l, KvKind::V)?,
+                }
+            } else {
+                KvProj::Dense {
+                    k: lin("self_attn.k_proj", hkv * dh, d, cfg.qkv_bias)?,
+                    v: lin("self_attn.v_proj", hkv * dh, d, cfg.qkv_bias)?,
+                }
+            };
+            layers.push(Block {
+                attn: Attention {
+                    q: lin("self_attn.q_proj", h * dh, d, cfg.qkv_bias)?,
+                    kv,
+                    o: lin("self_attn.o_proj", d, h * dh, false)?,
+                    n_heads: h,
+                    n_kv: hkv,
+                    dh,
+                    window: cfg.sliding_window,
+                },
+                mlp: Mlp {
+                    gate: lin("mlp.gate_proj", ff, d, false)?,
+                    up: lin("mlp.up_proj", ff, d, false)?,
+                    down: lin("mlp.down_proj", d, ff, false)?,
+                },
+                input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[d])?,
+                post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+            });
+        }
+        let norm = w.get("model.norm.weight", &[d])?;
+        let device = embed.device().clone();
+        let rope = Rope::new(&cfg, &device);
+        Ok(Model { cfg, embed, layers, norm, lm_head, rope, grad: false, latent_quant: None, device })
+    }
+
+    /// Logits `[b, t, V]` for token ids `[b, t]`, continuing `cache` when given.
+    pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut Cache>, mut probe: Option<Probe>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let start = cache.as_ref().map_or(0, |c| c.seq_len);
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let eps = self.cfg.rms_norm_eps;
+        for (l, blk) in self.layers.iter().enumerate() {
+            let xn = rms_norm(&x, &blk.input_norm, eps, self.grad)?;
+            let lc = cache.as_mut().map(|c| &mut c.layers[l]);
+            let a = blk.attn.forward(l, &xn, &self.rope, lc, start, self.latent_quant, self.grad, &mut probe)?;
+            x = (x + a)?;
+            let xn = rms_norm(&x, &blk.post_norm, eps, self.grad)?;
+            x = (&x + blk.mlp.forward(&xn)?)?;
+        }
+        if let Some(c) = cache {
+            c.seq_len += t;
+        }
+        let x = rms_norm(&x, &self.norm, eps, self.grad)?;
+        linear(&x, &self.lm_head, None)
+    }
+
+    /// Greedy decoding with the cache (latents for Palu layers), returning the new token ids.
+    pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, eos: Option<u32>) -> Result<Vec<u32>> {
+        let mut cache = Cache::new(self.layers.len());
+        let mut out = Vec::new();
+        let mut input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
+        for _ in 0..max_new {
+            let logits = self.forward(&input, Some(&mut cache), None)?;
+            let last = logits.i_last()?;
+            let next = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
+            if Some(next) == eos {
+                break;
+            }
+            out.push(next);
+            input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
+        }
+        Ok(out)
+    }
+
+    pub fn set_palu(&mut self, layer: usize, k: LowRankProj, v: LowRankProj) {
+        self.layers[layer].attn.kv = KvProj::Palu { k, v };
+    }
+}
+
+trait LastToken {
+    fn i_last(&self) -> Result<Tensor>;
+}
+impl LastToken for Tensor {
+    /// `[1, t, V] -> [V]` at the last position.
+    fn i_last(&self) -> Result<Tensor> {
+        let t = self.dim(1)?;
+        self.narrow(1, t - 1, 1)?.flatten_all()
+    }
+}
+
+/// Load `VT` / `U.i` factors of one module, checked against `head_wise_ranks`.
+fn load_lowrank(w: &Weights, cfg: &ModelConfig, l: usize, kind: KvKind) -> std::result::Result<LowRankProj, PaluError> {
+    let module = ModelConfig::module_name(l, kind);
+    let ranks = cfg
+        .head_wise_ranks
+        .as_ref()
+        .and_then(|m| m.get(&module))
+        .ok_or_else(|| PaluError::invalid(w.dir.join("config.json"), format!("head_wise_ranks has no entry `{module}`")))?;
+    let g_count = ranks.len();
+    if g_count == 0 || cfg.num_kv_heads % g_count != 0 {
+        return Err(PaluError::invalid(
+            w.dir.join("config.json"),
+            format!("head_wise_ranks[`{module}`] has {g_count} groups, which does not divide num_key_value_heads {}", cfg.num_kv_heads),
+        ));
+    }
+    let gdh = cfg.kv_width() / g_count;
+    let hint = format!(" (from head_wise_ranks[`{module}`] = {ranks:?})");
+    let total: usize = ranks.iter().sum();
+    let shape_err = |name: String, got: &[usize], expected: Vec<usize>| PaluError::TensorShape {
+        path: w.dir.clone(),
+        name,
+        got: got.to_vec(),
+        expected,
+        hint: hint.clone(),
+    };
+    let vt_name = format!("{module}.VT.weight");
+    let vt = w.tensors.get(&vt_name).ok_or_else(|| PaluError::MissingTensor {
+        path: w.dir.clone(),
+        name: vt_name.clone(),
+        hint: " (a Palu checkpoint stores the down factor there)".into(),
+    })?;
+    if vt.dims() != [total, cfg.hidden_size] {
+        return Err(shape_err(vt_name, vt.dims(), vec![total, cfg.hidden_size]));
+    }
+    check_finite(vt, &w.dir, &vt_name)?;
+    let mut ups = Vec::new();
+    let mut biases = Vec::new();
+    for (i, &r) in ranks.iter().enumerate() {
+        if r > gdh.min(cfg.hidden_size) {
+            return Err(PaluError::invalid(
+                w.dir.join("config.json"),
+                format!("head_wise_ranks[`{module}`][{i}] = {r} exceeds the group's full rank {}", gdh.min(cfg.hidden_size)),
+            ));
+        }
+        let name = format!("{module}.U.{i}.weight");
+        let u = w.tensors.get(&name).ok_or_else(|| PaluError::MissingTensor {
+            path: w.dir.clone(),
+            name: name.clone(),
+            hint: hint.clone(),
+        })?;
+        if u.dims() != [gdh, r] {
+            return Err(shape_err(name, u.dims(), vec![gdh, r]));
+        }
+        check_finite(u, &w.dir, &name)?;
+        ups.push(u.clone());
+        if cfg.qkv_bias {
+            biases.push(w.get(&format!("{module}.U.{i}.bias"), &[gdh])?);
+        }
+    }
+    let bias = if biases.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&biases, 0).map_err(|e| PaluError::invalid(&w.dir, e.to_string()))?)
+    };
+    LowRankProj::new(vt.clone(), ups, bias).map_err(|e| PaluError::invalid(&w.dir, format!("{module}: {e}")))
+}
+
+/// Mean negative log-likelihood of `ids[1..]` given `logits[..-1]`, per token, `[t-1]`.
+pub fn token_nll(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    // logits [t, V], ids [t]
+    let t = logits.dim(0)?;
+    let lg = logits.narrow(0, 0, t - 1)?;
+    let tgt = ids.narrow(0, 1, t - 1)?;
+    let lsm = candle_nn::ops::log_softmax(&lg, D::Minus1)?;
+    lsm.gather(&tgt.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+}
