@@ -342,7 +342,7 @@ pub fn outlier_ratio(p: &LowRankProj, x: &Tensor) -> candle_core::Result<f64> {
 /// Relative squared error of the rebuilt projection when latents are quantized to `bits`.
 pub fn quant_error(p: &LowRankProj, x: &Tensor, bits: u8) -> candle_core::Result<f64> {
     let h = p.latent(x)?;
-    let hq = crate::quant::fake_quant(&h, bits, &p.ranks, None)?;
+    let hq = crate::quant::fake_quant(&h, bits, &p.ranks, None, crate::quant::ZeroPoint::Free)?;
     let y = p.reconstruct(&h)?;
     let yq = p.reconstruct(&hq)?;
     let num = (yq - &y)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;

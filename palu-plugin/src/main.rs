@@ -81,6 +81,12 @@ struct PplArgs {
     /// Simulated low-bit latents (quantize-dequantize per token and group): 2, 3, 4, 8 or 16 (off).
     #[arg(long, default_value_t = 16)]
     latent_bits: u8,
+    /// Zero point of the quantizer: free (palu-rs) or clamped to the code range (the authors').
+    #[arg(long, value_enum, default_value_t = palu::quant::ZeroPoint::Free)]
+    zero_point: palu::quant::ZeroPoint,
+    /// Split each low-rank group's latent into quantization sub-groups of this many channels.
+    #[arg(long)]
+    quant_group: Option<usize>,
     /// Tokenization protocol (auto: stories when the text has <|endoftext|>, else wikitext).
     #[arg(long, value_enum, default_value_t = Protocol::Auto)]
     protocol: Protocol,
@@ -195,9 +201,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Eval(EvalCmd::Ppl(a)) => {
             palu::quant::check_bits(a.latent_bits)?;
             let mut model = palu::model::Model::load(&a.model, &candle_core::Device::Cpu)?;
-            if a.latent_bits < 16 {
-                model.latent_quant = Some(palu::model::LatentQuant { bits: a.latent_bits, sub_group: None });
-            }
+            model.latent_quant = palu::model::LatentQuant::bits(a.latent_bits)
+                .map(|q| palu::model::LatentQuant { zero_point: a.zero_point, sub_group: a.quant_group, ..q });
             let tok = palu::tokenizer::load(&a.model)?;
             let text = std::fs::read_to_string(&a.text).map_err(|e| palu::PaluError::io(&a.text, e))?;
             let ids = palu::eval::eval_tokens(&tok, &text, a.protocol, model.cfg.bos_token_id)?;
@@ -215,9 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Generate { model, prompt, bos, max_tokens, latent_bits } => {
             palu::quant::check_bits(latent_bits)?;
             let mut m = palu::model::Model::load(&model, &candle_core::Device::Cpu)?;
-            if latent_bits < 16 {
-                m.latent_quant = Some(palu::model::LatentQuant { bits: latent_bits, sub_group: None });
-            }
+            m.latent_quant = palu::model::LatentQuant::bits(latent_bits);
             let tok = palu::tokenizer::load(&model)?;
             let mut ids = Vec::new();
             if bos {

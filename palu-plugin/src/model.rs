@@ -39,7 +39,7 @@ pub enum KvProj {
 pub enum Site {
     /// Input of `k_proj` / `v_proj` (after the input norm), `[b, t, d]`.
     KvInput,
-    /// Latent as cached (after simulated quantization), `[b, t, R]`.
+    /// Latent before (simulated) quantization, `[b, t, R]`.
     Latent(KvKind),
     /// Reconstructed projection output (pre-RoPE), `[b, t, H_kv·dh]`.
     Output(KvKind),
@@ -199,6 +199,13 @@ pub struct Attention {
 pub struct LatentQuant {
     pub bits: u8,
     pub sub_group: Option<usize>,
+    pub zero_point: quant::ZeroPoint,
+}
+
+impl LatentQuant {
+    pub fn bits(bits: u8) -> Option<Self> {
+        (bits < 16).then_some(LatentQuant { bits, sub_group: None, zero_point: quant::ZeroPoint::Free })
+    }
 }
 
 impl Attention {
@@ -246,13 +253,13 @@ impl Attention {
             KvProj::Palu { k: kp, v: vp } => {
                 let mut hk = kp.latent(x)?;
                 let mut hv = vp.latent(x)?;
-                if let Some(lq) = lq {
-                    hk = quant::fake_quant(&hk, lq.bits, &kp.ranks, lq.sub_group)?;
-                    hv = quant::fake_quant(&hv, lq.bits, &vp.ranks, lq.sub_group)?;
-                }
                 if let Some(p) = probe.as_mut() {
                     p(layer, Site::Latent(KvKind::K), &hk)?;
                     p(layer, Site::Latent(KvKind::V), &hv)?;
+                }
+                if let Some(lq) = lq {
+                    hk = quant::fake_quant(&hk, lq.bits, &kp.ranks, lq.sub_group, lq.zero_point)?;
+                    hv = quant::fake_quant(&hv, lq.bits, &vp.ranks, lq.sub_group, lq.zero_point)?;
                 }
                 let (hk, hv) = match cache {
                     Some(c) => (append(&mut c.k, hk, 1)?, append(&mut c.v, hv, 1)?),

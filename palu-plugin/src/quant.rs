@@ -7,6 +7,19 @@ use candle_core::{Result, Tensor};
 
 pub const SUPPORTED_BITS: [u8; 5] = [2, 3, 4, 8, 16];
 
+/// How the zero point is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ZeroPoint {
+    /// `zero = round(−min / scale)`, any integer: the grid always spans `[min, max]`.
+    #[default]
+    Free,
+    /// The authors' quantizer: `zero` clamped to `[0, 2^b − 1]`. A group whose values all have
+    /// one sign then loses its offset (e.g. `[0.26, 0.14]` at 3 bits becomes `[0.12, 0.12]`);
+    /// kept to reproduce their numbers.
+    Clamped,
+}
+
 /// Parameters of one quantized group.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GroupParams {
@@ -23,7 +36,7 @@ pub fn check_bits(bits: u8) -> std::result::Result<(), crate::PaluError> {
 }
 
 /// Quantize one group to integer codes.
-pub fn quantize_group(x: &[f32], bits: u8, codes: &mut [u8]) -> GroupParams {
+pub fn quantize_group(x: &[f32], bits: u8, zp: ZeroPoint, codes: &mut [u8]) -> GroupParams {
     let qmax = ((1u32 << bits) - 1) as f32;
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
     for &v in x {
@@ -31,7 +44,10 @@ pub fn quantize_group(x: &[f32], bits: u8, codes: &mut [u8]) -> GroupParams {
         hi = hi.max(v);
     }
     let scale = ((hi - lo) / qmax).max(1e-8);
-    let zero = (-lo / scale).round();
+    let zero = match zp {
+        ZeroPoint::Free => (-lo / scale).round(),
+        ZeroPoint::Clamped => (-lo / scale).round().clamp(0.0, qmax),
+    };
     for (c, &v) in codes.iter_mut().zip(x) {
         *c = ((v / scale).round() + zero).clamp(0.0, qmax) as u8;
     }
@@ -62,7 +78,7 @@ pub fn group_ranges(group_widths: &[usize], sub_group: Option<usize>) -> Vec<std
 }
 
 /// Quantize-then-dequantize `[.., R]` latents (what a low-bit cache returns to attention).
-pub fn fake_quant(h: &Tensor, bits: u8, group_widths: &[usize], sub_group: Option<usize>) -> Result<Tensor> {
+pub fn fake_quant(h: &Tensor, bits: u8, group_widths: &[usize], sub_group: Option<usize>, zp: ZeroPoint) -> Result<Tensor> {
     if bits >= 16 {
         return Ok(h.clone());
     }
@@ -74,7 +90,7 @@ pub fn fake_quant(h: &Tensor, bits: u8, group_widths: &[usize], sub_group: Optio
     let mut codes = vec![0u8; r];
     for (row, orow) in data.chunks(r).zip(out.chunks_mut(r)) {
         for g in &ranges {
-            let p = quantize_group(&row[g.clone()], bits, &mut codes[g.clone()]);
+            let p = quantize_group(&row[g.clone()], bits, zp, &mut codes[g.clone()]);
             dequantize_group(&codes[g.clone()], p, &mut orow[g.clone()]);
         }
     }
