@@ -88,10 +88,10 @@ pub fn write_checkpoint(
     let ranks: BTreeMap<_, _> = factors.iter().map(|(k, p)| (*k, p.ranks.clone())).collect();
     let source = cfg.raw.get("_name_or_path").and_then(|v| v.as_str()).map(str::to_string).unwrap_or_else(|| src_dir.display().to_string());
     let config = palu_config_json(cfg, &ranks, &source);
-    let tensors = palu_tensors(w, factors).map_err(|e| PaluError::invalid(out, e.to_string()))?;
+    let tensors = palu_tensors(w, factors).map_err(|e| PaluError::invalid(out, crate::error::candle_msg(&e)))?;
     write_dir_atomically(out, |tmp| {
         let st = tmp.join("model.safetensors");
-        candle_core::safetensors::save(&tensors, &st).map_err(|e| PaluError::invalid(&st, e.to_string()))?;
+        candle_core::safetensors::save(&tensors, &st).map_err(|e| PaluError::invalid(&st, crate::error::candle_msg(&e)))?;
         crate::gguf::write_json(&tmp.join("config.json"), &config)?;
         for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
             let s = src_dir.join(f);

@@ -320,7 +320,7 @@ pub fn compress(model_dir: &Path, opts: &CompressOptions) -> Result<Compressed, 
 }
 
 fn cerr(e: candle_core::Error) -> PaluError {
-    PaluError::arg("compute", "candle", e.to_string())
+    PaluError::arg("compute", "candle", crate::error::candle_msg(&e))
 }
 
 fn build_proj(downs: &[Mat<f64>], ups: &[Mat<f64>], bias: Option<Tensor>, dev: &Device) -> Result<LowRankProj, PaluError> {

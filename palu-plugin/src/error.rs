@@ -38,3 +38,8 @@ impl PaluError {
 pub fn read_to_string(path: &std::path::Path) -> Result<String, PaluError> {
     std::fs::read_to_string(path).map_err(|e| PaluError::io(path, e))
 }
+
+/// A candle error's message without the backtrace candle appends when `RUST_BACKTRACE` is set.
+pub fn candle_msg(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or("").trim().to_string()
+}

@@ -79,7 +79,7 @@ pub fn perplexity(model: &Model, tokens: &[u32], seq_len: usize, max_windows: Op
     let mut count = 0usize;
     for w in 0..n {
         let ids = &tokens[w * seq_len..(w + 1) * seq_len];
-        let nll = window_nll(model, ids).map_err(|e| PaluError::arg("model forward", w, e.to_string()))?;
+        let nll = window_nll(model, ids).map_err(|e| PaluError::arg("model forward", w, crate::error::candle_msg(&e)))?;
         sum += nll.iter().map(|&x| x as f64).sum::<f64>();
         count += nll.len();
         pb.inc(1);

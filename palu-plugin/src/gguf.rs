@@ -46,11 +46,14 @@ fn meta_f64(c: &gguf_file::Content, key: &str) -> Option<f64> {
 pub fn convert(gguf: &Path, out: &Path) -> Result<Converted, PaluError> {
     let mut f = File::open(gguf).map_err(|e| PaluError::io(gguf, e))?;
     let content = gguf_file::Content::read(&mut f).map_err(|e| {
-        PaluError::invalid(gguf, format!("cannot read GGUF: {e} (palu convert-gguf supports {SUPPORTED_TYPES})"))
+        PaluError::invalid(
+            gguf,
+            format!("cannot read GGUF: {} (palu convert-gguf supports {SUPPORTED_TYPES})", crate::error::candle_msg(&e)),
+        )
     })?;
     let arch = meta(&content, "general.architecture", gguf)?
         .to_string()
-        .map_err(|e| PaluError::invalid(gguf, e.to_string()))?
+        .map_err(|e| PaluError::invalid(gguf, crate::error::candle_msg(&e)))?
         .clone();
     if arch != "llama" && arch != "qwen2" {
         return Err(PaluError::UnsupportedArch { path: gguf.into(), arch });
@@ -100,9 +103,9 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<Converted, PaluError> {
     for name in names {
         let info = &content.tensor_infos[&name];
         *type_counts.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
-        let q = content.tensor(&mut f, &name, &dev).map_err(|e| PaluError::invalid(gguf, format!("tensor `{name}`: {e}")))?;
-        let t = q.dequantize(&dev).map_err(|e| PaluError::invalid(gguf, format!("tensor `{name}`: {e}")))?;
-        let err = |e: candle_core::Error| PaluError::invalid(gguf, format!("tensor `{name}`: {e}"));
+        let q = content.tensor(&mut f, &name, &dev).map_err(|e| PaluError::invalid(gguf, format!("tensor `{name}`: {}", crate::error::candle_msg(&e))))?;
+        let t = q.dequantize(&dev).map_err(|e| PaluError::invalid(gguf, format!("tensor `{name}`: {}", crate::error::candle_msg(&e))))?;
+        let err = |e: candle_core::Error| PaluError::invalid(gguf, format!("tensor `{name}`: {}", crate::error::candle_msg(&e)));
         let (hf, t) = match hf_name(&name) {
             Some(hf) if arch == "llama" && name.ends_with("attn_q.weight") => (hf, unpermute(&t, n_head).map_err(err)?),
             Some(hf) if arch == "llama" && name.ends_with("attn_k.weight") => (hf, unpermute(&t, n_kv).map_err(err)?),
@@ -122,7 +125,7 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<Converted, PaluError> {
         .get("model.embed_tokens.weight")
         .ok_or_else(|| PaluError::MissingTensor { path: gguf.into(), name: "token_embd.weight".into(), hint: String::new() })?
         .dim(0)
-        .map_err(|e| PaluError::invalid(gguf, e.to_string()))?;
+        .map_err(|e| PaluError::invalid(gguf, crate::error::candle_msg(&e)))?;
 
     let tok = build_tokenizer(&content, gguf)?;
     let bos = content.metadata.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok());
@@ -158,7 +161,7 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<Converted, PaluError> {
 
     crate::checkpoint::write_dir_atomically(out, |tmp| {
         let st = tmp.join("model.safetensors");
-        candle_core::safetensors::save(&tensors, &st).map_err(|e| PaluError::invalid(&st, e.to_string()))?;
+        candle_core::safetensors::save(&tensors, &st).map_err(|e| PaluError::invalid(&st, crate::error::candle_msg(&e)))?;
         write_json(&tmp.join("config.json"), &config)?;
         write_json(&tmp.join("tokenizer.json"), &tok)?;
         write_json(&tmp.join("tokenizer_config.json"), &tok_config)?;
@@ -219,7 +222,7 @@ fn strings(c: &gguf_file::Content, key: &str, path: &Path) -> Result<Vec<String>
 
 /// A `tokenizers` JSON equivalent to the tokenizer embedded in the GGUF.
 pub fn build_tokenizer(c: &gguf_file::Content, path: &Path) -> Result<Value, PaluError> {
-    let model = meta(c, "tokenizer.ggml.model", path)?.to_string().map_err(|e| PaluError::invalid(path, e.to_string()))?;
+    let model = meta(c, "tokenizer.ggml.model", path)?.to_string().map_err(|e| PaluError::invalid(path, crate::error::candle_msg(&e)))?;
     let tokens = strings(c, "tokenizer.ggml.tokens", path)?;
     let types: Vec<i32> = c
         .metadata

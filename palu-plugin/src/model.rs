@@ -368,9 +368,9 @@ impl Weights {
         let mut tensors = HashMap::new();
         for f in weight_files(dir)? {
             let m = candle_core::safetensors::load(&f, dev)
-                .map_err(|e| PaluError::invalid(&f, format!("cannot read safetensors: {e}")))?;
+                .map_err(|e| PaluError::invalid(&f, format!("cannot read safetensors: {}", crate::error::candle_msg(&e))))?;
             for (k, v) in m {
-                let v = v.to_dtype(DType::F32).map_err(|e| PaluError::invalid(&f, e.to_string()))?;
+                let v = v.to_dtype(DType::F32).map_err(|e| PaluError::invalid(&f, crate::error::candle_msg(&e)))?;
                 tensors.insert(k, v);
             }
         }
@@ -407,7 +407,7 @@ pub fn check_finite(t: &Tensor, path: &Path, name: &str) -> std::result::Result<
         .abs()
         .and_then(|a| a.sum_all())
         .and_then(|s| s.to_scalar::<f32>())
-        .map_err(|e| PaluError::invalid(path, e.to_string()))?;
+        .map_err(|e| PaluError::invalid(path, crate::error::candle_msg(&e)))?;
     if !s.is_finite() {
         return Err(PaluError::NonFinite { path: path.into(), name: name.into() });
     }
@@ -592,9 +592,9 @@ fn load_lowrank(w: &Weights, cfg: &ModelConfig, l: usize, kind: KvKind) -> std::
     let bias = if biases.is_empty() {
         None
     } else {
-        Some(Tensor::cat(&biases, 0).map_err(|e| PaluError::invalid(&w.dir, e.to_string()))?)
+        Some(Tensor::cat(&biases, 0).map_err(|e| PaluError::invalid(&w.dir, crate::error::candle_msg(&e)))?)
     };
-    LowRankProj::new(vt.clone(), ups, bias).map_err(|e| PaluError::invalid(&w.dir, format!("{module}: {e}")))
+    LowRankProj::new(vt.clone(), ups, bias).map_err(|e| PaluError::invalid(&w.dir, format!("{module}: {}", crate::error::candle_msg(&e))))
 }
 
 /// Mean negative log-likelihood of `ids[1..]` given `logits[..-1]`, per token, `[t-1]`.
