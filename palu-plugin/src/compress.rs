@@ -104,10 +104,20 @@ pub fn compress_to_dir(model_dir: &Path, out: &Path, opts: &CompressOptions) -> 
     Ok(c)
 }
 
-pub fn compress(model_dir: &Path, opts: &CompressOptions) -> Result<Compressed, PaluError> {
+/// Everything compression learns from the calibration text; shared by every configuration of
+/// one model (the sweep behind docs/accuracy.md reuses it).
+pub struct Calibration {
+    pub grams: Vec<Gram>,
+    /// The first window's K/V inputs per layer, `[t, d]` (outlier statistics, Hadamard auto).
+    pub samples: Vec<Option<Tensor>>,
+    pub fisher: Option<crate::fisher::FisherInfo>,
+    pub info: Option<CalibrationInfo>,
+}
+
+/// Load the model, run calibration as `opts` needs it.
+pub fn prepare(model_dir: &Path, opts: &CompressOptions) -> Result<(ModelConfig, Weights, Model, Calibration, CompressOptions), PaluError> {
     let dev = Device::Cpu;
-    let cfg_path = model_dir.join("config.json");
-    let cfg = ModelConfig::from_file(&cfg_path)?;
+    let cfg = ModelConfig::from_file(&model_dir.join("config.json"))?;
     let mut opts = opts.clone();
     if let Some((path, ac)) = &opts.config {
         ac.validate_for(&cfg, path)?;
@@ -122,53 +132,89 @@ pub fn compress(model_dir: &Path, opts: &CompressOptions) -> Result<Compressed, 
     validate(&cfg, &opts, model_dir)?;
     let weights = Weights::load(model_dir, &dev)?;
     let model = Model::from_weights(cfg.clone(), &weights)?;
-    let (d, dh, hkv, g) = (cfg.hidden_size, cfg.head_dim, cfg.num_kv_heads, opts.group_size);
-    let groups = hkv / g;
-    let gdh = g * dh;
-    let needs_calib = opts.decompose == Decompose::Whiten
-        || (opts.config.is_none() && opts.rank_search.needs_fisher())
-        || opts.hadamard == HadamardMode::Auto;
-
-    // 1. Calibration: XᵀX of every layer's K/V input, and a sample of inputs for Hadamard auto.
-    let mut calib_info = None;
-    let mut grams: Vec<Gram> = (0..cfg.num_layers).map(|_| Gram::new(d)).collect();
-    let mut samples: Vec<Option<Tensor>> = vec![None; cfg.num_layers];
-    let mut fisher_windows = Vec::new();
-    if needs_calib {
+    let needs_fisher = opts.config.is_none() && opts.rank_search.needs_fisher();
+    let needs_calib = opts.decompose == Decompose::Whiten || needs_fisher || opts.hadamard == HadamardMode::Auto;
+    let cal = if needs_calib {
         let calib = opts.calib.clone().ok_or_else(|| {
             PaluError::arg("--calib", "<none>", "is required for whitening, Fisher rank search and --hadamard auto (e.g. the C4 sample)")
         })?;
         let tok = crate::tokenizer::load(model_dir)?;
-        let n = opts.calib_samples.max(opts.fisher_samples);
-        let windows = crate::calib::windows(&tok, &calib, n, opts.calib_seq_len, opts.seed)?;
-        let (sha, bytes) = crate::calib::file_sha256(&calib)?;
-        calib_info = Some(CalibrationInfo {
-            source: calib.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-            sha256: sha,
-            bytes,
-            samples: opts.calib_samples,
-            seq_len: opts.calib_seq_len,
-            fisher_samples: opts.fisher_samples,
-            seed: opts.seed,
-        });
-        let pb = crate::progress::bar(opts.calib_samples as u64, "calibrate");
-        for (wi, w) in windows.iter().take(opts.calib_samples).enumerate() {
-            let ids = Tensor::new(w.as_slice(), &dev).and_then(|t| t.unsqueeze(0)).map_err(cerr)?;
-            let mut probe = |l: usize, site: Site, x: &Tensor| -> candle_core::Result<()> {
-                if site == Site::KvInput {
-                    grams[l].accumulate(x)?;
-                    if wi == 0 {
-                        samples[l] = Some(x.squeeze(0)?);
-                    }
-                }
-                Ok(())
-            };
-            model.forward(&ids, None, Some(&mut probe)).map_err(cerr)?;
-            pb.inc(1);
+        calibrate(&model, &tok, &calib, &opts, needs_fisher)?
+    } else {
+        Calibration {
+            grams: (0..cfg.num_layers).map(|_| Gram::new(cfg.hidden_size)).collect(),
+            samples: vec![None; cfg.num_layers],
+            fisher: None,
+            info: None,
         }
-        pb.finish_and_clear();
-        fisher_windows = windows[..opts.fisher_samples].to_vec();
+    };
+    Ok((cfg, weights, model, cal, opts))
+}
+
+/// XᵀX of every layer's K/V input over the calibration windows, and Fisher information if asked.
+pub fn calibrate(model: &Model, tok: &tokenizers::Tokenizer, calib: &Path, opts: &CompressOptions, fisher: bool) -> Result<Calibration, PaluError> {
+    let cfg = &model.cfg;
+    let n = opts.calib_samples.max(if fisher { opts.fisher_samples } else { 0 });
+    let windows = crate::calib::windows(tok, calib, n, opts.calib_seq_len, opts.seed)?;
+    let (sha, bytes) = crate::calib::file_sha256(calib)?;
+    let info = CalibrationInfo {
+        source: calib.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        sha256: sha,
+        bytes,
+        samples: opts.calib_samples,
+        seq_len: opts.calib_seq_len,
+        fisher_samples: if fisher { opts.fisher_samples } else { 0 },
+        seed: opts.seed,
+    };
+    let mut grams: Vec<Gram> = (0..cfg.num_layers).map(|_| Gram::new(cfg.hidden_size)).collect();
+    let mut samples: Vec<Option<Tensor>> = vec![None; cfg.num_layers];
+    tracing::info!("calibrating on {} × {} tokens of {}", opts.calib_samples, opts.calib_seq_len, calib.display());
+    let pb = crate::progress::bar(opts.calib_samples as u64, "calibrate");
+    for (wi, w) in windows.iter().take(opts.calib_samples).enumerate() {
+        let ids = Tensor::new(w.as_slice(), &model.device).and_then(|t| t.unsqueeze(0)).map_err(cerr)?;
+        let mut probe = |l: usize, site: Site, x: &Tensor| -> candle_core::Result<()> {
+            if site == Site::KvInput {
+                grams[l].accumulate(x)?;
+                if wi == 0 {
+                    samples[l] = Some(x.squeeze(0)?);
+                }
+            }
+            Ok(())
+        };
+        model.forward(&ids, None, Some(&mut probe)).map_err(cerr)?;
+        pb.inc(1);
     }
+    pb.finish_and_clear();
+    let fisher = if fisher {
+        tracing::info!("Fisher information from {} backward passes of {} tokens", opts.fisher_samples, opts.calib_seq_len);
+        Some(crate::fisher::fisher_info(model, &windows[..opts.fisher_samples]).map_err(cerr)?)
+    } else {
+        None
+    };
+    Ok(Calibration { grams, samples, fisher, info: Some(info) })
+}
+
+pub fn compress(model_dir: &Path, opts: &CompressOptions) -> Result<Compressed, PaluError> {
+    let (cfg, weights, model, cal, opts) = prepare(model_dir, opts)?;
+    compress_with(&cfg, weights, &model, &cal, &opts, &model_dir.join("config.json"))
+}
+
+/// Decompose, allocate and rotate with a finished calibration.
+pub fn compress_with(
+    cfg: &ModelConfig,
+    weights: Weights,
+    model: &Model,
+    cal: &Calibration,
+    opts: &CompressOptions,
+    cfg_path: &Path,
+) -> Result<Compressed, PaluError> {
+    validate(cfg, opts, cfg_path.parent().unwrap_or(Path::new(".")))?;
+    let dev = Device::Cpu;
+    let (d, dh, hkv, g) = (cfg.hidden_size, cfg.head_dim, cfg.num_kv_heads, opts.group_size);
+    let groups = hkv / g;
+    let gdh = g * dh;
+    let grams = &cal.grams;
+    let samples = &cal.samples;
 
     // 2. Whitening and the full SVD of every group.
     let mut whitening = Vec::with_capacity(cfg.num_layers);
@@ -179,6 +225,7 @@ pub fn compress(model_dir: &Path, opts: &CompressOptions) -> Result<Compressed, 
         });
     }
     let mut svds: BTreeMap<(usize, KvKind), Vec<GroupSvd>> = BTreeMap::new();
+    tracing::info!("decomposing {} layers × K/V into {groups} group(s) of {g} head(s) ({:?})", cfg.num_layers, opts.decompose);
     let pb = crate::progress::bar((cfg.num_layers * 2) as u64, "decompose");
     for l in 0..cfg.num_layers {
         let KvProj::Dense { k, v } = &model.layers[l].attn.kv else { unreachable!("validated dense") };
@@ -199,22 +246,23 @@ pub fn compress(model_dir: &Path, opts: &CompressOptions) -> Result<Compressed, 
     let ranks: Ranks = if let Some((_, ac)) = &opts.config {
         ac.ranks()
     } else {
-        let fisher = if opts.rank_search.needs_fisher() {
-            Some(crate::fisher::fisher_info(&model, &fisher_windows, groups).map_err(cerr)?)
-        } else {
-            None
-        };
+        if opts.rank_search.needs_fisher() && cal.fisher.is_none() {
+            return Err(PaluError::arg("--rank-search", format!("{:?}", opts.rank_search), "needs Fisher information from calibration"));
+        }
         let stats: Vec<ModuleStats> = svds
             .iter()
             .map(|(&(l, kind), gs)| {
-                let f = fisher.as_ref().map(|f| f[&(l, kind)].clone());
+                let f = match &cal.fisher {
+                    Some(f) => Some(crate::fisher::summarize(&f[&(l, kind)], groups).map_err(cerr)?),
+                    None => None,
+                };
                 let gram = &grams[l];
                 let power = if gram.n_tokens > 0 {
                     (0..d).map(|i| gram.xtx[(i, i)]).sum::<f64>() / (gram.n_tokens * d) as f64
                 } else {
                     1.0
                 };
-                ModuleStats {
+                Ok(ModuleStats {
                     layer: l,
                     kind,
                     group_width: gdh,
@@ -223,12 +271,13 @@ pub fn compress(model_dir: &Path, opts: &CompressOptions) -> Result<Compressed, 
                     group_fisher: f.map_or(vec![1.0; groups], |f| f.group_means),
                     input_power: power,
                     sigmas: gs.iter().map(|s| s.sigma.clone()).collect(),
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_, PaluError>>()?;
         ranks::allocate(opts.rank_search, &stats, opts.ratio, opts.rank_multiple)
     };
 
+    tracing::info!("ranks allocated ({:?}): KV reduction {:.2}%", opts.rank_search, 100.0 * ranks::kv_reduction(&ranks, hkv * dh));
     // 4. Factors, with the rotation folded in where asked.
     let mut factors = BTreeMap::new();
     let mut outliers = BTreeMap::new();
@@ -293,7 +342,7 @@ pub fn compress(model_dir: &Path, opts: &CompressOptions) -> Result<Compressed, 
             num_kv_heads: hkv,
             head_dim: dh,
             source: cfg.raw.get("_name_or_path").and_then(|v| v.as_str()).map(str::to_string),
-            config_sha256: crate::calib::file_sha256(&cfg_path).ok().map(|(s, _)| s),
+            config_sha256: crate::calib::file_sha256(cfg_path).ok().map(|(s, _)| s),
         },
         compression: CompressionInfo {
             group_size: g,
@@ -305,7 +354,7 @@ pub fn compress(model_dir: &Path, opts: &CompressOptions) -> Result<Compressed, 
             latent_bits: opts.latent_bits,
             achieved_kv_reduction: (ranks::kv_reduction(&ranks, hkv * dh) * 1e4).round() / 1e4,
         },
-        calibration: calib_info,
+        calibration: cal.info.clone(),
         layers: (0..cfg.num_layers)
             .map(|l| LayerRanks {
                 index: l,
@@ -316,7 +365,7 @@ pub fn compress(model_dir: &Path, opts: &CompressOptions) -> Result<Compressed, 
             })
             .collect(),
     };
-    Ok(Compressed { cfg, weights, factors, alloc, outliers })
+    Ok(Compressed { cfg: cfg.clone(), weights, factors, alloc, outliers })
 }
 
 fn cerr(e: candle_core::Error) -> PaluError {

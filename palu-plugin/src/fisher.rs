@@ -14,10 +14,11 @@ pub struct ModuleFisher {
     pub group_means: Vec<f64>,
 }
 
-pub type FisherInfo = BTreeMap<(usize, KvKind), ModuleFisher>;
+/// Elementwise `sqrt(Σ grad² / n)` of every `k_proj` / `v_proj` weight.
+pub type FisherInfo = BTreeMap<(usize, KvKind), Tensor>;
 
-/// Run a backward pass per calibration window. `groups` is the number of low-rank groups per module.
-pub fn fisher_info(model: &Model, windows: &[Vec<u32>], groups: usize) -> candle_core::Result<FisherInfo> {
+/// Run a backward pass per calibration window.
+pub fn fisher_info(model: &Model, windows: &[Vec<u32>]) -> candle_core::Result<FisherInfo> {
     let mut m = model.clone();
     m.grad = true;
     m.latent_quant = None;
@@ -60,12 +61,17 @@ pub fn fisher_info(model: &Model, windows: &[Vec<u32>], groups: usize) -> candle
             Some(s) => (s / n)?.sqrt()?,
             None => var.as_tensor().zeros_like()?,
         };
-        let mean = f.mean_all()?.to_scalar::<f32>()? as f64;
-        let rows = f.dim(0)? / groups;
-        let group_means = (0..groups)
-            .map(|g| Ok(f.narrow(0, g * rows, rows)?.mean_all()?.to_scalar::<f32>()? as f64))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        out.insert(*key, ModuleFisher { mean, group_means });
+        out.insert(*key, f);
     }
     Ok(out)
+}
+
+/// Module and per-group importance from elementwise Fisher values `[G·g·dh, d]`.
+pub fn summarize(f: &Tensor, groups: usize) -> candle_core::Result<ModuleFisher> {
+    let mean = f.mean_all()?.to_scalar::<f32>()? as f64;
+    let rows = f.dim(0)? / groups;
+    let group_means = (0..groups)
+        .map(|g| Ok(f.narrow(0, g * rows, rows)?.mean_all()?.to_scalar::<f32>()? as f64))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(ModuleFisher { mean, group_means })
 }

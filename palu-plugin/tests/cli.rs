@@ -1,0 +1,85 @@
+//! The `palu` command line: help text, inspect and eval output, and errors as users see them.
+mod common;
+
+use std::process::Command;
+
+fn palu(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_palu"))
+        .args(args)
+        .env("PALU_QUIET", "1")
+        .env("PALU_LOG", "warn")
+        .env("COLUMNS", "100")
+        .output()
+        .unwrap();
+    let f = common::fixtures().display().to_string();
+    let clean = |b: Vec<u8>| String::from_utf8(b).unwrap().replace(&f, "[FIXTURES]");
+    (out.status.success(), clean(out.stdout), clean(out.stderr))
+}
+
+#[test]
+fn help_teaches_the_flow() {
+    let (ok, out, _) = palu(&["--help"]);
+    assert!(ok);
+    insta::assert_snapshot!("help", out);
+}
+
+#[test]
+fn compress_help() {
+    let (ok, out, _) = palu(&["compress", "--help"]);
+    assert!(ok);
+    insta::assert_snapshot!("compress_help", out);
+}
+
+#[test]
+fn eval_ppl_help() {
+    let (ok, out, _) = palu(&["eval", "ppl", "--help"]);
+    assert!(ok);
+    insta::assert_snapshot!("eval_ppl_help", out);
+}
+
+#[test]
+fn inspect_the_authors_checkpoint() {
+    let dir = common::fixtures().join("palu-reference/stories260K-g1-r50");
+    let (ok, out, err) = palu(&["inspect", dir.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    insta::assert_snapshot!("inspect_reference", out);
+}
+
+#[test]
+fn eval_ppl_of_the_authors_checkpoint() {
+    let f = common::fixtures();
+    let (ok, out, err) = palu(&[
+        "eval",
+        "ppl",
+        f.join("palu-reference/stories260K-g1-r50").to_str().unwrap(),
+        "--text",
+        f.join("text/tinystories-sample.txt").to_str().unwrap(),
+        "--seq-len",
+        "256",
+    ]);
+    assert!(ok, "{err}");
+    insta::assert_snapshot!("eval_reference", out);
+}
+
+#[test]
+fn errors_exit_nonzero_with_one_clear_line() {
+    let f = common::fixtures();
+    let (ok, _, err) = palu(&["eval", "ppl", f.join("models/stories260K").to_str().unwrap(), "--text", "/nonexistent.txt"]);
+    assert!(!ok);
+    insta::assert_snapshot!("missing_text", err);
+    let (ok, _, err) = palu(&[
+        "eval",
+        "ppl",
+        f.join("models/stories260K").to_str().unwrap(),
+        "--text",
+        f.join("text/tinystories-sample.txt").to_str().unwrap(),
+        "--latent-bits",
+        "5",
+    ]);
+    assert!(!ok);
+    insta::assert_snapshot!("bad_bits", err);
+    let (ok, _, err) = palu(&["compress", f.join("models/stories260K").to_str().unwrap(), "/tmp/palu-never-written", "--group-size", "3"]);
+    assert!(!ok);
+    assert!(!std::path::Path::new("/tmp/palu-never-written").exists());
+    insta::assert_snapshot!("bad_group_size", err);
+}
