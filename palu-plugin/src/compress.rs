@@ -139,7 +139,18 @@ pub fn prepare(model_dir: &Path, opts: &CompressOptions) -> Result<(ModelConfig,
             PaluError::arg("--calib", "<none>", "is required for whitening, Fisher rank search and --hadamard auto (e.g. the C4 sample)")
         })?;
         let tok = crate::tokenizer::load(model_dir)?;
-        calibrate(&model, &tok, &calib, &opts, needs_fisher)?
+        let cal = calibrate(&model, &tok, &calib, &opts, needs_fisher)?;
+        if let (Some((path, ac)), Some(now)) = (&opts.config, &cal.info) {
+            if let Some(then) = &ac.calibration {
+                if then.sha256 != now.sha256 {
+                    tracing::warn!(
+                        "{}: ranks were searched with calibration file {} (sha256 {}), whitening now uses {} (sha256 {})",
+                        path.display(), then.source, then.sha256, now.source, now.sha256
+                    );
+                }
+            }
+        }
+        cal
     } else {
         Calibration {
             grams: (0..cfg.num_layers).map(|_| Gram::new(cfg.hidden_size)).collect(),

@@ -161,13 +161,7 @@ fn waterfill(modules: &[ModuleStats], ratio: f64, multiple: usize) -> Ranks {
     let full: usize = modules.iter().map(|m| m.group_width * m.sigmas.len()).sum();
     let budget = (ratio * full as f64).round() as usize;
     let mut ranks: Vec<Vec<usize>> = modules.iter().map(|m| vec![0; m.sigmas.len()]).collect();
-    let pw: f64 = std::env::var("PALU_WF_POW").ok().and_then(|v| v.parse().ok()).unwrap_or(2.0);
-    let xp: f64 = std::env::var("PALU_WF_XPOW").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0);
-    let rel = std::env::var("PALU_WF_REL").is_ok();
-    let weight = |m: &ModuleStats, g: usize| {
-        let e = if rel { m.sigmas.iter().flatten().map(|s| s * s).sum::<f64>().max(1e-30) } else { 1.0 };
-        m.group_fisher[g].powf(pw) / m.input_power.max(1e-30).powf(xp) / e
-    };
+    let weight = |m: &ModuleStats, g: usize| m.group_fisher[g].powi(2) / m.input_power.max(1e-30);
     let chunk = |m: &ModuleStats, g: usize, from: usize| -> (f64, usize) {
         let to = (from + m_).min(m.group_cap);
         (weight(m, g) * m.sigmas[g][from..to].iter().map(|s| s * s).sum::<f64>(), to - from)
