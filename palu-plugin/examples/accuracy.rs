@@ -46,6 +46,12 @@ struct Args {
     bits_for: Option<String>,
     #[arg(long, default_value = "8,4,3,2")]
     bits: String,
+    /// Zero points for the latent-bit rows: free (palu-rs) and/or clamped (the authors').
+    #[arg(long, default_value = "free")]
+    zero_points: String,
+    /// Print the per-layer latent outlier table (peak/RMS before and after rotation) of every row.
+    #[arg(long)]
+    outliers: bool,
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -59,6 +65,7 @@ struct Row {
     kv_reduction: f64,
     latent_bits: u8,
     hadamard: bool,
+    zero_point: String,
     perplexity: f64,
     rel_baseline: f64,
     outlier_peak_to_rms: Option<(f64, f64)>,
@@ -88,13 +95,13 @@ fn main() -> anyhow::Result<()> {
     let tok = palu::tokenizer::load(&a.model)?;
     let text = std::fs::read_to_string(&a.text)?;
     let ids = eval_tokens(&tok, &text, a.protocol, cfg.bos_token_id)?;
-    let base = perplexity(&model, &ids, a.seq_len, Some(a.windows))?.perplexity;
+    let base = if a.windows > 0 { perplexity(&model, &ids, a.seq_len, Some(a.windows))?.perplexity } else { f64::NAN };
     println!("model {} | text {} | {} windows × {} | baseline ppl {:.3}", a.model.display(), a.text.display(), a.windows, a.seq_len, base);
     println!();
     println!("| g | allocation | target kept | real KV reduction | bits | Hadamard | ppl | × baseline |");
     println!("|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
-    let mut run = |g: usize, m: &str, mult: usize, ratio: f64, bits: u8, had: bool| -> anyhow::Result<()> {
+    let mut run = |g: usize, m: &str, mult: usize, ratio: f64, bits: u8, had: bool, zp: ZeroPoint| -> anyhow::Result<()> {
         let opts = CompressOptions {
             group_size: g,
             rank_search: method(m),
@@ -105,16 +112,26 @@ fn main() -> anyhow::Result<()> {
         };
         let c = compress_with(&cfg, palu::model::Weights { dir: a.model.clone(), tensors: weights.tensors.clone() }, &model, &cal, &opts, &a.model.join("config.json"))?;
         let mut pm: Model = c.model()?;
-        pm.latent_quant = LatentQuant::bits(bits).map(|q| LatentQuant { zero_point: ZeroPoint::Free, ..q });
-        let p = perplexity(&pm, &ids, a.seq_len, Some(a.windows))?.perplexity;
+        pm.latent_quant = LatentQuant::bits(bits).map(|q| LatentQuant { zero_point: zp, ..q });
+        let p = if a.windows > 0 { perplexity(&pm, &ids, a.seq_len, Some(a.windows))?.perplexity } else { f64::NAN };
+        if a.outliers {
+            println!("\nlatent peak/RMS per layer (g={g}, {m}/{mult}, ratio {ratio}): K before → after rotation, V before → after");
+            for l in 0..cfg.num_layers {
+                let k = c.outliers.get(&(l, palu::lowrank::KvKind::K)).copied().unwrap_or((f64::NAN, f64::NAN));
+                let v = c.outliers.get(&(l, palu::lowrank::KvKind::V)).copied().unwrap_or((f64::NAN, f64::NAN));
+                println!("layer {l:>2}: K {:6.2} → {:6.2}   V {:6.2} → {:6.2}", k.0, k.1, v.0, v.1);
+            }
+            println!();
+        }
         let red = c.alloc.compression.achieved_kv_reduction;
         let n = c.outliers.len().max(1) as f64;
         let outl = (!c.outliers.is_empty()).then(|| {
             (c.outliers.values().map(|o| o.0).sum::<f64>() / n, c.outliers.values().map(|o| o.1).sum::<f64>() / n)
         });
         println!(
-            "| {g} | {m}/{mult} | {ratio} | {:.1}% | {bits} | {} | {p:.3} | {:.3} |",
+            "| {g} | {m}/{mult} | {ratio} | {:.1}% | {bits}{} | {} | {p:.3} | {:.3} |",
             100.0 * red,
+            if bits < 16 && zp == ZeroPoint::Clamped { " (clamped zero)" } else { "" },
             if had { "yes" } else { "no" },
             p / base
         );
@@ -126,6 +143,7 @@ fn main() -> anyhow::Result<()> {
             kv_reduction: red,
             latent_bits: bits,
             hadamard: had,
+            zero_point: format!("{zp:?}"),
             perplexity: p,
             rel_baseline: p / base,
             outlier_peak_to_rms: outl,
@@ -136,16 +154,19 @@ fn main() -> anyhow::Result<()> {
         for ratio in list::<f64>(&a.ratios) {
             for mm in a.methods.split(',') {
                 let (m, mult) = mm.split_once(':').unwrap_or((mm, "32"));
-                run(g, m, mult.parse()?, ratio, 16, false)?;
+                run(g, m, mult.parse()?, ratio, 16, false, ZeroPoint::Free)?;
             }
         }
     }
     if let Some(spec) = &a.bits_for {
         let p: Vec<&str> = spec.split(':').collect();
         let (g, ratio, m, mult): (usize, f64, &str, usize) = (p[0].parse()?, p[1].parse()?, p[2], p[3].parse()?);
-        for bits in list::<u8>(&a.bits) {
-            for had in [false, true] {
-                run(g, m, mult, ratio, bits, had)?;
+        for zp in a.zero_points.split(',') {
+            let zp = <ZeroPoint as clap::ValueEnum>::from_str(zp, true).expect("zero point");
+            for bits in list::<u8>(&a.bits) {
+                for had in [false, true] {
+                    run(g, m, mult, ratio, bits, had, zp)?;
+                }
             }
         }
     }

@@ -182,10 +182,12 @@ fn compressed_checkpoint_round_trips_and_config_reapplies() {
 fn synthetic(model_type: &str, extra: serde_json::Value) -> tempfile::TempDir {
     use rand::{Rng, SeedableRng};
     let d = tempfile::tempdir().unwrap();
-    let (hidden, heads, kv, dh, ff, layers, vocab) = (64usize, 8usize, 4usize, 8usize, 96usize, 2usize, 512usize);
+    let kv = extra.get("num_key_value_heads").and_then(|v| v.as_u64()).unwrap_or(4) as usize;
+    let dh = extra.get("head_dim").and_then(|v| v.as_u64()).unwrap_or(8) as usize;
+    let (hidden, heads, ff, layers, vocab) = (64usize, 8usize, 96usize, 2usize, 512usize);
     let mut cfg = serde_json::json!({
         "model_type": model_type, "hidden_size": hidden, "intermediate_size": ff, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab, "rms_norm_eps": 1e-6,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": dh, "vocab_size": vocab, "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": false, "hidden_act": "silu",
         "bos_token_id": 1, "eos_token_id": 2
     });
@@ -285,4 +287,10 @@ fn sliding_window_changes_attention() {
     let (a, b) = (logits(&m, &ids).squeeze(0).unwrap(), logits(&m2, &ids).squeeze(0).unwrap());
     assert!(max_abs_diff(&a.narrow(0, 0, 16).unwrap(), &b.narrow(0, 0, 16).unwrap()) < 1e-5);
     assert!(max_abs_diff(&a.narrow(0, 20, 20).unwrap(), &b.narrow(0, 20, 20).unwrap()) > 1e-3);
+}
+
+#[test]
+fn llama_mha_with_wide_heads_full_rank_is_exact() {
+    // MHA (8 KV heads) with head_dim 16 ≠ hidden / heads, J-LRD-like groups of 2 heads (rank cap 32).
+    synthetic_full_rank("llama", serde_json::json!({"num_key_value_heads": 8, "head_dim": 16}));
 }
