@@ -227,17 +227,15 @@ impl Attention {
             p(layer, Site::KvInput, x)?;
         }
         let q = self.q.forward(x)?.reshape((b, t, h, dh))?.transpose(1, 2)?;
-        let total = start + t;
-        let (cos_all, sin_all) = rope.tables(0, total)?;
-        let (cos_q, sin_q) = (cos_all.narrow(0, start, t)?, sin_all.narrow(0, start, t)?);
+        let (cos_q, sin_q) = rope.tables(start, t)?;
         let q = apply_rope(&q, &cos_q, &sin_q, grad)?;
 
-        let to_heads = |y: Tensor, len: usize| -> Result<Tensor> { y.reshape((b, len, hkv, dh))?.transpose(1, 2) };
+        let to_heads = |y: Tensor| -> Result<Tensor> { y.reshape((b, t, hkv, dh))?.transpose(1, 2) };
         let (k, v) = match &self.kv {
             KvProj::Dense { k, v } => {
-                let kn = to_heads(k.forward(x)?, t)?;
+                let kn = to_heads(k.forward(x)?)?;
                 let kn = apply_rope(&kn, &cos_q, &sin_q, grad)?;
-                let vn = to_heads(v.forward(x)?, t)?;
+                let vn = to_heads(v.forward(x)?)?;
                 if let Some(p) = probe.as_mut() {
                     p(layer, Site::Output(KvKind::V), &vn)?;
                 }
@@ -265,29 +263,55 @@ impl Attention {
                     Some(c) => (append(&mut c.k, hk, 1)?, append(&mut c.v, hv, 1)?),
                     None => (hk, hv),
                 };
-                // Rebuild K for every cached position (RoPE depends on the position, so B_k
-                // cannot be folded into q), once per KV head.
-                let kr = kp.reconstruct(&hk)?;
-                let vr = vp.reconstruct(&hv)?;
                 if let Some(p) = probe.as_mut() {
-                    p(layer, Site::Output(KvKind::K), &kr)?;
-                    p(layer, Site::Output(KvKind::V), &vr)?;
+                    p(layer, Site::Output(KvKind::K), &kp.reconstruct(&hk)?)?;
+                    p(layer, Site::Output(KvKind::V), &vp.reconstruct(&hv)?)?;
                 }
-                let k = apply_rope(&to_heads(kr, total)?, &cos_all, &sin_all, grad)?;
-                (k, to_heads(vr, total)?)
+                rebuild_kv(&hk, &hv, kp, vp, hkv, rope, grad)?
             }
         };
-        // Group the query heads of each KV head: [b, H_kv, rep·t, dh], so K/V are never repeated.
-        let rep = h / hkv;
-        let q = q.reshape((b, hkv, rep * t, dh))?;
-        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?;
-        let mask = attention_mask(start, t, self.window, x.device())?;
-        let scores = scores.reshape((b, hkv, rep, t, total))?.broadcast_add(&mask)?;
-        let probs = softmax(&scores, grad)?.reshape((b, hkv, rep * t, total))?;
-        let out = probs.matmul(&v.contiguous()?)?; // [b, H_kv, rep·t, dh]
-        let out = out.reshape((b, h, t, dh))?.transpose(1, 2)?.reshape((b, t, h * dh))?;
+        let out = grouped_attention(&q, &k, &v, start, self.window, grad)?;
         self.o.forward(&out)
     }
+}
+
+/// Rebuild K (with RoPE for positions `0..T`) and V, `[b, H_kv, T, dh]` each, from the cached
+/// latents `[b, T, R]`. RoPE depends on the position, so `B_k` cannot be folded into q: every
+/// step rebuilds every cached key, once per KV head.
+pub fn rebuild_kv(
+    hk: &Tensor,
+    hv: &Tensor,
+    kp: &LowRankProj,
+    vp: &LowRankProj,
+    n_kv: usize,
+    rope: &Rope,
+    grad: bool,
+) -> Result<(Tensor, Tensor)> {
+    let (b, total, _) = hk.dims3()?;
+    let kr = kp.reconstruct(hk)?;
+    let vr = vp.reconstruct(hv)?;
+    let dh = kr.dim(D::Minus1)? / n_kv;
+    let to_heads = |y: Tensor| -> Result<Tensor> { y.reshape((b, total, n_kv, dh))?.transpose(1, 2) };
+    let (cos, sin) = rope.tables(0, total)?;
+    let k = apply_rope(&to_heads(kr)?, &cos, &sin, grad)?;
+    Ok((k, to_heads(vr)?))
+}
+
+/// Causal (optionally sliding-window) attention of `q` `[b, H, t, dh]` at positions
+/// `start..start+t` over `k`, `v` `[b, H_kv, start+t, dh]`; returns `[b, t, H·dh]`. The query
+/// heads of each KV head are folded into rows (`[b, H_kv, rep·t, dh]`), so K/V are never repeated.
+pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, start: usize, window: Option<usize>, grad: bool) -> Result<Tensor> {
+    let (b, h, t, dh) = q.dims4()?;
+    let hkv = k.dim(1)?;
+    let total = k.dim(2)?;
+    let rep = h / hkv;
+    let q = q.reshape((b, hkv, rep * t, dh))?;
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?;
+    let mask = attention_mask(start, t, window, q.device())?;
+    let scores = scores.reshape((b, hkv, rep, t, total))?.broadcast_add(&mask)?;
+    let probs = softmax(&scores, grad)?.reshape((b, hkv, rep * t, total))?;
+    let out = probs.matmul(&v.contiguous()?)?; // [b, H_kv, rep·t, dh]
+    out.reshape((b, h, t, dh))?.transpose(1, 2)?.reshape((b, t, h * dh))
 }
 
 fn append(slot: &mut Option<Tensor>, new: Tensor, dim: usize) -> Result<Tensor> {
