@@ -22,6 +22,8 @@ pub mod checkpoint;
 pub mod compress;
 pub mod config;
 pub mod decompose;
+#[cfg(feature = "engine")]
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fisher;

@@ -137,6 +137,7 @@ fn apply_rope_scaling(inv_freq: &mut [f64], s: &RopeScaling) {
 
 /// Rotate-half RoPE on `[b, h, t, dh]`.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, grad: bool) -> Result<Tensor> {
+    let (cos, sin) = (&cos.to_dtype(x.dtype())?, &sin.to_dtype(x.dtype())?);
     if !grad {
         return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
     }
@@ -307,7 +308,7 @@ pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, start: usize, windo
     let rep = h / hkv;
     let q = q.reshape((b, hkv, rep * t, dh))?;
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?;
-    let mask = attention_mask(start, t, window, q.device())?;
+    let mask = attention_mask(start, t, window, q.device())?.to_dtype(scores.dtype())?;
     let scores = scores.reshape((b, hkv, rep, t, total))?.broadcast_add(&mask)?;
     let probs = softmax(&scores, grad)?.reshape((b, hkv, rep * t, total))?;
     let out = probs.matmul(&v.contiguous()?)?; // [b, H_kv, rep·t, dh]

@@ -1,0 +1,329 @@
+//! The engine-facing Palu model (Llama family).
+use std::sync::Arc;
+
+use candle_core::{Device, Result, Tensor};
+use candle_nn::{Embedding, Module};
+use mistralrs_core::layers::{Activation, Mlp, RmsNorm};
+use mistralrs_core::model_plugin::{
+    AnyMoeBaseModelMixin, DeviceMapper, EitherCache, FlashParams, IsqModel, KvCache, MlpLayer, ModelConfigLike,
+    ModelConfigMetadata, NormalCache, NormalLoadingMetadata, NormalModel, PagedAttentionInputMetadata,
+};
+use mistralrs_quant::{QuantMethod, ReplicatedLayer, ShardedVarBuilder};
+
+use crate::config::ModelConfig;
+use crate::lowrank::{KvKind, LowRankProj};
+use crate::model::{grouped_attention, rebuild_kv, Rope};
+
+/// The cache geometry the engine sees: one "KV head" per layer whose K width is `R_k[l]` and
+/// V width `R_v[l]`, so pre-allocation, per-sequence clone-in/out, prefix caching and memory
+/// accounting all work on latents.
+#[derive(Debug, Clone)]
+pub struct PaluGeometry {
+    pub meta: ModelConfigMetadata,
+    pub k_ranks: Vec<usize>,
+    pub v_ranks: Vec<usize>,
+}
+
+impl ModelConfigLike for PaluGeometry {
+    fn max_seq_len(&self) -> usize {
+        self.meta.max_seq_len
+    }
+    fn num_layers(&self) -> usize {
+        self.meta.num_layers
+    }
+    fn hidden_size(&self) -> usize {
+        self.meta.hidden_size
+    }
+    fn num_kv_heads(&self) -> usize {
+        1
+    }
+    fn num_attn_heads(&self) -> usize {
+        self.meta.num_attn_heads
+    }
+    fn k_head_dim(&self) -> usize {
+        self.k_ranks.iter().copied().max().unwrap_or(1)
+    }
+    fn v_head_dim(&self) -> usize {
+        self.v_ranks.iter().copied().max().unwrap_or(1)
+    }
+    fn k_head_dim_for_layer(&self, l: usize) -> usize {
+        self.k_ranks[l]
+    }
+    fn v_head_dim_for_layer(&self, l: usize) -> usize {
+        self.v_ranks[l]
+    }
+    fn kv_cache_elements_per_token(&self) -> usize {
+        // Averaged over layers (the engine multiplies by the layer count).
+        let n = self.k_ranks.len().max(1);
+        (self.k_ranks.iter().sum::<usize>() + self.v_ranks.iter().sum::<usize>()).div_ceil(n)
+    }
+}
+
+impl PaluGeometry {
+    pub fn from_config(cfg: &ModelConfig) -> std::result::Result<Self, crate::PaluError> {
+        let hw = cfg.head_wise_ranks.as_ref().ok_or_else(|| {
+            crate::PaluError::invalid("config.json", "a Palu checkpoint needs `head_wise_ranks` (is this a palu* model?)")
+        })?;
+        let ranks = |kind| -> std::result::Result<Vec<usize>, crate::PaluError> {
+            (0..cfg.num_layers)
+                .map(|l| {
+                    let m = ModelConfig::module_name(l, kind);
+                    hw.get(&m)
+                        .map(|r| r.iter().sum())
+                        .ok_or_else(|| crate::PaluError::invalid("config.json", format!("head_wise_ranks has no entry `{m}`")))
+                })
+                .collect()
+        };
+        Ok(PaluGeometry {
+            meta: ModelConfigMetadata {
+                max_seq_len: cfg.max_position_embeddings,
+                num_layers: cfg.num_layers,
+                hidden_size: cfg.hidden_size,
+                num_kv_heads: 1,
+                num_attn_heads: cfg.num_heads,
+                sliding_window: cfg.sliding_window,
+                k_head_dim: cfg.head_dim,
+                v_head_dim: cfg.head_dim,
+                kv_cache_layout: mistralrs_core::model_plugin::KvCacheLayout::Standard,
+            },
+            k_ranks: ranks(KvKind::K)?,
+            v_ranks: ranks(KvKind::V)?,
+        })
+    }
+}
+
+struct Attention {
+    q: Arc<dyn QuantMethod>,
+    o: Arc<dyn QuantMethod>,
+    k: LowRankProj,
+    v: LowRankProj,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+    window: Option<usize>,
+    rope: Arc<Rope>,
+}
+
+fn qmatmul(x: &Tensor, layer: &dyn QuantMethod) -> Result<Tensor> {
+    match layer.quantized_act_type() {
+        Some(t) => layer.forward(&x.to_dtype(t)?)?.to_dtype(x.dtype()),
+        None => layer.forward(x),
+    }
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, start: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let q = qmatmul(x, &*self.q)?.reshape((b, t, self.n_heads, self.head_dim))?.transpose(1, 2)?;
+        let (cos, sin) = self.rope.tables(start, t)?;
+        let q = crate::model::apply_rope(&q, &cos, &sin, false)?;
+        // The engine's cache holds [b, 1, T, R] latents.
+        let hk = self.k.latent(x)?.unsqueeze(1)?;
+        let hv = self.v.latent(x)?.unsqueeze(1)?;
+        let (hk, hv) = cache.append(&hk.contiguous()?, &hv.contiguous()?)?;
+        let (k, v) = rebuild_kv(&hk.squeeze(1)?, &hv.squeeze(1)?, &self.k, &self.v, self.n_kv, &self.rope, false)?;
+        let y = grouped_attention(&q, &k, &v, start, self.window, false)?;
+        qmatmul(&y, &*self.o)
+    }
+}
+
+struct Block {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    mlp: Box<dyn MlpLayer>,
+}
+
+pub struct PaluTextModel {
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Arc<dyn QuantMethod>,
+    cache: EitherCache,
+    device: Device,
+    mapper: Box<dyn DeviceMapper + Send + Sync>,
+    meta: ModelConfigMetadata,
+    geometry: PaluGeometry,
+    max_seq_len: usize,
+}
+
+fn lowrank(vb: &ShardedVarBuilder, cfg: &ModelConfig, l: usize, kind: KvKind) -> Result<LowRankProj> {
+    let module = ModelConfig::module_name(l, kind);
+    let ranks = cfg
+        .head_wise_ranks
+        .as_ref()
+        .and_then(|m| m.get(&module))
+        .ok_or_else(|| candle_core::Error::Msg(format!("head_wise_ranks has no entry `{module}`")))?;
+    let gdh = cfg.kv_width() / ranks.len();
+    let vbm = vb.pp(kind.proj_name());
+    let down = vbm.get((ranks.iter().sum::<usize>(), cfg.hidden_size), "VT.weight")?;
+    let mut ups = Vec::new();
+    let mut biases = Vec::new();
+    for (i, &r) in ranks.iter().enumerate() {
+        let u = vbm.pp(format!("U.{i}"));
+        ups.push(u.get((gdh, r), "weight")?);
+        if cfg.qkv_bias {
+            biases.push(u.get(gdh, "bias")?);
+        }
+    }
+    let bias = if biases.is_empty() { None } else { Some(Tensor::cat(&biases, 0)?) };
+    LowRankProj::new(down, ups, bias)
+}
+
+impl PaluTextModel {
+    pub fn new(cfg: &ModelConfig, vb: ShardedVarBuilder, meta: NormalLoadingMetadata) -> Result<Self> {
+        let mapper = meta.mapper;
+        let vb_m = vb.pp("model");
+        let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed_w = mapper.set_nm_device(vb_m.pp("embed_tokens"), false).get((v, d), "weight")?;
+        let embed = Embedding::new(embed_w.clone(), d);
+        let lm_head = if cfg.tie_word_embeddings {
+            ReplicatedLayer::from_linear(candle_nn::Linear::new(mapper.cast_nm_device(&embed_w, meta.loading_isq)?, None))?
+        } else {
+            ReplicatedLayer::new(d, v, &None, false, mapper.set_nm_device(vb.pp("lm_head"), meta.loading_isq))?
+        };
+        let norm = RmsNorm::new(d, cfg.rms_norm_eps, mapper.set_nm_device(vb_m.pp("norm"), false))?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let device = mapper.device_for(l, false).unwrap_or(&meta.real_device).clone();
+            let rope = Arc::new(Rope::new(cfg, &device));
+            let vb_l = vb_m.pp(format!("layers.{l}"));
+            let vb_a = mapper.set_device(l, vb_l.pp("self_attn"), meta.loading_isq);
+            let vb_f = mapper.set_device(l, vb_l.pp("self_attn"), false);
+            let (h, dh) = (cfg.num_heads, cfg.head_dim);
+            let attn = Attention {
+                q: ReplicatedLayer::new(d, h * dh, &None, cfg.qkv_bias, vb_a.pp("q_proj"))?,
+                o: ReplicatedLayer::new(h * dh, d, &None, false, vb_a.pp("o_proj"))?,
+                k: lowrank(&vb_f, cfg, l, KvKind::K)?,
+                v: lowrank(&vb_f, cfg, l, KvKind::V)?,
+                n_heads: h,
+                n_kv: cfg.num_kv_heads,
+                head_dim: dh,
+                window: cfg.sliding_window,
+                rope,
+            };
+            let comm = mapper.get_comm_for(l)?;
+            let mlp = Mlp::new(
+                mapper.set_device(l, vb_l.pp("mlp"), meta.loading_isq),
+                d,
+                cfg.intermediate_size,
+                &None,
+                Activation::Silu,
+                &comm,
+            )?;
+            blocks.push(Block {
+                input_norm: RmsNorm::new(d, cfg.rms_norm_eps, mapper.set_device(l, vb_l.pp("input_layernorm"), false))?,
+                attn,
+                post_norm: RmsNorm::new(d, cfg.rms_norm_eps, mapper.set_device(l, vb_l.pp("post_attention_layernorm"), false))?,
+                mlp: Box::new(mlp),
+            });
+        }
+        let geometry = PaluGeometry::from_config(cfg).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(PaluTextModel {
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            cache: EitherCache::Normal(NormalCache::new(cfg.num_layers, cfg.max_position_embeddings)),
+            device: meta.real_device,
+            mapper,
+            meta: geometry.meta.clone(),
+            geometry,
+            max_seq_len: cfg.max_position_embeddings,
+        })
+    }
+
+    fn forward_inner(&self, ids: &Tensor, seqlen_offsets: &[usize], context_lens: Vec<(usize, usize)>) -> Result<Tensor> {
+        let start = seqlen_offsets.first().copied().unwrap_or(0);
+        if seqlen_offsets.iter().any(|&o| o != start) {
+            candle_core::bail!("palu: a batch mixes sequences at different positions ({seqlen_offsets:?}); the latent cache needs equal offsets")
+        }
+        let mut x = self.embed.forward(ids)?;
+        let mut cache = self.cache.normal();
+        for (l, blk) in self.blocks.iter().enumerate() {
+            x = self.mapper.map(x, l)?;
+            let a = blk.attn.forward(&blk.input_norm.forward(&x)?, start, &mut cache.0[l])?;
+            x = (x + a)?;
+            x = (&x + blk.mlp.forward(&blk.post_norm.forward(&x)?)?)?;
+        }
+        let x = self.norm.forward(&x.to_device(&self.device)?)?;
+        // Only the positions the engine asks for reach the LM head.
+        let mut rows = Vec::with_capacity(context_lens.len());
+        for (i, (s, n)) in context_lens.into_iter().enumerate() {
+            rows.push(x.narrow(0, i, 1)?.narrow(1, s, n)?);
+        }
+        let x = Tensor::cat(&rows, 0)?;
+        qmatmul(&x, &*self.lm_head)
+    }
+}
+
+impl NormalModel for PaluTextModel {
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        seqlen_offsets: &[usize],
+        context_lens: Vec<(usize, usize)>,
+        _position_ids: Vec<usize>,
+        metadata: Option<(Vec<(Tensor, Tensor)>, &PagedAttentionInputMetadata)>,
+        _flash_params: &FlashParams,
+    ) -> Result<Tensor> {
+        if metadata.is_some() {
+            candle_core::bail!("palu: paged attention is not supported by the Palu model yet; run without it")
+        }
+        self.forward_inner(input_ids, seqlen_offsets, context_lens)
+    }
+    fn xlora_forward(
+        &self,
+        _input_ids: &Tensor,
+        _input_ids_full: &Tensor,
+        _seqlen_offsets: &[usize],
+        _seqlen_offsets_full: &[usize],
+        _no_kv_cache: bool,
+        _non_granular_state: &Option<mistralrs_core::model_plugin::NonGranularState>,
+        _context_lens: Vec<(usize, usize)>,
+        _position_ids: Vec<usize>,
+        _flash_params: &FlashParams,
+        _flash_params_full: &FlashParams,
+    ) -> Result<Tensor> {
+        candle_core::bail!("palu: X-LoRA is not supported with a Palu KV cache")
+    }
+    fn is_xlora(&self) -> bool {
+        false
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn cache(&self) -> &EitherCache {
+        &self.cache
+    }
+    fn cache_mut(&mut self) -> &mut EitherCache {
+        &mut self.cache
+    }
+    fn max_seq_len(&self) -> usize {
+        self.max_seq_len
+    }
+    fn config(&self) -> &ModelConfigMetadata {
+        &self.meta
+    }
+    fn model_config(&self) -> Arc<dyn ModelConfigLike + Send + Sync> {
+        Arc::new(self.geometry.clone())
+    }
+}
+
+impl IsqModel for PaluTextModel {
+    fn get_layers(&mut self) -> (Vec<(&mut Arc<dyn QuantMethod>, Option<usize>)>, &dyn DeviceMapper) {
+        let mut layers = vec![(&mut self.lm_head, None)];
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            layers.push((&mut b.attn.q, Some(i)));
+            layers.push((&mut b.attn.o, Some(i)));
+            layers.extend(b.mlp.get_isq_layers().into_iter().map(|m| (m, Some(i))));
+        }
+        (layers, &*self.mapper)
+    }
+    fn residual_tensors(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+}
+
+impl AnyMoeBaseModelMixin for PaluTextModel {}
+
