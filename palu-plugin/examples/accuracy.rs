@@ -41,6 +41,12 @@ struct Args {
     /// Comma-separated method:multiple entries.
     #[arg(long, default_value = "uniform:32,fisher-uniform:32,waterfill:8")]
     methods: String,
+    /// Extra 16-bit rows, comma-separated g:ratio:method:multiple.
+    #[arg(long, default_value = "")]
+    extra: String,
+    /// Write the palu.toml of this g:ratio:method:multiple to PATH (as `SPEC=PATH`).
+    #[arg(long)]
+    save_config: Option<String>,
     /// Latent-bit rows (bits with and without Hadamard) for this g:ratio:method:multiple.
     #[arg(long)]
     bits_for: Option<String>,
@@ -111,6 +117,11 @@ fn main() -> anyhow::Result<()> {
             ..base_opts.clone()
         };
         let c = compress_with(&cfg, palu::model::Weights { dir: a.model.clone(), tensors: weights.tensors.clone() }, &model, &cal, &opts, &a.model.join("config.json"))?;
+        if let Some((spec, path)) = a.save_config.as_deref().and_then(|s| s.split_once('=')) {
+            if spec == format!("{g}:{ratio}:{m}:{mult}") && bits >= 16 && !had {
+                std::fs::write(path, c.alloc.to_toml())?;
+            }
+        }
         let mut pm: Model = c.model()?;
         pm.latent_quant = LatentQuant::bits(bits).map(|q| LatentQuant { zero_point: zp, ..q });
         let p = if a.windows > 0 { perplexity(&pm, &ids, a.seq_len, Some(a.windows))?.perplexity } else { f64::NAN };
@@ -157,6 +168,10 @@ fn main() -> anyhow::Result<()> {
                 run(g, m, mult.parse()?, ratio, 16, false, ZeroPoint::Free)?;
             }
         }
+    }
+    for spec in a.extra.split(',').filter(|s| !s.is_empty()) {
+        let p: Vec<&str> = spec.split(':').collect();
+        run(p[0].parse()?, p[2], p[3].parse()?, p[1].parse()?, 16, false, ZeroPoint::Free)?;
     }
     if let Some(spec) = &a.bits_for {
         let p: Vec<&str> = spec.split(':').collect();
