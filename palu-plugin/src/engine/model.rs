@@ -17,7 +17,7 @@ use crate::model::{grouped_attention, rebuild_kv, Rope};
 /// The cache geometry the engine sees: one "KV head" per layer whose K width is `R_k[l]` and
 /// V width `R_v[l]`, so pre-allocation, per-sequence clone-in/out, prefix caching and memory
 /// accounting all work on latents.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PaluGeometry {
     pub meta: ModelConfigMetadata,
     pub k_ranks: Vec<usize>,
