@@ -66,7 +66,18 @@ impl NormalModelLoader for PaluLoader {
         Ok(false)
     }
     fn get_config_repr(&self, config: &str) -> Result<Box<dyn Debug>> {
-        Ok(Box::new(parse(config)?))
+        let c = parse(config)?;
+        let geo = PaluGeometry::from_config(&c)?;
+        Ok(Box::new(format!(
+            "{} ({} layers, {} heads, {} KV heads × {}), Palu latent widths per layer K {:?} V {:?}",
+            c.family.palu_model_type(),
+            c.num_layers,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            geo.k_ranks,
+            geo.v_ranks
+        )))
     }
 }
 

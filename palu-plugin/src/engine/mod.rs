@@ -6,6 +6,7 @@
 //! glue between it and the engine's cache, weight loading, ISQ and device mapping.
 mod loader;
 mod model;
+pub mod server;
 
 pub use loader::PaluLoader;
 pub use model::{PaluGeometry, PaluTextModel};

@@ -1,0 +1,149 @@
+//! The Palu model inside mistral.rs, through the real OpenAI-compatible HTTP router on loopback.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mistralrs_core::ModelDType;
+use palu::engine::server::{build_engine, router, EngineOptions, KvCacheKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("PALU_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"))
+}
+
+/// Start a server on an ephemeral loopback port; returns its address.
+async fn serve(model_dir: &Path, kv: KvCacheKind) -> anyhow::Result<std::net::SocketAddr> {
+    let opts = EngineOptions {
+        model_dir: model_dir.to_path_buf(),
+        kv_cache: kv,
+        max_seqs: 32,
+        isq: None,
+        cpu: true,
+        dtype: ModelDType::F32,
+    };
+    let engine = build_engine(&opts).await?;
+    let app = router(Arc::clone(&engine)).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _keep = engine;
+        axum::serve(listener, app).await.unwrap();
+    });
+    Ok(addr)
+}
+
+/// POST JSON over HTTP/1.1 and return (status, body).
+async fn post(addr: std::net::SocketAddr, path: &str, body: &serde_json::Value) -> (u16, String) {
+    let body = body.to_string();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status: u16 = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    // Chunked transfer encoding: keep the payload lines only.
+    let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body.split("\r\n").enumerate().filter(|(i, _)| i % 2 == 1).map(|(_, l)| l).collect::<String>()
+    } else {
+        body
+    };
+    (status, body)
+}
+
+async fn complete(addr: std::net::SocketAddr, prompt: &str, n: usize) -> String {
+    let (status, body) = post(
+        addr,
+        "/v1/completions",
+        &serde_json::json!({"model": "default", "prompt": prompt, "max_tokens": n, "temperature": 0.0}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authors_dump_serves_and_matches_the_reference_model() {
+    let dir = fixtures().join("palu-reference/stories260K-g1-r50");
+    let addr = serve(&dir, KvCacheKind::Palu).await.unwrap();
+    let text = complete(addr, "Once upon a time", 40).await;
+    // The same checkpoint through palu's own latent-cache decoding (BOS prepended, as the engine does).
+    let m = palu::model::Model::load(&dir, &candle_core::Device::Cpu).unwrap();
+    let tok = palu::tokenizer::load(&dir).unwrap();
+    let mut ids = vec![1u32];
+    ids.extend(palu::tokenizer::encode(&tok, "Once upon a time").unwrap());
+    let want = tok.decode(&m.generate_greedy(&ids, 40, Some(2)).unwrap(), true).unwrap();
+    assert_eq!(text, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_rank_palu_equals_the_stock_engine_token_for_token() {
+    let base = fixtures().join("models/stories260K");
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("full");
+    let opts = palu::compress::CompressOptions {
+        ratio: 1.0,
+        rank_search: palu::ranks::RankSearch::Uniform,
+        rank_multiple: 1,
+        calib: Some(fixtures().join("text/c4-train-00000-first800.jsonl")),
+        calib_samples: 8,
+        calib_seq_len: 256,
+        ..Default::default()
+    };
+    palu::compress::compress_to_dir(&base, &ckpt, &opts).unwrap();
+    let stock = serve(&base, KvCacheKind::Default).await.unwrap();
+    let palu = serve(&ckpt, KvCacheKind::Palu).await.unwrap();
+    for prompt in ["Once upon a time", "The little dog", "Tom and Sue went to the park. They"] {
+        let a = complete(stock, prompt, 60).await;
+        let b = complete(palu, prompt, 60).await;
+        assert_eq!(a, b, "prompt {prompt:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_model_with_kv_cache_palu_is_a_clear_startup_error() {
+    let err = serve(&fixtures().join("models/stories260K"), KvCacheKind::Palu).await.unwrap_err();
+    let msg = format!("{err:#}").replace(&fixtures().display().to_string(), "[FIXTURES]");
+    assert_eq!(
+        msg,
+        "[FIXTURES]/models/stories260K/config.json: model_type `llama` is not a Palu checkpoint; compress it with `palu compress` first, or serve it with --kv-cache default"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_longer_than_the_context_is_a_4xx_and_the_server_keeps_serving() {
+    let dir = fixtures().join("palu-reference/stories260K-g1-r50");
+    let addr = serve(&dir, KvCacheKind::Palu).await.unwrap();
+    let long = "Once upon a time there was a dog. ".repeat(400); // far beyond 2048 positions
+    let (status, body) = post(
+        addr,
+        "/v1/completions",
+        &serde_json::json!({"model": "default", "prompt": long, "max_tokens": 8, "temperature": 0.0}),
+    )
+    .await;
+    assert!((400..500).contains(&status), "status {status}: {body}");
+    assert!(!complete(addr, "Once upon a time", 8).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_whose_ranks_disagree_with_its_tensors_is_a_clear_startup_error() {
+    let src = fixtures().join("palu-reference/stories260K-g1-r50");
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    let p = tmp.path().join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    c["head_wise_ranks"]["model.layers.4.self_attn.k_proj"] = serde_json::json!([1, 1, 2, 1]);
+    std::fs::write(&p, c.to_string()).unwrap();
+    let err = serve(tmp.path(), KvCacheKind::Palu).await.unwrap_err();
+    let msg = format!("{err:#}").replace(&tmp.path().display().to_string(), "[DIR]");
+    assert!(msg.contains("tensor `model.layers.4.self_attn.k_proj.VT.weight` has shape [4, 64], expected [5, 64]"), "{msg}");
+}

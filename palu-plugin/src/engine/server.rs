@@ -1,0 +1,94 @@
+//! Building the engine and the OpenAI-compatible router, shared by `mistralrs-server` and the
+//! integration tests.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use mistralrs_core::{
+    AutoDeviceMapParams, DefaultSchedulerMethod, DeviceMapSetting, IsqType, Loader, MistralRs, MistralRsBuilder,
+    ModelDType, NormalLoaderBuilder, NormalSpecificConfig, SchedulerConfig, TokenSource,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvCacheKind {
+    /// The engine's own K/V cache.
+    Default,
+    /// Palu: cache the low-rank latents of a Palu checkpoint.
+    Palu,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub model_dir: PathBuf,
+    pub kv_cache: KvCacheKind,
+    pub max_seqs: usize,
+    pub isq: Option<String>,
+    pub cpu: bool,
+    pub dtype: ModelDType,
+}
+
+/// One line for the startup log: KV geometry and bytes per token, default vs Palu.
+pub fn kv_summary(dir: &Path) -> Result<String> {
+    let i = crate::checkpoint::inspect(dir)?;
+    let palu16 = i.kv_bytes_palu.first().map(|x| x.1).unwrap_or(i.kv_bytes_default);
+    Ok(format!(
+        "KV cache: {} layers; default {} B/token (16-bit K/V, {} KV heads × {}); Palu {} B/token ({:.3}× default, {:.1}% of the K/V width removed)",
+        i.num_layers,
+        i.kv_bytes_default,
+        i.num_kv_heads,
+        i.head_dim,
+        palu16,
+        palu16 as f64 / i.kv_bytes_default as f64,
+        100.0 * i.kv_reduction
+    ))
+}
+
+/// Load the model into a running engine.
+pub async fn build_engine(o: &EngineOptions) -> Result<Arc<MistralRs>> {
+    let model_id = o.model_dir.to_string_lossy().into_owned();
+    let builder = NormalLoaderBuilder::new(NormalSpecificConfig::default(), None, None, Some(model_id), false, None);
+    let loader: Box<dyn Loader> = match o.kv_cache {
+        KvCacheKind::Palu => {
+            // Fail early, naming the file and tensor, before the engine starts.
+            let cfg_path = o.model_dir.join("config.json");
+            let cfg = crate::config::ModelConfig::from_file(&cfg_path)?;
+            if !cfg.is_palu {
+                anyhow::bail!(
+                    "{}: model_type `{}` is not a Palu checkpoint; compress it with `palu compress` first, or serve it with --kv-cache default",
+                    cfg_path.display(),
+                    cfg.family.model_type()
+                );
+            }
+            crate::model::Model::load(&o.model_dir, &candle_core::Device::Cpu)
+                .with_context(|| format!("{}: not a loadable Palu checkpoint", o.model_dir.display()))?;
+            tracing::info!("{}", kv_summary(&o.model_dir)?);
+            builder.build_with_loader(Box::new(super::PaluLoader))?
+        }
+        KvCacheKind::Default => builder.build(None)?,
+    };
+    let device = if o.cpu { candle_core::Device::Cpu } else { candle_core::Device::cuda_if_available(0)? };
+    let isq: Option<IsqType> =
+        o.isq.as_deref().map(|s| mistralrs_core::parse_isq_value(s, Some(&device))).transpose().map_err(anyhow::Error::msg)?;
+    let pipeline = loader.load_model_from_hf(
+        None,
+        TokenSource::None,
+        &o.dtype,
+        &device,
+        true,
+        DeviceMapSetting::Auto(AutoDeviceMapParams::default_text()),
+        isq,
+        None,
+    )?;
+    let method = SchedulerConfig::DefaultScheduler {
+        method: DefaultSchedulerMethod::Fixed(o.max_seqs.try_into().context("--max-seqs must be at least 1")?),
+    };
+    Ok(MistralRsBuilder::new(pipeline, method, false, None).build().await)
+}
+
+/// The OpenAI-compatible HTTP router of mistralrs-server-core over `engine`.
+pub async fn router(engine: Arc<MistralRs>) -> Result<axum::Router> {
+    mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder::new()
+        .with_mistralrs(engine)
+        .build()
+        .await
+}
