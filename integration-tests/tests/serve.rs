@@ -147,3 +147,25 @@ async fn a_checkpoint_whose_ranks_disagree_with_its_tensors_is_a_clear_startup_e
     let msg = format!("{err:#}").replace(&tmp.path().display().to_string(), "[DIR]");
     assert!(msg.contains("tensor `model.layers.4.self_attn.k_proj.VT.weight` has shape [4, 64], expected [5, 64]"), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thirty_two_concurrent_requests_of_mixed_lengths_are_all_answered() {
+    let dir = fixtures().join("palu-reference/stories260K-g1-r50");
+    let addr = serve(&dir, KvCacheKind::Palu).await.unwrap();
+    let prompts = ["Once upon a time", "The little dog", "Tom and Sue went to the park. They", "Lily"];
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let p = prompts[i % prompts.len()];
+        tasks.push(tokio::spawn(async move { (p, complete(addr, p, 12 + (i % 3) * 10).await) }));
+    }
+    let mut by_prompt: std::collections::HashMap<(&str, usize), String> = Default::default();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (p, text) = t.await.unwrap();
+        assert!(!text.is_empty());
+        let key = (p, 12 + (i % 3) * 10);
+        if let Some(prev) = by_prompt.get(&key) {
+            assert_eq!(prev, &text, "equal prompts gave different outputs");
+        }
+        by_prompt.insert(key, text);
+    }
+}

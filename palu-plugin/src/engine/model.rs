@@ -121,6 +121,12 @@ impl Attention {
         let hk = self.k.latent(x)?.unsqueeze(1)?;
         let hv = self.v.latent(x)?.unsqueeze(1)?;
         let (hk, hv) = cache.append(&hk.contiguous()?, &hv.contiguous()?)?;
+        if hk.dim(2)? != start + t {
+            candle_core::bail!(
+                "palu: the latent cache holds {} positions but the sequence is at {start} + {t}; refusing to attend with misplaced RoPE",
+                hk.dim(2)?
+            )
+        }
         let (k, v) = rebuild_kv(&hk.squeeze(1)?, &hv.squeeze(1)?, &self.k, &self.v, self.n_kv, &self.rope, false)?;
         let y = grouped_attention(&q, &k, &v, start, self.window, false)?;
         qmatmul(&y, &*self.o)
