@@ -24,7 +24,6 @@ demo: build
     ./target/release/palu generate {{work}}/smollm2-palu50 --prompt "The capital of France is" --max-tokens 8
     ./target/release/palu eval ppl {{work}}/smollm2 --text {{fixtures}}/text/wikitext-2-raw-test.txt --seq-len 1024 --windows 8
     ./target/release/palu eval ppl {{work}}/smollm2-palu50 --text {{fixtures}}/text/wikitext-2-raw-test.txt --seq-len 1024 --windows 8
-
     bash scripts/serve-demo.sh {{work}}/smollm2-palu50
 
 # Run every test (unit, fixtures, snapshots, the engine integration tests) with nextest.
