@@ -294,3 +294,44 @@ fn llama_mha_with_wide_heads_full_rank_is_exact() {
     // MHA (8 KV heads) with head_dim 16 ≠ hidden / heads, J-LRD-like groups of 2 heads (rank cap 32).
     synthetic_full_rank("llama", serde_json::json!({"num_key_value_heads": 8, "head_dim": 16}));
 }
+
+#[test]
+fn hadamard_auto_rotates_only_where_it_lowers_the_quantization_error() {
+    let base = CompressOptions {
+        ratio: 0.5,
+        rank_search: RankSearch::Uniform,
+        rank_multiple: 1,
+        group_size: 4,
+        calib: Some(common::c4()),
+        calib_samples: 8,
+        calib_seq_len: 256,
+        latent_bits: 3,
+        ..Default::default()
+    };
+    let plain = compress(&common::stories_dir(), &CompressOptions { hadamard: palu::alloc_config::HadamardMode::Off, ..base.clone() }).unwrap();
+    let on = compress(&common::stories_dir(), &CompressOptions { hadamard: palu::alloc_config::HadamardMode::On, ..base.clone() }).unwrap();
+    let auto = compress(&common::stories_dir(), &CompressOptions { hadamard: palu::alloc_config::HadamardMode::Auto, ..base }).unwrap();
+    // The calibration inputs of layer l, as the pipeline saw them.
+    let model = Model::load(&common::stories_dir(), &Device::Cpu).unwrap();
+    let tok = palu::tokenizer::load(&common::stories_dir()).unwrap();
+    let w = palu::calib::windows(&tok, &common::c4(), 1, 256, 0).unwrap();
+    let mut inputs = vec![None; 5];
+    let mut probe = |l: usize, s: palu::model::Site, x: &Tensor| -> candle_core::Result<()> {
+        if s == palu::model::Site::KvInput {
+            inputs[l] = Some(x.squeeze(0)?);
+        }
+        Ok(())
+    };
+    model.forward(&Tensor::new(w[0].as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None, Some(&mut probe)).unwrap();
+    let mut rotated = 0;
+    for l in &auto.alloc.layers {
+        for (kind, flag) in [(palu::lowrank::KvKind::K, l.hadamard_k), (palu::lowrank::KvKind::V, l.hadamard_v)] {
+            let x = inputs[l.index].as_ref().unwrap();
+            let e_plain = palu::compress::quant_error(&plain.factors[&(l.index, kind)], x, 3).unwrap();
+            let e_rot = palu::compress::quant_error(&on.factors[&(l.index, kind)], x, 3).unwrap();
+            assert_eq!(flag, e_rot < e_plain, "layer {} {kind:?}: plain {e_plain}, rotated {e_rot}", l.index);
+            rotated += usize::from(flag);
+        }
+    }
+    eprintln!("hadamard auto rotated {rotated} of 10 modules");
+}
