@@ -108,12 +108,13 @@ struct CompressArgs {
     group_size: usize,
     #[arg(long, value_enum, default_value_t = Decompose::Whiten)]
     decompose: Decompose,
-    /// uniform | fisher-uniform (authors' default) | fisher (per group) | waterfill (palu-rs).
-    #[arg(long, value_enum, default_value_t = RankSearch::FisherUniform)]
+    /// waterfill (palu-rs, best measured) | fisher-uniform (the authors' default) | fisher (per group) | uniform.
+    #[arg(long, value_enum, default_value_t = RankSearch::Waterfill)]
     rank_search: RankSearch,
-    /// Round every group rank to a multiple of this (32 = the authors' kernel tile).
-    #[arg(long, default_value_t = 32)]
-    rank_multiple: usize,
+    /// Round every group rank to a multiple of this [default: 8 for waterfill, 32 (the authors'
+    /// kernel tile) otherwise].
+    #[arg(long)]
+    rank_multiple: Option<usize>,
     /// Calibration text or JSONL file with a `text` field per line (e.g. the C4 sample).
     #[arg(long)]
     calib: Option<PathBuf>,
@@ -175,7 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 group_size: a.group_size,
                 decompose: a.decompose,
                 rank_search: a.rank_search,
-                rank_multiple: a.rank_multiple,
+                rank_multiple: a.rank_multiple.unwrap_or(if a.rank_search == RankSearch::Waterfill { 8 } else { 32 }),
                 calib: a.calib,
                 calib_samples: a.calib_samples,
                 calib_seq_len: a.calib_seq_len,
