@@ -18,7 +18,7 @@ if [ -f "$dest/.palu-series" ] && [ "$(cat "$dest/.palu-series")" = "$series_has
 fi
 
 cargo_home=${CARGO_HOME:-$HOME/.cargo}
-find_crate() { ls "$cargo_home"/registry/cache/*/"$name.crate" 2>/dev/null | head -n1; }
+find_crate() { ls "$cargo_home"/registry/cache/*/"$name.crate" 2>/dev/null | head -n1 || true; }
 crate=$(find_crate)
 if [ -z "$crate" ]; then
     echo "fetching $name from crates.io" >&2
