@@ -14,8 +14,14 @@ fn fixtures() -> PathBuf {
 
 /// Start a server on an ephemeral loopback port; returns its address.
 async fn serve(model_dir: &Path, kv: KvCacheKind) -> anyhow::Result<std::net::SocketAddr> {
+    serve_with(model_dir, kv, None).await
+}
+
+async fn serve_with(model_dir: &Path, kv: KvCacheKind, palu_config: Option<PathBuf>) -> anyhow::Result<std::net::SocketAddr> {
     let opts = EngineOptions {
         model_dir: model_dir.to_path_buf(),
+        palu_calib: palu_config.as_ref().map(|_| fixtures().join("text/c4-train-00000-first800.jsonl")),
+        palu_config,
         kv_cache: kv,
         max_seqs: 32,
         isq: None,
@@ -168,4 +174,26 @@ async fn thirty_two_concurrent_requests_of_mixed_lengths_are_all_answered() {
         }
         by_prompt.insert(key, text);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_model_with_a_palu_config_is_decomposed_at_load_time() {
+    // The shipped allocation for stories260K, applied at load time, serves the same text as the
+    // checkpoint `palu compress --config` writes from it.
+    let base = fixtures().join("models/stories260K");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/stories260k-g1-r50.toml");
+    let at_load = serve_with(&base, KvCacheKind::Palu, Some(config.clone())).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    let ac = palu::alloc_config::AllocConfig::from_file(&config).unwrap();
+    let opts = palu::compress::CompressOptions {
+        calib: Some(fixtures().join("text/c4-train-00000-first800.jsonl")),
+        calib_samples: 64,
+        calib_seq_len: 256,
+        config: Some((config.clone(), ac)),
+        ..Default::default()
+    };
+    palu::compress::compress_to_dir(&base, &ckpt, &opts).unwrap();
+    let stored = serve(&ckpt, KvCacheKind::Palu).await.unwrap();
+    assert_eq!(complete(at_load, "Once upon a time", 40).await, complete(stored, "Once upon a time", 40).await);
 }

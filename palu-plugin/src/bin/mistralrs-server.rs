@@ -19,6 +19,12 @@ struct Args {
     /// A Palu checkpoint directory (written by `palu compress` or by the Palu authors' code).
     #[arg(long)]
     palu_checkpoint: Option<PathBuf>,
+    /// Decompose the plain model given with -m at load time with this rank allocation (palu.toml).
+    #[arg(long)]
+    palu_config: Option<PathBuf>,
+    /// Calibration text for --palu-config (whitening), e.g. the C4 sample.
+    #[arg(long)]
+    palu_calib: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1")]
     serve_ip: String,
     #[arg(short, long, default_value_t = 1234)]
@@ -53,7 +59,16 @@ async fn main() -> Result<()> {
         "bf16" => ModelDType::BF16,
         other => anyhow::bail!("--dtype {other}: expected auto, f32, f16 or bf16"),
     };
-    let opts = EngineOptions { model_dir: model_dir.clone(), kv_cache: args.kv_cache, max_seqs: args.max_seqs, isq: args.isq, cpu: args.cpu, dtype };
+    let opts = EngineOptions {
+        model_dir: model_dir.clone(),
+        palu_config: args.palu_config,
+        palu_calib: args.palu_calib,
+        kv_cache: args.kv_cache,
+        max_seqs: args.max_seqs,
+        isq: args.isq,
+        cpu: args.cpu,
+        dtype,
+    };
     let engine = build_engine(&opts).await?;
     let app = router(engine).await?;
     let listener = tokio::net::TcpListener::bind((args.serve_ip.as_str(), args.port)).await?;

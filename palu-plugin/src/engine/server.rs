@@ -19,7 +19,13 @@ pub enum KvCacheKind {
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
+    /// A Palu checkpoint (`--kv-cache palu`), or a plain model (default cache, or Palu with
+    /// `palu_config`, decomposed at load time).
     pub model_dir: PathBuf,
+    /// Rank allocation to decompose a plain model with at load time (like in-situ quantization).
+    pub palu_config: Option<PathBuf>,
+    /// Calibration text for that decomposition (whitening).
+    pub palu_calib: Option<PathBuf>,
     pub kv_cache: KvCacheKind,
     pub max_seqs: usize,
     pub isq: Option<String>,
@@ -43,8 +49,48 @@ pub fn kv_summary(dir: &Path) -> Result<String> {
     ))
 }
 
+/// Decompose a plain model with a stored rank allocation into a Palu checkpoint, cached next to
+/// the system's temporary files by the hash of (model config, allocation, calibration file).
+pub fn decompose_at_load(model_dir: &Path, config: &Path, calib: Option<&Path>) -> Result<PathBuf> {
+    let ac = crate::alloc_config::AllocConfig::from_file(config)?;
+    let calib = calib.map(Path::to_path_buf).ok_or_else(|| {
+        anyhow::anyhow!("--palu-config {} needs --palu-calib FILE (the calibration text for whitening, e.g. the C4 sample)", config.display())
+    })?;
+    let key = {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(std::fs::read(model_dir.join("config.json")).with_context(|| format!("{}/config.json", model_dir.display()))?);
+        h.update(std::fs::read(config)?);
+        h.update(crate::calib::file_sha256(&calib)?.0);
+        format!("{:x}", h.finalize())
+    };
+    let out = std::env::temp_dir().join("palu-load-cache").join(&key[..16]);
+    if out.join("config.json").exists() {
+        tracing::info!("using the Palu decomposition cached at {}", out.display());
+        return Ok(out);
+    }
+    tracing::info!("decomposing {} with {} at load time", model_dir.display(), config.display());
+    let opts = crate::compress::CompressOptions {
+        calib: Some(calib),
+        config: Some((config.to_path_buf(), ac.clone())),
+        calib_samples: ac.calibration.as_ref().map_or(16, |c| c.samples),
+        calib_seq_len: ac.calibration.as_ref().map_or(1024, |c| c.seq_len),
+        seed: ac.calibration.as_ref().map_or(0, |c| c.seed),
+        ..Default::default()
+    };
+    crate::compress::compress_to_dir(model_dir, &out, &opts)?;
+    Ok(out)
+}
+
 /// Load the model into a running engine.
 pub async fn build_engine(o: &EngineOptions) -> Result<Arc<MistralRs>> {
+    let mut o = o.clone();
+    if o.kv_cache == KvCacheKind::Palu {
+        if let Some(cfg) = &o.palu_config {
+            o.model_dir = decompose_at_load(&o.model_dir, cfg, o.palu_calib.as_deref())?;
+        }
+    }
+    let o = &o;
     let model_id = o.model_dir.to_string_lossy().into_owned();
     let builder = NormalLoaderBuilder::new(NormalSpecificConfig::default(), None, None, Some(model_id), false, None);
     let loader: Box<dyn Loader> = match o.kv_cache {
