@@ -197,3 +197,44 @@ async fn a_plain_model_with_a_palu_config_is_decomposed_at_load_time() {
     let stored = serve(&ckpt, KvCacheKind::Palu).await.unwrap();
     assert_eq!(complete(at_load, "Once upon a time", 40).await, complete(stored, "Once upon a time", 40).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_server_tomls_select_model_and_kv_cache() {
+    use palu::engine::server_config::ServerConfig;
+    let cfgs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    // The stories260K file serves the authors' dump (relative paths resolve from the file's folder;
+    // the fixtures may live elsewhere, so point the checkpoint at PALU_FIXTURES for the test).
+    let path = cfgs.join("stories260k.server.toml");
+    let c = ServerConfig::from_file(&path).unwrap();
+    let mut o = c.engine_options(&path).unwrap();
+    assert_eq!(o.kv_cache, KvCacheKind::Palu);
+    assert!(o.model_dir.ends_with("palu-reference/stories260K-g1-r50"));
+    o.model_dir = fixtures().join("palu-reference/stories260K-g1-r50");
+    let engine = build_engine(&o).await.unwrap();
+    drop(engine);
+    let path = cfgs.join("smollm2.server.toml");
+    let o = ServerConfig::from_file(&path).unwrap().engine_options(&path).unwrap();
+    assert_eq!(o.kv_cache, KvCacheKind::Palu);
+    assert!(o.palu_config.as_ref().unwrap().ends_with("smollm2-135m-g3-r50.toml"));
+    assert!(o.palu_calib.as_ref().unwrap().ends_with("c4-train-00000-first800.jsonl"));
+    assert!(matches!(o.dtype, ModelDType::F32));
+}
+
+#[test]
+fn bad_server_tomls_name_the_field() {
+    use palu::engine::server_config::ServerConfig;
+    let d = tempfile::tempdir().unwrap();
+    let check = |text: &str| -> String {
+        let p = d.path().join("s.toml");
+        std::fs::write(&p, text).unwrap();
+        let r = ServerConfig::from_file(&p).and_then(|c| c.engine_options(&p).map(|_| ()));
+        r.unwrap_err().to_string().replace(&d.path().display().to_string(), "[DIR]")
+    };
+    assert_eq!(
+        check("[model]\ndir = \"m\"\n[kv_cache]\nkind = \"palu\"\n"),
+        "[DIR]/s.toml: kv_cache.kind = \"palu\" needs kv_cache.checkpoint (a Palu checkpoint) or kv_cache.config (a rank allocation to decompose model.dir with)"
+    );
+    assert_eq!(check("[model]\ndir = \"m\"\ndtype = \"f8\"\n"), "[DIR]/s.toml: model.dtype `f8`: expected auto, f32, f16 or bf16");
+    assert!(check("[model]\ndir = \"m\"\n[kv_cache]\nkind = \"quantized\"\n").contains("unknown variant `quantized`"));
+    assert!(check("[model]\ndirr = \"m\"\n").contains("unknown field `dirr`"));
+}

@@ -4,12 +4,16 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Parser;
-use mistralrs_core::ModelDType;
 use palu::engine::server::{build_engine, router, EngineOptions, KvCacheKind};
+use palu::engine::server_config::{parse_dtype, ServerConfig};
 
 #[derive(Parser, Debug)]
 #[command(name = "mistralrs-server", version, about = "mistral.rs OpenAI-compatible server with the Palu low-rank KV cache")]
 struct Args {
+    /// Read the server, model and KV-cache selection from this TOML file (see configs/*.server.toml);
+    /// the other flags are then ignored.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Model directory (Hugging Face layout; a Palu checkpoint for --kv-cache palu).
     #[arg(short = 'm', long)]
     model: Option<PathBuf>,
@@ -47,32 +51,35 @@ struct Args {
 async fn main() -> Result<()> {
     let args = Args::parse();
     mistralrs_core::initialize_logging();
-    let model_dir = match (args.kv_cache, &args.palu_checkpoint, &args.model) {
-        (KvCacheKind::Palu, Some(c), _) => c.clone(),
-        (_, _, Some(m)) => m.clone(),
-        _ => anyhow::bail!("give a model directory with -m/--model (or --palu-checkpoint with --kv-cache palu)"),
-    };
-    let dtype = match args.dtype.as_str() {
-        "auto" => ModelDType::Auto,
-        "f32" => ModelDType::F32,
-        "f16" => ModelDType::F16,
-        "bf16" => ModelDType::BF16,
-        other => anyhow::bail!("--dtype {other}: expected auto, f32, f16 or bf16"),
-    };
-    let opts = EngineOptions {
-        model_dir: model_dir.clone(),
-        palu_config: args.palu_config,
-        palu_calib: args.palu_calib,
-        kv_cache: args.kv_cache,
-        max_seqs: args.max_seqs,
-        isq: args.isq,
-        cpu: args.cpu,
-        dtype,
+    let (opts, ip, port) = match &args.config {
+        Some(path) => {
+            let c = ServerConfig::from_file(path)?;
+            (c.engine_options(path)?, c.server.serve_ip.clone(), c.server.port)
+        }
+        None => {
+            let model_dir = match (args.kv_cache, &args.palu_checkpoint, &args.model) {
+                (KvCacheKind::Palu, Some(c), _) => c.clone(),
+                (_, _, Some(m)) => m.clone(),
+                _ => anyhow::bail!("give a model directory with -m/--model (or --palu-checkpoint with --kv-cache palu), or --config server.toml"),
+            };
+            let dtype = parse_dtype(&args.dtype).map_err(|m| anyhow::anyhow!("--{m}"))?;
+            let opts = EngineOptions {
+                model_dir,
+                palu_config: args.palu_config,
+                palu_calib: args.palu_calib,
+                kv_cache: args.kv_cache,
+                max_seqs: args.max_seqs,
+                isq: args.isq,
+                cpu: args.cpu,
+                dtype,
+            };
+            (opts, args.serve_ip, args.port)
+        }
     };
     let engine = build_engine(&opts).await?;
     let app = router(engine).await?;
-    let listener = tokio::net::TcpListener::bind((args.serve_ip.as_str(), args.port)).await?;
-    tracing::info!("serving {} on http://{}", model_dir.display(), listener.local_addr()?);
+    let listener = tokio::net::TcpListener::bind((ip.as_str(), port)).await?;
+    tracing::info!("serving {} on http://{}", opts.model_dir.display(), listener.local_addr()?);
     axum::serve(listener, app).await?;
     Ok(())
 }

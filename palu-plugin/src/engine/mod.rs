@@ -7,6 +7,7 @@
 mod loader;
 mod model;
 pub mod server;
+pub mod server_config;
 
 pub use loader::PaluLoader;
 pub use model::{PaluGeometry, PaluTextModel};

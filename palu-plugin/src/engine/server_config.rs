@@ -1,0 +1,150 @@
+//! `mistralrs-server --config server.toml`: the server, model and KV-cache selection in one file.
+//!
+//! ```toml
+//! [server]
+//! serve_ip = "127.0.0.1"
+//! port = 1234
+//! max_seqs = 16
+//!
+//! [model]
+//! dir = "out/smollm2"            # relative paths are relative to this file
+//! dtype = "f32"                  # auto | f32 | f16 | bf16
+//! cpu = true
+//! # isq = "Q4K"
+//!
+//! [kv_cache]
+//! kind = "palu"                  # default | palu
+//! # checkpoint = "out/smollm2-palu50"       # a Palu checkpoint, or:
+//! config = "../configs/smollm2-135m-g3-r50.toml"   # decompose `model.dir` at load time
+//! calib = "../../shared/fixtures/text/c4-train-00000-first800.jsonl"
+//! ```
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::server::{EngineOptions, KvCacheKind};
+use crate::error::{read_to_string, PaluError};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default)]
+    pub server: ServerSection,
+    pub model: ModelSection,
+    #[serde(default)]
+    pub kv_cache: KvCacheSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    #[serde(default = "default_ip")]
+    pub serve_ip: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default = "default_max_seqs")]
+    pub max_seqs: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection { serve_ip: default_ip(), port: default_port(), max_seqs: default_max_seqs() }
+    }
+}
+
+fn default_ip() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    1234
+}
+fn default_max_seqs() -> usize {
+    16
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub dir: Option<PathBuf>,
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    #[serde(default)]
+    pub cpu: bool,
+    pub isq: Option<String>,
+}
+
+fn default_dtype() -> String {
+    "auto".into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvCacheSection {
+    #[serde(default)]
+    pub kind: Kind,
+    pub checkpoint: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub calib: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    #[default]
+    Default,
+    Palu,
+}
+
+pub fn parse_dtype(s: &str) -> Result<mistralrs_core::ModelDType, String> {
+    Ok(match s {
+        "auto" => mistralrs_core::ModelDType::Auto,
+        "f32" => mistralrs_core::ModelDType::F32,
+        "f16" => mistralrs_core::ModelDType::F16,
+        "bf16" => mistralrs_core::ModelDType::BF16,
+        other => return Err(format!("dtype `{other}`: expected auto, f32, f16 or bf16")),
+    })
+}
+
+impl ServerConfig {
+    pub fn from_file(path: &Path) -> Result<Self, PaluError> {
+        let text = read_to_string(path)?;
+        toml::from_str(&text).map_err(|e| PaluError::Toml { path: path.into(), msg: e.to_string() })
+    }
+
+    /// Engine options, with paths resolved relative to the config file.
+    pub fn engine_options(&self, path: &Path) -> Result<EngineOptions, PaluError> {
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: &Option<PathBuf>| p.as_ref().map(|p| if p.is_absolute() { p.clone() } else { base.join(p) });
+        let kind = match self.kv_cache.kind {
+            Kind::Default => KvCacheKind::Default,
+            Kind::Palu => KvCacheKind::Palu,
+        };
+        let model_dir = match (kind, rel(&self.kv_cache.checkpoint), rel(&self.model.dir)) {
+            (KvCacheKind::Palu, Some(c), _) => c,
+            (_, _, Some(d)) => d,
+            _ => {
+                return Err(PaluError::invalid(
+                    path,
+                    "model.dir is required (or kv_cache.checkpoint with kv_cache.kind = \"palu\")",
+                ))
+            }
+        };
+        if kind == KvCacheKind::Palu && self.kv_cache.checkpoint.is_none() && self.kv_cache.config.is_none() {
+            return Err(PaluError::invalid(
+                path,
+                "kv_cache.kind = \"palu\" needs kv_cache.checkpoint (a Palu checkpoint) or kv_cache.config (a rank allocation to decompose model.dir with)",
+            ));
+        }
+        let dtype = parse_dtype(&self.model.dtype).map_err(|m| PaluError::invalid(path, format!("model.{m}")))?;
+        Ok(EngineOptions {
+            model_dir,
+            palu_config: rel(&self.kv_cache.config),
+            palu_calib: rel(&self.kv_cache.calib),
+            kv_cache: kind,
+            max_seqs: self.server.max_seqs,
+            isq: self.model.isq.clone(),
+            cpu: self.model.cpu,
+            dtype,
+        })
+    }
+}
