@@ -238,3 +238,67 @@ fn bad_server_tomls_name_the_field() {
     assert!(check("[model]\ndir = \"m\"\n[kv_cache]\nkind = \"quantized\"\n").contains("unknown variant `quantized`"));
     assert!(check("[model]\ndirr = \"m\"\n").contains("unknown field `dirr`"));
 }
+
+/// Concatenated text of an SSE stream (`"stream": true`) from /v1/chat/completions or /v1/completions.
+fn sse_text(body: &str) -> String {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| d.trim() != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .map(|v| {
+            let c = &v["choices"][0];
+            c["delta"]["content"].as_str().or(c["text"].as_str()).unwrap_or("").to_string()
+        })
+        .collect()
+}
+
+async fn chat(addr: std::net::SocketAddr, q: &str, n: usize, stream: bool) -> String {
+    let (status, body) = post(
+        addr,
+        "/v1/chat/completions",
+        &serde_json::json!({"model": "default", "messages": [{"role": "user", "content": q}],
+                            "max_tokens": n, "temperature": 0.0, "stream": stream}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    if stream {
+        sse_text(&body)
+    } else {
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_full_rank_palu_equals_the_stock_engine_on_chat_completion_and_streaming() {
+    // SmolLM2 converted from its GGUF fixture (shared with palu-plugin's tests when present).
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-fixtures/smollm2");
+    if !base.join("config.json").exists() {
+        let r = palu::gguf::convert(&fixtures().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"), &base);
+        if let Err(e) = r {
+            assert!(base.join("config.json").exists(), "conversion failed: {e}");
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("full");
+    let opts = palu::compress::CompressOptions {
+        ratio: 1.0,
+        group_size: 3,
+        rank_search: palu::ranks::RankSearch::Uniform,
+        rank_multiple: 1,
+        calib: Some(fixtures().join("text/c4-train-00000-first800.jsonl")),
+        calib_samples: 4,
+        calib_seq_len: 512,
+        ..Default::default()
+    };
+    palu::compress::compress_to_dir(&base, &ckpt, &opts).unwrap();
+    let stock = serve(&base, KvCacheKind::Default).await.unwrap();
+    let palu = serve(&ckpt, KvCacheKind::Palu).await.unwrap();
+    let q = "What is the capital of France?";
+    let a = chat(stock, q, 24, false).await;
+    assert_eq!(a, chat(palu, q, 24, false).await, "chat");
+    assert_eq!(a, chat(palu, q, 24, true).await, "chat, streamed");
+    assert!(a.contains("Paris"), "{a}");
+    let c = complete(stock, "The capital of France is", 16).await;
+    assert_eq!(c, complete(palu, "The capital of France is", 16).await, "completion");
+}
