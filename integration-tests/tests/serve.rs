@@ -302,3 +302,30 @@ async fn smollm2_full_rank_palu_equals_the_stock_engine_on_chat_completion_and_s
     let c = complete(stock, "The capital of France is", 16).await;
     assert_eq!(c, complete(palu, "The capital of France is", 16).await, "completion");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isq_of_the_non_palu_weights_composes_with_the_latent_cache() {
+    // In-situ quantization (Q8_0) of q/o/MLP/LM-head of the authors' stories260K dump: it still
+    // loads, serves and tells a story (the Palu factors stay unquantized).
+    let dir = fixtures().join("palu-reference/stories260K-g1-r50");
+    let opts = EngineOptions {
+        model_dir: dir.clone(),
+        palu_config: None,
+        palu_calib: None,
+        kv_cache: KvCacheKind::Palu,
+        max_seqs: 4,
+        isq: Some("Q8_0".into()),
+        cpu: true,
+        dtype: ModelDType::F32,
+    };
+    let engine = build_engine(&opts).await.unwrap();
+    let app = router(Arc::clone(&engine)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _keep = engine;
+        axum::serve(listener, app).await.unwrap();
+    });
+    let text = complete(addr, "Once upon a time", 30).await;
+    assert!(text.split_whitespace().count() >= 10, "{text:?}");
+}
