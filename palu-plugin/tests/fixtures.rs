@@ -335,3 +335,94 @@ fn hadamard_auto_rotates_only_where_it_lowers_the_quantization_error() {
     }
     eprintln!("hadamard auto rotated {rotated} of 10 modules");
 }
+
+/// llama.cpp's row permutation of q/k for interleaved RoPE (the inverse of `palu::gguf::unpermute`).
+fn permute(t: &Tensor, n_head: usize) -> Tensor {
+    let (rows, cols) = t.dims2().unwrap();
+    t.reshape((n_head, 2, rows / n_head / 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((rows, cols)).unwrap()
+}
+
+#[test]
+fn every_supported_gguf_quant_type_converts() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use rand::{Rng, SeedableRng};
+    // A one-layer Llama with 256-wide rows (K-quant blocks), the stories260K tokenizer, and a
+    // different quantization type on each tensor.
+    let (d, heads, kv, dh, ff) = (256usize, 4usize, 2usize, 64usize, 512usize);
+    let mut f = std::fs::File::open(common::fixtures().join("models/stories260K.gguf")).unwrap();
+    let src = gguf_file::Content::read(&mut f).unwrap();
+    let vocab = src.metadata["tokenizer.ggml.tokens"].to_vec().unwrap().len();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(common::fresh_seed());
+    let mut randn = |r: usize, c: usize| {
+        Tensor::from_vec((0..r * c).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect::<Vec<_>>(), (r, c), &Device::Cpu).unwrap()
+    };
+    let originals: Vec<(&str, &str, Tensor, GgmlDType)> = vec![
+        ("token_embd.weight", "model.embed_tokens.weight", randn(vocab, d), GgmlDType::Q8_0),
+        ("output.weight", "lm_head.weight", randn(vocab, d), GgmlDType::Q6K),
+        ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight", randn(heads * dh, d), GgmlDType::Q4_0),
+        ("blk.0.attn_k.weight", "model.layers.0.self_attn.k_proj.weight", randn(kv * dh, d), GgmlDType::Q4_1),
+        ("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight", randn(kv * dh, d), GgmlDType::Q4K),
+        ("blk.0.attn_output.weight", "model.layers.0.self_attn.o_proj.weight", randn(d, heads * dh), GgmlDType::F16),
+        ("blk.0.ffn_gate.weight", "model.layers.0.mlp.gate_proj.weight", randn(ff, d), GgmlDType::Q5K),
+        ("blk.0.ffn_up.weight", "model.layers.0.mlp.up_proj.weight", randn(ff, d), GgmlDType::Q3K),
+        ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight", randn(d, ff), GgmlDType::Q2K),
+    ];
+    let ones = Tensor::ones(d, DType::F32, &Device::Cpu).unwrap();
+    let mut qtensors: Vec<(String, QTensor)> = Vec::new();
+    for (name, _, t, ty) in &originals {
+        let stored = match *name {
+            "blk.0.attn_q.weight" => permute(t, heads),
+            "blk.0.attn_k.weight" => permute(t, kv),
+            _ => t.clone(),
+        };
+        qtensors.push((name.to_string(), QTensor::quantize(&stored, *ty).unwrap()));
+    }
+    for n in ["blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"] {
+        qtensors.push((n.to_string(), QTensor::quantize(&ones, GgmlDType::F32).unwrap()));
+    }
+    use gguf_file::Value;
+    let mut meta: Vec<(String, Value)> = src
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer.") || k.starts_with("general.") && k.as_str() != "general.architecture")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    meta.push(("general.architecture".into(), Value::String("llama".into())));
+    for (k, v) in [("embedding_length", d), ("block_count", 1), ("feed_forward_length", ff), ("attention.head_count", heads), ("attention.head_count_kv", kv), ("context_length", 512)] {
+        meta.push((format!("llama.{k}"), Value::U32(v as u32)));
+    }
+    meta.push(("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5)));
+    meta.push(("llama.rope.freq_base".into(), Value::F32(10000.0)));
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("all-types.gguf");
+    {
+        let mut w = std::fs::File::create(&path).unwrap();
+        let m: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let t: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut w, &m, &t).unwrap();
+    }
+    let out = tmp.path().join("hf");
+    palu::gguf::convert(&path, &out).unwrap();
+    let conv = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (name, hf, orig, ty) in &originals {
+        // Relative error of the dequantized weight against the original: what each format allows.
+        let got = &conv[*hf];
+        let err = ((got - orig).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+            / orig.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+        .sqrt();
+        let bound = match ty {
+            GgmlDType::F16 => 1e-3,
+            GgmlDType::Q8_0 => 0.01,
+            GgmlDType::Q6K => 0.03,
+            GgmlDType::Q5K => 0.06,
+            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => 0.12,
+            GgmlDType::Q3K => 0.25,
+            _ => 0.5, // Q2K
+        };
+        eprintln!("{name} ({ty:?}): relative error {err:.5}");
+        assert!(err < bound, "{name} ({ty:?}): relative error {err} ≥ {bound}");
+    }
+    let m = Model::load(&out, &Device::Cpu).unwrap();
+    let lg = logits(&m, &[1, 20, 30, 40]);
+    assert!(lg.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().is_finite());
+}
