@@ -18,7 +18,7 @@ async fn serve(model_dir: &Path, kv: KvCacheKind) -> anyhow::Result<std::net::So
 }
 
 async fn serve_with(model_dir: &Path, kv: KvCacheKind, palu_config: Option<PathBuf>) -> anyhow::Result<std::net::SocketAddr> {
-    let opts = EngineOptions {
+    serve_opts(EngineOptions {
         model_dir: model_dir.to_path_buf(),
         palu_calib: palu_config.as_ref().map(|_| fixtures().join("text/c4-train-00000-first800.jsonl")),
         palu_config,
@@ -27,7 +27,11 @@ async fn serve_with(model_dir: &Path, kv: KvCacheKind, palu_config: Option<PathB
         isq: None,
         cpu: true,
         dtype: ModelDType::F32,
-    };
+    })
+    .await
+}
+
+async fn serve_opts(opts: EngineOptions) -> anyhow::Result<std::net::SocketAddr> {
     let engine = build_engine(&opts).await?;
     let app = router(Arc::clone(&engine)).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -318,14 +322,7 @@ async fn isq_of_the_non_palu_weights_composes_with_the_latent_cache() {
         cpu: true,
         dtype: ModelDType::F32,
     };
-    let engine = build_engine(&opts).await.unwrap();
-    let app = router(Arc::clone(&engine)).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _keep = engine;
-        axum::serve(listener, app).await.unwrap();
-    });
+    let addr = serve_opts(opts).await.unwrap();
     let text = complete(addr, "Once upon a time", 30).await;
     assert!(text.split_whitespace().count() >= 10, "{text:?}");
 }
