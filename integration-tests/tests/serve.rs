@@ -326,3 +326,12 @@ async fn isq_of_the_non_palu_weights_composes_with_the_latent_cache() {
     let text = complete(addr, "Once upon a time", 30).await;
     assert!(text.split_whitespace().count() >= 10, "{text:?}");
 }
+
+#[test]
+fn the_startup_summary_gives_kv_bytes_and_tokens_per_budget() {
+    let s = palu::engine::server::kv_summary(&fixtures().join("palu-reference/stories260K-g1-r50")).unwrap();
+    assert_eq!(
+        s,
+        "KV cache: 5 layers; default 640 B/token (16-bit K/V, 4 KV heads × 8); Palu 296 B/token (0.463× default, 53.8% of the K/V width removed); tokens per GiB of KV budget: default 1677722, Palu 3627506"
+    );
+}

@@ -37,15 +37,18 @@ pub struct EngineOptions {
 pub fn kv_summary(dir: &Path) -> Result<String> {
     let i = crate::checkpoint::inspect(dir)?;
     let palu16 = i.kv_bytes_palu.first().map(|x| x.1).unwrap_or(i.kv_bytes_default);
+    let gib = (1u64 << 30) as f64;
     Ok(format!(
-        "KV cache: {} layers; default {} B/token (16-bit K/V, {} KV heads × {}); Palu {} B/token ({:.3}× default, {:.1}% of the K/V width removed)",
+        "KV cache: {} layers; default {} B/token (16-bit K/V, {} KV heads × {}); Palu {} B/token ({:.3}× default, {:.1}% of the K/V width removed); tokens per GiB of KV budget: default {:.0}, Palu {:.0}",
         i.num_layers,
         i.kv_bytes_default,
         i.num_kv_heads,
         i.head_dim,
         palu16,
         palu16 as f64 / i.kv_bytes_default as f64,
-        100.0 * i.kv_reduction
+        100.0 * i.kv_reduction,
+        gib / i.kv_bytes_default as f64,
+        gib / palu16 as f64
     ))
 }
 
