@@ -148,7 +148,6 @@ pub struct PaluTextModel {
     cache: EitherCache,
     device: Device,
     mapper: Box<dyn DeviceMapper + Send + Sync>,
-    meta: ModelConfigMetadata,
     geometry: PaluGeometry,
     max_seq_len: usize,
 }
@@ -233,7 +232,6 @@ impl PaluTextModel {
             cache: EitherCache::Normal(NormalCache::new(cfg.num_layers, cfg.max_position_embeddings)),
             device: meta.real_device,
             mapper,
-            meta: geometry.meta.clone(),
             geometry,
             max_seq_len: cfg.max_position_embeddings,
         })
@@ -309,7 +307,7 @@ impl NormalModel for PaluTextModel {
         self.max_seq_len
     }
     fn config(&self) -> &ModelConfigMetadata {
-        &self.meta
+        &self.geometry.meta
     }
     fn model_config(&self) -> Arc<dyn ModelConfigLike + Send + Sync> {
         Arc::new(self.geometry.clone())
