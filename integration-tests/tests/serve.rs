@@ -23,6 +23,7 @@ async fn serve_with(model_dir: &Path, kv: KvCacheKind, palu_config: Option<PathB
         palu_calib: palu_config.as_ref().map(|_| fixtures().join("text/c4-train-00000-first800.jsonl")),
         palu_config,
         kv_cache: kv,
+        latent_bits: None,
         max_seqs: 32,
         isq: None,
         cpu: true,
@@ -317,6 +318,7 @@ async fn isq_of_the_non_palu_weights_composes_with_the_latent_cache() {
         palu_config: None,
         palu_calib: None,
         kv_cache: KvCacheKind::Palu,
+        latent_bits: None,
         max_seqs: 4,
         isq: Some("Q8_0".into()),
         cpu: true,
@@ -329,9 +331,12 @@ async fn isq_of_the_non_palu_weights_composes_with_the_latent_cache() {
 
 #[test]
 fn the_startup_summary_gives_kv_bytes_and_tokens_per_budget() {
-    let s = palu::engine::server::kv_summary(&fixtures().join("palu-reference/stories260K-g1-r50")).unwrap();
+    let dir = fixtures().join("palu-reference/stories260K-g1-r50");
+    let s = palu::engine::server::kv_summary(&dir, 16).unwrap();
     assert_eq!(
         s,
-        "KV cache: 5 layers; default 640 B/token (16-bit K/V, 4 KV heads × 8); Palu 296 B/token (0.463× default, 53.8% of the K/V width removed); tokens per GiB of KV budget: default 1677722, Palu 3627506"
+        "KV cache: 5 layers; default 640 B/token (16-bit K/V, 4 KV heads × 8); Palu 296 B/token (16-bit latents; 0.463× default, 53.8% of the K/V width removed); tokens per GiB of KV budget: default 1677722, Palu 3627506"
     );
+    let s = palu::engine::server::kv_summary(&dir, 4).unwrap();
+    assert!(s.contains("4-bit packed latents with f16 scales and i16 zeros"), "{s}");
 }

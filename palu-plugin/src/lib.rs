@@ -7,6 +7,7 @@
 //!   cache Palu latents and rebuild K/V exactly as the serving path does.
 //! - [`lowrank`]: the low-rank K/V projection (down factor A, per-group up factors B).
 //! - [`quant`]: asymmetric per-token, per-group quantization of latents (simulated and packed).
+//! - [`latent_codec`]: the packed byte rows a low-bit latent cache stores.
 //! - [`hadamard`]: orthonormal rotations folded into the factors.
 //! - [`decompose`]: calibration statistics, Cholesky whitening and per-group truncated SVD.
 //! - [`fisher`]: Fisher information of `k_proj` / `v_proj` from real gradients.
@@ -29,6 +30,7 @@ pub mod eval;
 pub mod fisher;
 pub mod gguf;
 pub mod hadamard;
+pub mod latent_codec;
 pub mod lowrank;
 pub mod model;
 pub mod progress;

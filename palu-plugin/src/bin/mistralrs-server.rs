@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Parser;
-use palu::engine::server::{build_engine, router, EngineOptions, KvCacheKind};
+use palu::engine::server::{router_for, start, EngineOptions, KvCacheKind};
 use palu::engine::server_config::{parse_dtype, ServerConfig};
 
 #[derive(Parser, Debug)]
@@ -29,6 +29,11 @@ struct Args {
     /// Calibration text for --palu-config (whitening), e.g. the C4 sample.
     #[arg(long)]
     palu_calib: Option<PathBuf>,
+    /// Bits of the cached latents: 2, 3, 4 or 8 store packed integers with a scale and zero per
+    /// token and group; 16 stores them in the activation dtype. Default: the rank allocation's
+    /// (or the checkpoint's palu.toml) `latent_bits`, else 16.
+    #[arg(long)]
+    palu_latent_bits: Option<u8>,
     #[arg(long, default_value = "127.0.0.1")]
     serve_ip: String,
     #[arg(short, long, default_value_t = 1234)]
@@ -68,6 +73,7 @@ async fn main() -> Result<()> {
                 palu_config: args.palu_config,
                 palu_calib: args.palu_calib,
                 kv_cache: args.kv_cache,
+                latent_bits: args.palu_latent_bits,
                 max_seqs: args.max_seqs,
                 isq: args.isq,
                 cpu: args.cpu,
@@ -76,8 +82,8 @@ async fn main() -> Result<()> {
             (opts, args.serve_ip, args.port)
         }
     };
-    let engine = build_engine(&opts).await?;
-    let app = router(engine).await?;
+    let served = start(&opts).await?;
+    let app = router_for(&served).await?;
     let listener = tokio::net::TcpListener::bind((ip.as_str(), port)).await?;
     tracing::info!("serving {} on http://{}", opts.model_dir.display(), listener.local_addr()?);
     axum::serve(listener, app).await?;

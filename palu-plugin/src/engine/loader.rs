@@ -2,6 +2,7 @@
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Result;
 use candle_core::DType;
@@ -15,12 +16,24 @@ use mistralrs_quant::ShardedVarBuilder;
 use regex::Regex;
 
 use super::model::{PaluGeometry, PaluTextModel};
+use super::stats::KvStats;
 use crate::config::ModelConfig;
 
 /// Loads a Palu checkpoint as a mistral.rs text model (hand it to
 /// `NormalLoaderBuilder::build_with_loader`).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct PaluLoader;
+#[derive(Debug, Clone)]
+pub struct PaluLoader {
+    /// 16: latents in the activation dtype; 2, 3, 4, 8: packed rows with scales and zeros.
+    pub latent_bits: u8,
+    /// Where the model reports the bytes its live cache tensors hold.
+    pub stats: Arc<KvStats>,
+}
+
+impl Default for PaluLoader {
+    fn default() -> Self {
+        PaluLoader { latent_bits: 16, stats: Arc::default() }
+    }
+}
 
 fn parse(config: &str) -> Result<ModelConfig> {
     let cfg = ModelConfig::from_json_str(config, Path::new("config.json"))?;
@@ -45,7 +58,7 @@ impl NormalModelLoader for PaluLoader {
             anyhow::bail!("palu: paged attention with a Palu KV cache is not available yet; start the server without paged attention")
         }
         let cfg = parse(config)?;
-        Ok(Box::new(PaluTextModel::new(&cfg, vb, meta)?))
+        Ok(Box::new(PaluTextModel::new(&cfg, vb, meta, self.latent_bits, Arc::clone(&self.stats))?))
     }
     fn load_xlora(
         &self,
@@ -130,6 +143,8 @@ impl DeviceMappedModelLoader for PaluLoader {
         Ok(parse(config)?.num_layers)
     }
     fn model_config(&self, config: &str) -> Result<Box<dyn ModelConfigLike>> {
-        Ok(Box::new(PaluGeometry::from_config(&parse(config)?)?))
+        let mut geo = PaluGeometry::from_config(&parse(config)?)?;
+        geo.packed = self.latent_bits < 16;
+        Ok(Box::new(geo))
     }
 }

@@ -8,6 +8,8 @@ mod loader;
 mod model;
 pub mod server;
 pub mod server_config;
+pub mod stats;
 
 pub use loader::PaluLoader;
 pub use model::{PaluGeometry, PaluTextModel};
+pub use stats::{KvReading, KvStats};

@@ -11,7 +11,10 @@ use mistralrs_core::model_plugin::{
 use mistralrs_quant::{QuantMethod, ReplicatedLayer, ShardedVarBuilder};
 
 use crate::config::ModelConfig;
+use super::stats::{tensor_bytes, KvStats};
+use crate::latent_codec::LatentCodec;
 use crate::lowrank::{KvKind, LowRankProj};
+use crate::quant::ZeroPoint;
 use crate::model::{grouped_attention, rebuild_kv, Rope};
 
 /// The cache geometry the engine sees: one "KV head" per layer whose K width is `R_k[l]` and
@@ -22,6 +25,10 @@ pub struct PaluGeometry {
     pub meta: ModelConfigMetadata,
     pub k_ranks: Vec<usize>,
     pub v_ranks: Vec<usize>,
+    /// Packed low-bit latents (`latent_bits < 16`): the cache rows are bytes, which the engine's
+    /// pre-allocation (in the activation dtype) cannot hold, so it is declined per layer and the
+    /// cache grows from the first appended rows instead.
+    pub packed: bool,
 }
 
 impl ModelConfigLike for PaluGeometry {
@@ -51,6 +58,9 @@ impl ModelConfigLike for PaluGeometry {
     }
     fn v_head_dim_for_layer(&self, l: usize) -> usize {
         self.v_ranks[l]
+    }
+    fn uses_own_kv_cache_for_layer(&self, _layer_idx: usize) -> bool {
+        !self.packed
     }
     fn kv_cache_elements_per_token(&self) -> usize {
         // Averaged over layers (the engine multiplies by the layer count).
@@ -88,6 +98,7 @@ impl PaluGeometry {
             },
             k_ranks: ranks(KvKind::K)?,
             v_ranks: ranks(KvKind::V)?,
+            packed: false,
         })
     }
 }
@@ -102,6 +113,8 @@ struct Attention {
     head_dim: usize,
     window: Option<usize>,
     rope: Arc<Rope>,
+    /// Codecs of the packed K and V latent rows, when `latent_bits < 16`.
+    packed: Option<(LatentCodec, LatentCodec)>,
 }
 
 fn qmatmul(x: &Tensor, layer: &dyn QuantMethod) -> Result<Tensor> {
@@ -118,9 +131,15 @@ impl Attention {
         let (cos, sin) = self.rope.tables(start, t)?;
         let q = crate::model::apply_rope(&q, &cos, &sin, false)?;
         // The engine's cache holds [b, 1, T, R] latents.
-        let hk = self.k.latent(x)?.unsqueeze(1)?;
-        let hv = self.v.latent(x)?.unsqueeze(1)?;
-        let (hk, hv) = cache.append(&hk.contiguous()?, &hv.contiguous()?)?;
+        let hk = self.k.latent(x)?;
+        let hv = self.v.latent(x)?;
+        let (hk, hv) = match &self.packed {
+            Some((ck, cv)) => {
+                let (rk, rv) = cache.append(&ck.encode(&hk)?.unsqueeze(1)?, &cv.encode(&hv)?.unsqueeze(1)?)?;
+                (ck.decode(&rk, x.dtype())?, cv.decode(&rv, x.dtype())?)
+            }
+            None => cache.append(&hk.unsqueeze(1)?.contiguous()?, &hv.unsqueeze(1)?.contiguous()?)?,
+        };
         if hk.dim(2)? != start + t {
             candle_core::bail!(
                 "palu: the latent cache holds {} positions but the sequence is at {start} + {t}; refusing to attend with misplaced RoPE",
@@ -150,6 +169,7 @@ pub struct PaluTextModel {
     mapper: Box<dyn DeviceMapper + Send + Sync>,
     geometry: PaluGeometry,
     max_seq_len: usize,
+    stats: Arc<KvStats>,
 }
 
 fn lowrank(vb: &ShardedVarBuilder, cfg: &ModelConfig, l: usize, kind: KvKind) -> Result<LowRankProj> {
@@ -176,7 +196,16 @@ fn lowrank(vb: &ShardedVarBuilder, cfg: &ModelConfig, l: usize, kind: KvKind) ->
 }
 
 impl PaluTextModel {
-    pub fn new(cfg: &ModelConfig, vb: ShardedVarBuilder, meta: NormalLoadingMetadata) -> Result<Self> {
+    /// `latent_bits` 16 caches the latents in the activation dtype; 2, 3, 4 or 8 caches packed
+    /// rows ([`LatentCodec`]).
+    pub fn new(
+        cfg: &ModelConfig,
+        vb: ShardedVarBuilder,
+        meta: NormalLoadingMetadata,
+        latent_bits: u8,
+        stats: Arc<KvStats>,
+    ) -> Result<Self> {
+        crate::quant::check_bits(latent_bits).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let mapper = meta.mapper;
         let vb_m = vb.pp("model");
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
@@ -196,16 +225,27 @@ impl PaluTextModel {
             let vb_a = mapper.set_device(l, vb_l.pp("self_attn"), meta.loading_isq);
             let vb_f = mapper.set_device(l, vb_l.pp("self_attn"), false);
             let (h, dh) = (cfg.num_heads, cfg.head_dim);
+            let k = lowrank(&vb_f, cfg, l, KvKind::K)?;
+            let v = lowrank(&vb_f, cfg, l, KvKind::V)?;
+            let packed = if latent_bits < 16 {
+                let codec = |p: &LowRankProj| {
+                    LatentCodec::new(latent_bits, &p.ranks, ZeroPoint::Free).map_err(|e| candle_core::Error::Msg(e.to_string()))
+                };
+                Some((codec(&k)?, codec(&v)?))
+            } else {
+                None
+            };
             let attn = Attention {
                 q: ReplicatedLayer::new(d, h * dh, &None, cfg.qkv_bias, vb_a.pp("q_proj"))?,
                 o: ReplicatedLayer::new(h * dh, d, &None, false, vb_a.pp("o_proj"))?,
-                k: lowrank(&vb_f, cfg, l, KvKind::K)?,
-                v: lowrank(&vb_f, cfg, l, KvKind::V)?,
+                k,
+                v,
                 n_heads: h,
                 n_kv: cfg.num_kv_heads,
                 head_dim: dh,
                 window: cfg.sliding_window,
                 rope,
+                packed,
             };
             let comm = mapper.get_comm_for(l)?;
             let mlp = Mlp::new(
@@ -223,7 +263,8 @@ impl PaluTextModel {
                 mlp: Box::new(mlp),
             });
         }
-        let geometry = PaluGeometry::from_config(cfg).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut geometry = PaluGeometry::from_config(cfg).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        geometry.packed = latent_bits < 16;
         Ok(PaluTextModel {
             embed,
             blocks,
@@ -234,6 +275,7 @@ impl PaluTextModel {
             mapper,
             geometry,
             max_seq_len: cfg.max_position_embeddings,
+            stats,
         })
     }
 
@@ -250,6 +292,8 @@ impl PaluTextModel {
             x = (x + a)?;
             x = (&x + blk.mlp.forward(&blk.post_norm.forward(&x)?)?)?;
         }
+        self.record_cache_bytes(&cache)?;
+        drop(cache);
         let x = self.norm.forward(&x.to_device(&self.device)?)?;
         // Only the positions the engine asks for reach the LM head.
         let mut rows = Vec::with_capacity(context_lens.len());
@@ -258,6 +302,25 @@ impl PaluTextModel {
         }
         let x = Tensor::cat(&rows, 0)?;
         qmatmul(&x, &*self.lm_head)
+    }
+}
+
+impl PaluTextModel {
+    /// Measure the bytes the layers' cache tensors hold right now, per cached token.
+    fn record_cache_bytes(&self, cache: &NormalCache) -> Result<()> {
+        let (mut bytes, mut allocated, mut tokens) = (0u64, 0u64, 0u64);
+        for layer in &cache.0 {
+            if let (Some(k), Some(v)) = (layer.k()?, layer.v()?) {
+                bytes += tensor_bytes(&k) + tensor_bytes(&v);
+                // [b, 1, T, row]: every layer holds the same tokens.
+                tokens = (k.dim(0)? * k.dim(2)?) as u64;
+            }
+            if let KvCache::Normal { k, v } = layer {
+                allocated += [&k.all_data, &v.all_data].into_iter().flatten().map(tensor_bytes).sum::<u64>();
+            }
+        }
+        self.stats.record(bytes, allocated, tokens);
+        Ok(())
     }
 }
 

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+
+use super::stats::KvStats;
 use mistralrs_core::{
     AutoDeviceMapParams, DefaultSchedulerMethod, DeviceMapSetting, IsqType, Loader, MistralRs, MistralRsBuilder,
     ModelDType, NormalLoaderBuilder, NormalSpecificConfig, SchedulerConfig, TokenSource,
@@ -27,6 +29,9 @@ pub struct EngineOptions {
     /// Calibration text for that decomposition (whitening).
     pub palu_calib: Option<PathBuf>,
     pub kv_cache: KvCacheKind,
+    /// Bits of the cached latents (2, 3, 4, 8; 16 = the activation dtype). None: the
+    /// `compression.latent_bits` of `palu_config`, else of the checkpoint's `palu.toml`, else 16.
+    pub latent_bits: Option<u8>,
     pub max_seqs: usize,
     pub isq: Option<String>,
     pub cpu: bool,
@@ -34,22 +39,48 @@ pub struct EngineOptions {
 }
 
 /// One line for the startup log: KV geometry and bytes per token, default vs Palu.
-pub fn kv_summary(dir: &Path) -> Result<String> {
+pub fn kv_summary(dir: &Path, latent_bits: u8) -> Result<String> {
     let i = crate::checkpoint::inspect(dir)?;
-    let palu16 = i.kv_bytes_palu.first().map(|x| x.1).unwrap_or(i.kv_bytes_default);
+    let palu = i.kv_bytes_palu.iter().find(|x| x.0 == latent_bits).map(|x| x.1).unwrap_or(i.kv_bytes_default);
     let gib = (1u64 << 30) as f64;
+    let latents = if latent_bits >= 16 { "16-bit latents".to_string() } else { format!("{latent_bits}-bit packed latents with f16 scales and i16 zeros") };
     Ok(format!(
-        "KV cache: {} layers; default {} B/token (16-bit K/V, {} KV heads × {}); Palu {} B/token ({:.3}× default, {:.1}% of the K/V width removed); tokens per GiB of KV budget: default {:.0}, Palu {:.0}",
+        "KV cache: {} layers; default {} B/token (16-bit K/V, {} KV heads × {}); Palu {} B/token ({latents}; {:.3}× default, {:.1}% of the K/V width removed); tokens per GiB of KV budget: default {:.0}, Palu {:.0}",
         i.num_layers,
         i.kv_bytes_default,
         i.num_kv_heads,
         i.head_dim,
-        palu16,
-        palu16 as f64 / i.kv_bytes_default as f64,
+        palu,
+        palu as f64 / i.kv_bytes_default as f64,
         100.0 * i.kv_reduction,
         gib / i.kv_bytes_default as f64,
-        gib / palu16 as f64
+        gib / palu as f64
     ))
+}
+
+/// The latent bits to serve with: explicit, else the allocation's, else the checkpoint's
+/// `palu.toml`, else 16.
+pub fn resolve_latent_bits(o: &EngineOptions) -> Result<u8> {
+    let bits = match (o.latent_bits, &o.palu_config) {
+        (Some(b), _) => b,
+        (None, Some(cfg)) => crate::alloc_config::AllocConfig::from_file(cfg)?.compression.latent_bits,
+        (None, None) => {
+            let p = o.model_dir.join("palu.toml");
+            if p.exists() {
+                crate::alloc_config::AllocConfig::from_file(&p)?.compression.latent_bits
+            } else {
+                16
+            }
+        }
+    };
+    crate::quant::check_bits(bits)?;
+    Ok(bits)
+}
+
+/// A running engine and, with `--kv-cache palu`, the live KV-cache measurements of its model.
+pub struct Served {
+    pub engine: Arc<MistralRs>,
+    pub kv_stats: Option<Arc<KvStats>>,
 }
 
 /// Decompose a plain model with a stored rank allocation into a Palu checkpoint, cached next to
@@ -87,6 +118,13 @@ pub fn decompose_at_load(model_dir: &Path, config: &Path, calib: Option<&Path>) 
 
 /// Load the model into a running engine.
 pub async fn build_engine(o: &EngineOptions) -> Result<Arc<MistralRs>> {
+    Ok(start(o).await?.engine)
+}
+
+/// Load the model into a running engine, keeping the handle on its KV-cache measurements.
+pub async fn start(o: &EngineOptions) -> Result<Served> {
+    let latent_bits = if o.kv_cache == KvCacheKind::Palu { resolve_latent_bits(o)? } else { 16 };
+    let stats = Arc::new(KvStats::default());
     let mut o = o.clone();
     if o.kv_cache == KvCacheKind::Palu {
         if let Some(cfg) = &o.palu_config {
@@ -110,8 +148,8 @@ pub async fn build_engine(o: &EngineOptions) -> Result<Arc<MistralRs>> {
             }
             crate::model::Model::load(&o.model_dir, &candle_core::Device::Cpu)
                 .with_context(|| format!("{}: not a loadable Palu checkpoint", o.model_dir.display()))?;
-            tracing::info!("{}", kv_summary(&o.model_dir)?);
-            builder.build_with_loader(Box::new(super::PaluLoader))?
+            tracing::info!("{}", kv_summary(&o.model_dir, latent_bits)?);
+            builder.build_with_loader(Box::new(super::PaluLoader { latent_bits, stats: Arc::clone(&stats) }))?
         }
         KvCacheKind::Default => builder.build(None)?,
     };
@@ -139,7 +177,8 @@ pub async fn build_engine(o: &EngineOptions) -> Result<Arc<MistralRs>> {
         tracing::warn!("prefix caching is disabled with --kv-cache palu (not supported yet)");
         b = b.with_no_prefix_cache(true);
     }
-    Ok(b.build().await)
+    let kv_stats = (o.kv_cache == KvCacheKind::Palu).then_some(stats);
+    Ok(Served { engine: b.build().await, kv_stats })
 }
 
 /// The OpenAI-compatible HTTP router of mistralrs-server-core over `engine`.
@@ -148,4 +187,23 @@ pub async fn router(engine: Arc<MistralRs>) -> Result<axum::Router> {
         .with_mistralrs(engine)
         .build()
         .await
+}
+
+/// [`router`] plus `GET /v1/palu/kv_cache`: the bytes the Palu model's live cache tensors held
+/// at its last forward pass (JSON [`KvReading`](super::KvReading)).
+pub async fn router_for(served: &Served) -> Result<axum::Router> {
+    let app = router(Arc::clone(&served.engine)).await?;
+    Ok(match &served.kv_stats {
+        Some(stats) => {
+            let stats = Arc::clone(stats);
+            app.route(
+                "/v1/palu/kv_cache",
+                axum::routing::get(move || {
+                    let stats = Arc::clone(&stats);
+                    async move { axum::Json(stats.reading()) }
+                }),
+            )
+        }
+        None => app,
+    })
 }

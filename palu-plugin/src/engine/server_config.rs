@@ -17,6 +17,7 @@
 //! # checkpoint = "out/smollm2-palu50"       # a Palu checkpoint, or:
 //! config = "../configs/smollm2-135m-g3-r50.toml"   # decompose `model.dir` at load time
 //! calib = "../../shared/fixtures/text/c4-train-00000-first800.jsonl"
+//! # latent_bits = 4             # 2 | 3 | 4 | 8 packed, 16 = activation dtype
 //! ```
 use std::path::{Path, PathBuf};
 
@@ -85,6 +86,8 @@ pub struct KvCacheSection {
     pub checkpoint: Option<PathBuf>,
     pub config: Option<PathBuf>,
     pub calib: Option<PathBuf>,
+    /// 2, 3, 4, 8 (packed) or 16; default: the allocation's or checkpoint's `latent_bits`.
+    pub latent_bits: Option<u8>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -141,6 +144,13 @@ impl ServerConfig {
             palu_config: rel(&self.kv_cache.config),
             palu_calib: rel(&self.kv_cache.calib),
             kv_cache: kind,
+            latent_bits: match self.kv_cache.latent_bits {
+                Some(b) => {
+                    crate::quant::check_bits(b).map_err(|e| PaluError::invalid(path, format!("kv_cache.{e}")))?;
+                    Some(b)
+                }
+                None => None,
+            },
             max_seqs: self.server.max_seqs,
             isq: self.model.isq.clone(),
             cpu: self.model.cpu,

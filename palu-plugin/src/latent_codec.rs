@@ -1,0 +1,144 @@
+//! Packed low-bit latents: what a Palu KV cache really stores when `latent_bits < 16`.
+//!
+//! One token's latent of width `R` becomes one byte row:
+//!
+//! ```text
+//! [ codes: ⌈R·b/8⌉ bytes, little-endian bit stream | scale: f16 × G | zero: i16 × G ]
+//! ```
+//!
+//! with `G` quantization groups (one per low-rank group, as [`crate::quant::fake_quant`] uses).
+//! The quantizer is [`crate::quant::quantize_group`] (asymmetric, per token and group); the
+//! scale is stored in f16 and the integer zero point in i16, so `x̂ = (q − zero) · scale` differs
+//! from the simulated path only by the f16 rounding of the scale (relative 2⁻¹¹).
+//!
+//! Rows are opaque to the engine: its cache appends, clones and concatenates them along the
+//! sequence axis like any other tensor. Decoding is a [`candle_core::CustomOp1`] so the CUDA
+//! twin can slot in beside the CPU reference.
+use std::ops::Range;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use half::f16;
+
+use crate::quant::{self, GroupParams, ZeroPoint};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatentCodec {
+    bits: u8,
+    width: usize,
+    groups: Vec<Range<usize>>,
+    zero_point: ZeroPoint,
+}
+
+impl LatentCodec {
+    /// A codec for latents whose low-rank groups have widths `group_widths`.
+    pub fn new(bits: u8, group_widths: &[usize], zero_point: ZeroPoint) -> std::result::Result<Self, crate::PaluError> {
+        quant::check_bits(bits)?;
+        if bits >= 16 {
+            return Err(crate::PaluError::arg("latent_bits", bits, "a packed latent codec needs 2, 3, 4 or 8 bits"));
+        }
+        Ok(LatentCodec {
+            bits,
+            width: group_widths.iter().sum(),
+            groups: quant::group_ranges(group_widths, None),
+            zero_point,
+        })
+    }
+
+    pub fn bits(&self) -> u8 {
+        self.bits
+    }
+
+    /// Latent width `R`.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    fn code_bytes(&self) -> usize {
+        (self.width * self.bits as usize).div_ceil(8)
+    }
+
+    /// Bytes of one encoded token (codes, scales and zeros).
+    pub fn row_bytes(&self) -> usize {
+        self.code_bytes() + 4 * self.groups.len()
+    }
+
+    /// Encode one latent row into `out` (`row_bytes()` long).
+    pub fn encode_row(&self, x: &[f32], out: &mut [u8]) {
+        let mut codes = vec![0u8; self.width];
+        let nc = self.code_bytes();
+        let g = self.groups.len();
+        for (i, r) in self.groups.iter().enumerate() {
+            let p = quant::quantize_group(&x[r.clone()], self.bits, self.zero_point, &mut codes[r.clone()]);
+            let zero = p.zero.clamp(i16::MIN as f32, i16::MAX as f32) as i16;
+            out[nc + 2 * i..nc + 2 * i + 2].copy_from_slice(&f16::from_f32(p.scale).to_le_bytes());
+            out[nc + 2 * g + 2 * i..nc + 2 * g + 2 * i + 2].copy_from_slice(&zero.to_le_bytes());
+        }
+        out[..nc].copy_from_slice(&quant::pack(&codes, self.bits));
+    }
+
+    /// Decode one row into `out` (`width()` long).
+    pub fn decode_row(&self, row: &[u8], out: &mut [f32]) {
+        let nc = self.code_bytes();
+        let g = self.groups.len();
+        let codes = quant::unpack(&row[..nc], self.bits, self.width);
+        for (i, r) in self.groups.iter().enumerate() {
+            let scale = f16::from_le_bytes([row[nc + 2 * i], row[nc + 2 * i + 1]]).to_f32();
+            let zero = i16::from_le_bytes([row[nc + 2 * g + 2 * i], row[nc + 2 * g + 2 * i + 1]]) as f32;
+            quant::dequantize_group(&codes[r.clone()], GroupParams { scale, zero }, &mut out[r.clone()]);
+        }
+    }
+
+    /// `[.., R]` floats to `[.., row_bytes]` u8 rows.
+    pub fn encode(&self, h: &Tensor) -> Result<Tensor> {
+        let dims = h.dims().to_vec();
+        if dims.last() != Some(&self.width) {
+            candle_core::bail!("palu latent codec: expected latents of width {}, got shape {:?}", self.width, dims)
+        }
+        let data: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let rb = self.row_bytes();
+        let mut out = vec![0u8; data.len() / self.width * rb];
+        for (x, o) in data.chunks(self.width).zip(out.chunks_mut(rb)) {
+            self.encode_row(x, o);
+        }
+        let mut shape = dims;
+        *shape.last_mut().unwrap() = rb;
+        Tensor::from_vec(out, shape, h.device())
+    }
+
+    /// `[.., row_bytes]` u8 rows to `[.., R]` latents of `dtype`.
+    pub fn decode(&self, rows: &Tensor, dtype: DType) -> Result<Tensor> {
+        match rows.device() {
+            candle_core::Device::Cpu => rows.contiguous()?.apply_op1_no_bwd(self)?.to_dtype(dtype),
+            // No device kernel yet: decode through the CPU reference (correct, not fast).
+            dev => self.decode(&rows.to_device(&candle_core::Device::Cpu)?, DType::F32)?.to_device(dev)?.to_dtype(dtype),
+        }
+    }
+}
+
+impl CustomOp1 for LatentCodec {
+    fn name(&self) -> &'static str {
+        "palu-latent-decode"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::U8(bytes) = storage else {
+            candle_core::bail!("palu latent decode expects u8 rows")
+        };
+        let rb = self.row_bytes();
+        let dims = layout.dims();
+        if dims.last() != Some(&rb) {
+            candle_core::bail!("palu latent decode: rows of {rb} bytes expected, got shape {dims:?}")
+        }
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("palu latent decode expects contiguous rows")
+        };
+        let src = &bytes[start..end];
+        let mut out = vec![0f32; src.len() / rb * self.width];
+        for (row, o) in src.chunks(rb).zip(out.chunks_mut(self.width)) {
+            self.decode_row(row, o);
+        }
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap() = self.width;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
