@@ -17,14 +17,21 @@ async fn serve(model_dir: &Path, kv: KvCacheKind) -> anyhow::Result<std::net::So
     serve_with(model_dir, kv, None).await
 }
 
-async fn serve_with(model_dir: &Path, kv: KvCacheKind, palu_config: Option<PathBuf>) -> anyhow::Result<std::net::SocketAddr> {
+async fn serve_with(
+    model_dir: &Path,
+    kv: KvCacheKind,
+    palu_config: Option<PathBuf>,
+) -> anyhow::Result<std::net::SocketAddr> {
     serve_opts(EngineOptions {
         model_dir: model_dir.to_path_buf(),
-        palu_calib: palu_config.as_ref().map(|_| fixtures().join("text/c4-train-00000-first800.jsonl")),
+        palu_calib: palu_config
+            .as_ref()
+            .map(|_| fixtures().join("text/c4-train-00000-first800.jsonl")),
         palu_config,
         kv_cache: kv,
         latent_bits: None,
         max_seqs: 32,
+        no_prefix_cache: false,
         isq: None,
         cpu: true,
         dtype: ModelDType::F32,
@@ -57,10 +64,20 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: &serde_json::Value) 
     s.read_to_end(&mut out).await.unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();
     let status: u16 = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     // Chunked transfer encoding: keep the payload lines only.
-    let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        body.split("\r\n").enumerate().filter(|(i, _)| i % 2 == 1).map(|(_, l)| l).collect::<String>()
+    let body = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body.split("\r\n")
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 1)
+            .map(|(_, l)| l)
+            .collect::<String>()
     } else {
         body
     };
@@ -89,7 +106,9 @@ async fn authors_dump_serves_and_matches_the_reference_model() {
     let tok = palu::tokenizer::load(&dir).unwrap();
     let mut ids = vec![1u32];
     ids.extend(palu::tokenizer::encode(&tok, "Once upon a time").unwrap());
-    let want = tok.decode(&m.generate_greedy(&ids, 40, Some(2)).unwrap(), true).unwrap();
+    let want = tok
+        .decode(&m.generate_greedy(&ids, 40, Some(2)).unwrap(), true)
+        .unwrap();
     assert_eq!(text, want);
 }
 
@@ -110,7 +129,11 @@ async fn full_rank_palu_equals_the_stock_engine_token_for_token() {
     palu::compress::compress_to_dir(&base, &ckpt, &opts).unwrap();
     let stock = serve(&base, KvCacheKind::Default).await.unwrap();
     let palu = serve(&ckpt, KvCacheKind::Palu).await.unwrap();
-    for prompt in ["Once upon a time", "The little dog", "Tom and Sue went to the park. They"] {
+    for prompt in [
+        "Once upon a time",
+        "The little dog",
+        "Tom and Sue went to the park. They",
+    ] {
         let a = complete(stock, prompt, 60).await;
         let b = complete(palu, prompt, 60).await;
         assert_eq!(a, b, "prompt {prompt:?}");
@@ -119,7 +142,9 @@ async fn full_rank_palu_equals_the_stock_engine_token_for_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_model_with_kv_cache_palu_is_a_clear_startup_error() {
-    let err = serve(&fixtures().join("models/stories260K"), KvCacheKind::Palu).await.unwrap_err();
+    let err = serve(&fixtures().join("models/stories260K"), KvCacheKind::Palu)
+        .await
+        .unwrap_err();
     let msg = format!("{err:#}").replace(&fixtures().display().to_string(), "[FIXTURES]");
     assert_eq!(
         msg,
@@ -151,7 +176,8 @@ async fn a_checkpoint_whose_ranks_disagree_with_its_tensors_is_a_clear_startup_e
         std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
     }
     let p = tmp.path().join("config.json");
-    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     c["head_wise_ranks"]["model.layers.4.self_attn.k_proj"] = serde_json::json!([1, 1, 2, 1]);
     std::fs::write(&p, c.to_string()).unwrap();
     let err = serve(tmp.path(), KvCacheKind::Palu).await.unwrap_err();
@@ -163,11 +189,18 @@ async fn a_checkpoint_whose_ranks_disagree_with_its_tensors_is_a_clear_startup_e
 async fn thirty_two_concurrent_requests_of_mixed_lengths_are_all_answered() {
     let dir = fixtures().join("palu-reference/stories260K-g1-r50");
     let addr = serve(&dir, KvCacheKind::Palu).await.unwrap();
-    let prompts = ["Once upon a time", "The little dog", "Tom and Sue went to the park. They", "Lily"];
+    let prompts = [
+        "Once upon a time",
+        "The little dog",
+        "Tom and Sue went to the park. They",
+        "Lily",
+    ];
     let mut tasks = Vec::new();
     for i in 0..32 {
         let p = prompts[i % prompts.len()];
-        tasks.push(tokio::spawn(async move { (p, complete(addr, p, 12 + (i % 3) * 10).await) }));
+        tasks.push(tokio::spawn(async move {
+            (p, complete(addr, p, 12 + (i % 3) * 10).await)
+        }));
     }
     let mut by_prompt: std::collections::HashMap<(&str, usize), String> = Default::default();
     for (i, t) in tasks.into_iter().enumerate() {
@@ -187,7 +220,9 @@ async fn a_plain_model_with_a_palu_config_is_decomposed_at_load_time() {
     // checkpoint `palu compress --config` writes from it.
     let base = fixtures().join("models/stories260K");
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/stories260k-g1-r50.toml");
-    let at_load = serve_with(&base, KvCacheKind::Palu, Some(config.clone())).await.unwrap();
+    let at_load = serve_with(&base, KvCacheKind::Palu, Some(config.clone()))
+        .await
+        .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = tmp.path().join("ckpt");
     let ac = palu::alloc_config::AllocConfig::from_file(&config).unwrap();
@@ -200,7 +235,10 @@ async fn a_plain_model_with_a_palu_config_is_decomposed_at_load_time() {
     };
     palu::compress::compress_to_dir(&base, &ckpt, &opts).unwrap();
     let stored = serve(&ckpt, KvCacheKind::Palu).await.unwrap();
-    assert_eq!(complete(at_load, "Once upon a time", 40).await, complete(stored, "Once upon a time", 40).await);
+    assert_eq!(
+        complete(at_load, "Once upon a time", 40).await,
+        complete(stored, "Once upon a time", 40).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,10 +256,21 @@ async fn the_shipped_server_tomls_select_model_and_kv_cache() {
     let engine = build_engine(&o).await.unwrap();
     drop(engine);
     let path = cfgs.join("smollm2.server.toml");
-    let o = ServerConfig::from_file(&path).unwrap().engine_options(&path).unwrap();
+    let o = ServerConfig::from_file(&path)
+        .unwrap()
+        .engine_options(&path)
+        .unwrap();
     assert_eq!(o.kv_cache, KvCacheKind::Palu);
-    assert!(o.palu_config.as_ref().unwrap().ends_with("smollm2-135m-g3-r50.toml"));
-    assert!(o.palu_calib.as_ref().unwrap().ends_with("c4-train-00000-first800.jsonl"));
+    assert!(o
+        .palu_config
+        .as_ref()
+        .unwrap()
+        .ends_with("smollm2-135m-g3-r50.toml"));
+    assert!(o
+        .palu_calib
+        .as_ref()
+        .unwrap()
+        .ends_with("c4-train-00000-first800.jsonl"));
     assert!(matches!(o.dtype, ModelDType::F32));
 }
 
@@ -233,14 +282,22 @@ fn bad_server_tomls_name_the_field() {
         let p = d.path().join("s.toml");
         std::fs::write(&p, text).unwrap();
         let r = ServerConfig::from_file(&p).and_then(|c| c.engine_options(&p).map(|_| ()));
-        r.unwrap_err().to_string().replace(&d.path().display().to_string(), "[DIR]")
+        r.unwrap_err()
+            .to_string()
+            .replace(&d.path().display().to_string(), "[DIR]")
     };
     assert_eq!(
         check("[model]\ndir = \"m\"\n[kv_cache]\nkind = \"palu\"\n"),
         "[DIR]/s.toml: kv_cache.kind = \"palu\" needs kv_cache.checkpoint (a Palu checkpoint) or kv_cache.config (a rank allocation to decompose model.dir with)"
     );
-    assert_eq!(check("[model]\ndir = \"m\"\ndtype = \"f8\"\n"), "[DIR]/s.toml: model.dtype `f8`: expected auto, f32, f16 or bf16");
-    assert!(check("[model]\ndir = \"m\"\n[kv_cache]\nkind = \"quantized\"\n").contains("unknown variant `quantized`"));
+    assert_eq!(
+        check("[model]\ndir = \"m\"\ndtype = \"f8\"\n"),
+        "[DIR]/s.toml: model.dtype `f8`: expected auto, f32, f16 or bf16"
+    );
+    assert!(
+        check("[model]\ndir = \"m\"\n[kv_cache]\nkind = \"quantized\"\n")
+            .contains("unknown variant `quantized`")
+    );
     assert!(check("[model]\ndirr = \"m\"\n").contains("unknown field `dirr`"));
 }
 
@@ -252,7 +309,11 @@ fn sse_text(body: &str) -> String {
         .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
         .map(|v| {
             let c = &v["choices"][0];
-            c["delta"]["content"].as_str().or(c["text"].as_str()).unwrap_or("").to_string()
+            c["delta"]["content"]
+                .as_str()
+                .or(c["text"].as_str())
+                .unwrap_or("")
+                .to_string()
         })
         .collect()
 }
@@ -270,7 +331,10 @@ async fn chat(addr: std::net::SocketAddr, q: &str, n: usize, stream: bool) -> St
         sse_text(&body)
     } else {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 }
 
@@ -279,7 +343,10 @@ async fn smollm2_full_rank_palu_equals_the_stock_engine_on_chat_completion_and_s
     // SmolLM2 converted from its GGUF fixture (shared with palu-plugin's tests when present).
     let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-fixtures/smollm2");
     if !base.join("config.json").exists() {
-        let r = palu::gguf::convert(&fixtures().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"), &base);
+        let r = palu::gguf::convert(
+            &fixtures().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            &base,
+        );
         if let Err(e) = r {
             assert!(base.join("config.json").exists(), "conversion failed: {e}");
         }
@@ -305,7 +372,11 @@ async fn smollm2_full_rank_palu_equals_the_stock_engine_on_chat_completion_and_s
     assert_eq!(a, chat(palu, q, 24, true).await, "chat, streamed");
     assert!(a.contains("Paris"), "{a}");
     let c = complete(stock, "The capital of France is", 16).await;
-    assert_eq!(c, complete(palu, "The capital of France is", 16).await, "completion");
+    assert_eq!(
+        c,
+        complete(palu, "The capital of France is", 16).await,
+        "completion"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,6 +391,7 @@ async fn isq_of_the_non_palu_weights_composes_with_the_latent_cache() {
         kv_cache: KvCacheKind::Palu,
         latent_bits: None,
         max_seqs: 4,
+        no_prefix_cache: false,
         isq: Some("Q8_0".into()),
         cpu: true,
         dtype: ModelDType::F32,
@@ -338,5 +410,88 @@ fn the_startup_summary_gives_kv_bytes_and_tokens_per_budget() {
         "KV cache: 5 layers; default 640 B/token (16-bit K/V, 4 KV heads × 8); Palu 296 B/token (16-bit latents; 0.463× default, 53.8% of the K/V width removed); tokens per GiB of KV budget: default 1677722, Palu 3627506"
     );
     let s = palu::engine::server::kv_summary(&dir, 4).unwrap();
-    assert!(s.contains("4-bit packed latents with f16 scales and i16 zeros"), "{s}");
+    assert!(
+        s.contains("4-bit packed latents with f16 scales and i16 zeros"),
+        "{s}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_cache_hits_give_the_same_text_as_no_prefix_cache() {
+    prefix_cache_case(
+        fixtures().join("palu-reference/stories260K-g1-r50"),
+        KvCacheKind::Palu,
+        None,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_cache_hits_on_packed_4_bit_latents_give_the_same_text_as_no_prefix_cache() {
+    prefix_cache_case(
+        fixtures().join("palu-reference/stories260K-g1-r50"),
+        KvCacheKind::Palu,
+        Some(4),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_prefix_cache_hits_give_the_same_text_as_no_prefix_cache() {
+    prefix_cache_case(
+        fixtures().join("models/stories260K"),
+        KvCacheKind::Default,
+        None,
+    )
+    .await;
+}
+
+async fn prefix_cache_case(dir: PathBuf, kv: KvCacheKind, latent_bits: Option<u8>) {
+    // A multi-turn exchange: each prompt extends the previous prompt and its completion, so the
+    // engine restores the stored latent cache of the earlier sequence and feeds only the rest.
+    let opts = |no_prefix_cache| EngineOptions {
+        model_dir: dir.clone(),
+        palu_config: None,
+        palu_calib: None,
+        kv_cache: kv,
+        latent_bits,
+        max_seqs: 4,
+        no_prefix_cache,
+        isq: None,
+        cpu: true,
+        dtype: ModelDType::F32,
+    };
+    let (cached, cached_stats) = serve_served(opts(false)).await;
+    let (fresh, fresh_stats) = serve_served(opts(true)).await;
+    let mut prompt = String::from("Once upon a time");
+    for turn in 0..4 {
+        let a = complete(cached, &prompt, 20).await;
+        let b = complete(fresh, &prompt, 20).await;
+        assert_eq!(a, b, "turn {turn}, prompt {prompt:?}");
+        prompt.push_str(&a);
+        prompt.push_str(" Then");
+    }
+    // The Palu model counts the tokens it was fed: prefix-cache hits must have saved some.
+    if let (Some(c), Some(f)) = (cached_stats, fresh_stats) {
+        let (c, f) = (c.reading().tokens_fed, f.reading().tokens_fed);
+        assert!(
+            c < f,
+            "tokens fed with prefix caching {c}, without {f}: no hit"
+        );
+    }
+}
+
+async fn serve_served(
+    opts: EngineOptions,
+) -> (std::net::SocketAddr, Option<Arc<palu::engine::KvStats>>) {
+    let served = palu::engine::server::start(&opts).await.unwrap();
+    let app = palu::engine::server::router_for(&served).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let engine = Arc::clone(&served.engine);
+    tokio::spawn(async move {
+        let _keep = engine;
+        axum::serve(listener, app).await.unwrap();
+    });
+    (addr, served.kv_stats)
 }

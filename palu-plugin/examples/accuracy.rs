@@ -78,7 +78,10 @@ struct Row {
 }
 
 fn list<T: std::str::FromStr>(s: &str) -> Vec<T> {
-    s.split(',').filter(|x| !x.is_empty()).map(|x| x.trim().parse().ok().expect("bad list item")).collect()
+    s.split(',')
+        .filter(|x| !x.is_empty())
+        .map(|x| x.trim().parse().ok().expect("bad list item"))
+        .collect()
 }
 
 fn method(s: &str) -> RankSearch {
@@ -101,48 +104,107 @@ fn main() -> anyhow::Result<()> {
     let tok = palu::tokenizer::load(&a.model)?;
     let text = std::fs::read_to_string(&a.text)?;
     let ids = eval_tokens(&tok, &text, a.protocol, cfg.bos_token_id)?;
-    let base = if a.windows > 0 { perplexity(&model, &ids, a.seq_len, Some(a.windows))?.perplexity } else { f64::NAN };
-    println!("model {} | text {} | {} windows × {} | baseline ppl {:.3}", a.model.display(), a.text.display(), a.windows, a.seq_len, base);
+    let base = if a.windows > 0 {
+        perplexity(&model, &ids, a.seq_len, Some(a.windows))?.perplexity
+    } else {
+        f64::NAN
+    };
+    println!(
+        "model {} | text {} | {} windows × {} | baseline ppl {:.3}",
+        a.model.display(),
+        a.text.display(),
+        a.windows,
+        a.seq_len,
+        base
+    );
     println!();
-    println!("| g | allocation | target kept | real KV reduction | bits | Hadamard | ppl | × baseline |");
+    println!(
+        "| g | allocation | target kept | real KV reduction | bits | Hadamard | ppl | × baseline |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
-    let mut run = |g: usize, m: &str, mult: usize, ratio: f64, bits: u8, had: bool, zp: ZeroPoint| -> anyhow::Result<()> {
+    let mut run = |g: usize,
+                   m: &str,
+                   mult: usize,
+                   ratio: f64,
+                   bits: u8,
+                   had: bool,
+                   zp: ZeroPoint|
+     -> anyhow::Result<()> {
         let opts = CompressOptions {
             group_size: g,
             rank_search: method(m),
             rank_multiple: mult,
             ratio,
-            hadamard: if had { HadamardMode::On } else { HadamardMode::Off },
+            hadamard: if had {
+                HadamardMode::On
+            } else {
+                HadamardMode::Off
+            },
             ..base_opts.clone()
         };
-        let c = compress_with(&cfg, palu::model::Weights { dir: a.model.clone(), tensors: weights.tensors.clone() }, &model, &cal, &opts, &a.model.join("config.json"))?;
+        let c = compress_with(
+            &cfg,
+            palu::model::Weights {
+                dir: a.model.clone(),
+                tensors: weights.tensors.clone(),
+            },
+            &model,
+            &cal,
+            &opts,
+            &a.model.join("config.json"),
+        )?;
         if let Some((spec, path)) = a.save_config.as_deref().and_then(|s| s.split_once('=')) {
             if spec == format!("{g}:{ratio}:{m}:{mult}") && bits >= 16 && !had {
                 std::fs::write(path, c.alloc.to_toml())?;
             }
         }
         let mut pm: Model = c.model()?;
-        pm.latent_quant = LatentQuant::bits(bits).map(|q| LatentQuant { zero_point: zp, ..q });
-        let p = if a.windows > 0 { perplexity(&pm, &ids, a.seq_len, Some(a.windows))?.perplexity } else { f64::NAN };
+        pm.latent_quant = LatentQuant::bits(bits).map(|q| LatentQuant {
+            zero_point: zp,
+            ..q
+        });
+        let p = if a.windows > 0 {
+            perplexity(&pm, &ids, a.seq_len, Some(a.windows))?.perplexity
+        } else {
+            f64::NAN
+        };
         if a.outliers {
             println!("\nlatent peak/RMS per layer (g={g}, {m}/{mult}, ratio {ratio}): K before → after rotation, V before → after");
             for l in 0..cfg.num_layers {
-                let k = c.outliers.get(&(l, palu::lowrank::KvKind::K)).copied().unwrap_or((f64::NAN, f64::NAN));
-                let v = c.outliers.get(&(l, palu::lowrank::KvKind::V)).copied().unwrap_or((f64::NAN, f64::NAN));
-                println!("layer {l:>2}: K {:6.2} → {:6.2}   V {:6.2} → {:6.2}", k.0, k.1, v.0, v.1);
+                let k = c
+                    .outliers
+                    .get(&(l, palu::lowrank::KvKind::K))
+                    .copied()
+                    .unwrap_or((f64::NAN, f64::NAN));
+                let v = c
+                    .outliers
+                    .get(&(l, palu::lowrank::KvKind::V))
+                    .copied()
+                    .unwrap_or((f64::NAN, f64::NAN));
+                println!(
+                    "layer {l:>2}: K {:6.2} → {:6.2}   V {:6.2} → {:6.2}",
+                    k.0, k.1, v.0, v.1
+                );
             }
             println!();
         }
         let red = c.alloc.compression.achieved_kv_reduction;
         let n = c.outliers.len().max(1) as f64;
         let outl = (!c.outliers.is_empty()).then(|| {
-            (c.outliers.values().map(|o| o.0).sum::<f64>() / n, c.outliers.values().map(|o| o.1).sum::<f64>() / n)
+            (
+                c.outliers.values().map(|o| o.0).sum::<f64>() / n,
+                c.outliers.values().map(|o| o.1).sum::<f64>() / n,
+            )
         });
         println!(
             "| {g} | {m}/{mult} | {ratio} | {:.1}% | {bits}{} | {} | {p:.3} | {:.3} |",
             100.0 * red,
-            if bits < 16 && zp == ZeroPoint::Clamped { " (clamped zero)" } else { "" },
+            if bits < 16 && zp == ZeroPoint::Clamped {
+                " (clamped zero)"
+            } else {
+                ""
+            },
             if had { "yes" } else { "no" },
             p / base
         );
@@ -171,11 +233,20 @@ fn main() -> anyhow::Result<()> {
     }
     for spec in a.extra.split(',').filter(|s| !s.is_empty()) {
         let p: Vec<&str> = spec.split(':').collect();
-        run(p[0].parse()?, p[2], p[3].parse()?, p[1].parse()?, 16, false, ZeroPoint::Free)?;
+        run(
+            p[0].parse()?,
+            p[2],
+            p[3].parse()?,
+            p[1].parse()?,
+            16,
+            false,
+            ZeroPoint::Free,
+        )?;
     }
     if let Some(spec) = &a.bits_for {
         let p: Vec<&str> = spec.split(':').collect();
-        let (g, ratio, m, mult): (usize, f64, &str, usize) = (p[0].parse()?, p[1].parse()?, p[2], p[3].parse()?);
+        let (g, ratio, m, mult): (usize, f64, &str, usize) =
+            (p[0].parse()?, p[1].parse()?, p[2], p[3].parse()?);
         for zp in a.zero_points.split(',') {
             let zp = <ZeroPoint as clap::ValueEnum>::from_str(zp, true).expect("zero point");
             for bits in list::<u8>(&a.bits) {
@@ -186,7 +257,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if let Some(out) = &a.out {
-        std::fs::write(out, serde_json::to_string_pretty(&serde_json::json!({"baseline": base, "rows": rows}))?)?;
+        std::fs::write(
+            out,
+            serde_json::to_string_pretty(&serde_json::json!({"baseline": base, "rows": rows}))?,
+        )?;
     }
     Ok(())
 }

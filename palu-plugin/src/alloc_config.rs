@@ -98,14 +98,21 @@ pub struct LayerRanks {
 impl AllocConfig {
     pub fn from_file(path: &Path) -> Result<Self, PaluError> {
         let text = read_to_string(path)?;
-        let c: AllocConfig = toml::from_str(&text).map_err(|e| PaluError::Toml { path: path.into(), msg: e.to_string() })?;
+        let c: AllocConfig = toml::from_str(&text).map_err(|e| PaluError::Toml {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
         if c.format_version != FORMAT_VERSION {
             return Err(PaluError::invalid(
                 path,
-                format!("format_version {} is not supported (this palu reads {FORMAT_VERSION})", c.format_version),
+                format!(
+                    "format_version {} is not supported (this palu reads {FORMAT_VERSION})",
+                    c.format_version
+                ),
             ));
         }
-        crate::quant::check_bits(c.compression.latent_bits).map_err(|e| PaluError::invalid(path, format!("compression.{e}")))?;
+        crate::quant::check_bits(c.compression.latent_bits)
+            .map_err(|e| PaluError::invalid(path, format!("compression.{e}")))?;
         Ok(c)
     }
 
@@ -129,9 +136,22 @@ impl AllocConfig {
     /// Check that this allocation fits `cfg` and return an error naming the field that does not.
     pub fn validate_for(&self, cfg: &ModelConfig, path: &Path) -> Result<(), PaluError> {
         let m = &self.model;
-        let want = (cfg.family.model_type(), cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim);
+        let want = (
+            cfg.family.model_type(),
+            cfg.num_layers,
+            cfg.hidden_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        );
         let model_type = m.model_type.trim_start_matches("palu");
-        if (model_type, m.num_layers, m.hidden_size, m.num_kv_heads, m.head_dim) != want {
+        if (
+            model_type,
+            m.num_layers,
+            m.hidden_size,
+            m.num_kv_heads,
+            m.head_dim,
+        ) != want
+        {
             return Err(PaluError::invalid(
                 path,
                 format!(
@@ -144,7 +164,10 @@ impl AllocConfig {
         if g == 0 || cfg.num_kv_heads % g != 0 {
             return Err(PaluError::invalid(
                 path,
-                format!("compression.group_size = {g} does not divide num_key_value_heads {}", cfg.num_kv_heads),
+                format!(
+                    "compression.group_size = {g} does not divide num_key_value_heads {}",
+                    cfg.num_kv_heads
+                ),
             ));
         }
         let groups = cfg.num_kv_heads / g;
@@ -152,14 +175,21 @@ impl AllocConfig {
         let mut seen = vec![false; cfg.num_layers];
         for l in &self.layers {
             if l.index >= cfg.num_layers || seen[l.index] {
-                return Err(PaluError::invalid(path, format!("layer.index = {} is out of range or repeated", l.index)));
+                return Err(PaluError::invalid(
+                    path,
+                    format!("layer.index = {} is out of range or repeated", l.index),
+                ));
             }
             seen[l.index] = true;
             for (kind, rs) in [("k", &l.k), ("v", &l.v)] {
                 if rs.len() != groups {
                     return Err(PaluError::invalid(
                         path,
-                        format!("layer {} {kind}: {} ranks given, group_size {g} needs {groups}", l.index, rs.len()),
+                        format!(
+                            "layer {} {kind}: {} ranks given, group_size {g} needs {groups}",
+                            l.index,
+                            rs.len()
+                        ),
                     ));
                 }
                 if let Some(r) = rs.iter().find(|&&r| r == 0 || r > cap) {
@@ -171,7 +201,10 @@ impl AllocConfig {
             }
         }
         if let Some(missing) = seen.iter().position(|s| !s) {
-            return Err(PaluError::invalid(path, format!("no [[layer]] entry with index = {missing}")));
+            return Err(PaluError::invalid(
+                path,
+                format!("no [[layer]] entry with index = {missing}"),
+            ));
         }
         Ok(())
     }

@@ -20,11 +20,17 @@ pub fn load_documents(path: &Path) -> Result<Vec<String>, PaluError> {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| {
-                let v: serde_json::Value = serde_json::from_str(l)
-                    .map_err(|e| PaluError::Json { path: path.into(), msg: format!("line {}: {e}", i + 1) })?;
-                v.get("text").and_then(|t| t.as_str()).map(str::to_string).ok_or_else(|| {
-                    PaluError::invalid(path, format!("line {}: no string field `text`", i + 1))
-                })
+                let v: serde_json::Value =
+                    serde_json::from_str(l).map_err(|e| PaluError::Json {
+                        path: path.into(),
+                        msg: format!("line {}: {e}", i + 1),
+                    })?;
+                v.get("text")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        PaluError::invalid(path, format!("line {}: no string field `text`", i + 1))
+                    })
             })
             .collect()
     } else {
@@ -37,7 +43,13 @@ pub fn file_sha256(path: &Path) -> Result<(String, u64), PaluError> {
     Ok((format!("{:x}", Sha256::digest(&bytes)), bytes.len() as u64))
 }
 
-pub fn windows(tok: &Tokenizer, path: &Path, n: usize, seq_len: usize, seed: u64) -> Result<Vec<Vec<u32>>, PaluError> {
+pub fn windows(
+    tok: &Tokenizer,
+    path: &Path,
+    n: usize,
+    seq_len: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>, PaluError> {
     let docs = load_documents(path)?;
     let mut stream = Vec::new();
     for d in &docs {
@@ -55,5 +67,8 @@ pub fn windows(tok: &Tokenizer, path: &Path, n: usize, seq_len: usize, seed: u64
     }
     let mut order: Vec<usize> = (0..slots).collect();
     order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
-    Ok(order[..n].iter().map(|&s| stream[s * seq_len..(s + 1) * seq_len].to_vec()).collect())
+    Ok(order[..n]
+        .iter()
+        .map(|&s| stream[s * seq_len..(s + 1) * seq_len].to_vec())
+        .collect())
 }

@@ -18,9 +18,15 @@ use crate::model::Weights;
 pub const ALLOC_FILE: &str = "palu.toml";
 
 /// Run `fill` on a fresh temporary directory and move it to `out` only if it succeeds.
-pub fn write_dir_atomically(out: &Path, fill: impl FnOnce(&Path) -> Result<(), PaluError>) -> Result<(), PaluError> {
+pub fn write_dir_atomically(
+    out: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), PaluError>,
+) -> Result<(), PaluError> {
     if out.exists() {
-        return Err(PaluError::invalid(out, "already exists; remove it or choose another output directory"));
+        return Err(PaluError::invalid(
+            out,
+            "already exists; remove it or choose another output directory",
+        ));
     }
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -41,15 +47,27 @@ pub fn write_dir_atomically(out: &Path, fill: impl FnOnce(&Path) -> Result<(), P
 }
 
 fn is_dense_kv(name: &str) -> bool {
-    ["k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias"]
-        .iter()
-        .any(|s| name.ends_with(&format!("self_attn.{s}")))
+    [
+        "k_proj.weight",
+        "v_proj.weight",
+        "k_proj.bias",
+        "v_proj.bias",
+    ]
+    .iter()
+    .any(|s| name.ends_with(&format!("self_attn.{s}")))
 }
 
 /// Tensors of a Palu checkpoint: the source weights minus dense K/V, plus the factors.
-pub fn palu_tensors(w: &Weights, factors: &BTreeMap<(usize, KvKind), LowRankProj>) -> candle_core::Result<HashMap<String, Tensor>> {
-    let mut out: HashMap<String, Tensor> =
-        w.tensors.iter().filter(|(k, _)| !is_dense_kv(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+pub fn palu_tensors(
+    w: &Weights,
+    factors: &BTreeMap<(usize, KvKind), LowRankProj>,
+) -> candle_core::Result<HashMap<String, Tensor>> {
+    let mut out: HashMap<String, Tensor> = w
+        .tensors
+        .iter()
+        .filter(|(k, _)| !is_dense_kv(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     for (&(l, kind), p) in factors {
         let m = ModelConfig::module_name(l, kind);
         out.insert(format!("{m}.VT.weight"), p.down.contiguous()?);
@@ -57,7 +75,10 @@ pub fn palu_tensors(w: &Weights, factors: &BTreeMap<(usize, KvKind), LowRankProj
         for (i, u) in p.ups.iter().enumerate() {
             out.insert(format!("{m}.U.{i}.weight"), u.contiguous()?);
             if let Some(b) = &p.bias {
-                out.insert(format!("{m}.U.{i}.bias"), b.narrow(0, i * gdh, gdh)?.contiguous()?);
+                out.insert(
+                    format!("{m}.U.{i}.bias"),
+                    b.narrow(0, i * gdh, gdh)?.contiguous()?,
+                );
             }
         }
     }
@@ -65,12 +86,18 @@ pub fn palu_tensors(w: &Weights, factors: &BTreeMap<(usize, KvKind), LowRankProj
 }
 
 /// `config.json` of the Palu checkpoint derived from the source model's.
-pub fn palu_config_json(cfg: &ModelConfig, ranks: &BTreeMap<(usize, KvKind), Vec<usize>>, source: &str) -> serde_json::Value {
+pub fn palu_config_json(
+    cfg: &ModelConfig,
+    ranks: &BTreeMap<(usize, KvKind), Vec<usize>>,
+    source: &str,
+) -> serde_json::Value {
     let mut c = cfg.raw.clone();
     c["model_type"] = json!(cfg.family.palu_model_type());
     c["architectures"] = json!([cfg.family.palu_architecture()]);
-    let hw: BTreeMap<String, Vec<usize>> =
-        ranks.iter().map(|(&(l, k), r)| (ModelConfig::module_name(l, k), r.clone())).collect();
+    let hw: BTreeMap<String, Vec<usize>> = ranks
+        .iter()
+        .map(|(&(l, k), r)| (ModelConfig::module_name(l, k), r.clone()))
+        .collect();
     c["head_wise_ranks"] = json!(hw);
     c["original_model_name_or_path"] = json!(source);
     c
@@ -86,14 +113,26 @@ pub fn write_checkpoint(
     alloc: &AllocConfig,
 ) -> Result<(), PaluError> {
     let ranks: BTreeMap<_, _> = factors.iter().map(|(k, p)| (*k, p.ranks.clone())).collect();
-    let source = cfg.raw.get("_name_or_path").and_then(|v| v.as_str()).map(str::to_string).unwrap_or_else(|| src_dir.display().to_string());
+    let source = cfg
+        .raw
+        .get("_name_or_path")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| src_dir.display().to_string());
     let config = palu_config_json(cfg, &ranks, &source);
-    let tensors = palu_tensors(w, factors).map_err(|e| PaluError::invalid(out, crate::error::candle_msg(&e)))?;
+    let tensors = palu_tensors(w, factors)
+        .map_err(|e| PaluError::invalid(out, crate::error::candle_msg(&e)))?;
     write_dir_atomically(out, |tmp| {
         let st = tmp.join("model.safetensors");
-        candle_core::safetensors::save(&tensors, &st).map_err(|e| PaluError::invalid(&st, crate::error::candle_msg(&e)))?;
+        candle_core::safetensors::save(&tensors, &st)
+            .map_err(|e| PaluError::invalid(&st, crate::error::candle_msg(&e)))?;
         crate::gguf::write_json(&tmp.join("config.json"), &config)?;
-        for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "special_tokens_map.json",
+        ] {
             let s = src_dir.join(f);
             if s.exists() {
                 std::fs::copy(&s, tmp.join(f)).map_err(|e| PaluError::io(&s, e))?;
@@ -151,8 +190,15 @@ pub fn inspect(dir: &Path) -> Result<Inspection, PaluError> {
             (b, bytes)
         })
         .collect();
-    let kept: usize = ranks.iter().map(|(_, k, v)| k.iter().sum::<usize>() + v.iter().sum::<usize>()).sum();
-    let kv_reduction = if ranks.is_empty() { 0.0 } else { 1.0 - kept as f64 / (2 * cfg.num_layers * cfg.kv_width()) as f64 };
+    let kept: usize = ranks
+        .iter()
+        .map(|(_, k, v)| k.iter().sum::<usize>() + v.iter().sum::<usize>())
+        .sum();
+    let kv_reduction = if ranks.is_empty() {
+        0.0
+    } else {
+        1.0 - kept as f64 / (2 * cfg.num_layers * cfg.kv_width()) as f64
+    };
     Ok(Inspection {
         model_type: cfg.raw["model_type"].as_str().unwrap_or("").to_string(),
         num_layers: cfg.num_layers,
@@ -170,21 +216,51 @@ pub fn inspect(dir: &Path) -> Result<Inspection, PaluError> {
 
 impl std::fmt::Display for Inspection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "architecture   {} ({} layers, {} heads, {} KV heads × {})", self.model_type, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim)?;
+        writeln!(
+            f,
+            "architecture   {} ({} layers, {} heads, {} KV heads × {})",
+            self.model_type, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim
+        )?;
         match self.group_size {
-            None => return writeln!(f, "not a Palu checkpoint: KV bytes/token {} (16-bit)", self.kv_bytes_default),
+            None => {
+                return writeln!(
+                    f,
+                    "not a Palu checkpoint: KV bytes/token {} (16-bit)",
+                    self.kv_bytes_default
+                )
+            }
             Some(g) => writeln!(f, "group size     {g} KV head(s) per low-rank group")?,
         }
-        writeln!(f, "tensors        {} checked against head_wise_ranks: ok", self.tensors_checked)?;
+        writeln!(
+            f,
+            "tensors        {} checked against head_wise_ranks: ok",
+            self.tensors_checked
+        )?;
         writeln!(f, "layer  k ranks                v ranks")?;
         for (l, k, v) in &self.ranks {
             writeln!(f, "{l:>5}  {:<22} {:?}", format!("{k:?}"), v)?;
         }
-        writeln!(f, "KV reduction   {:.2}% of the K/V width", 100.0 * self.kv_reduction)?;
-        writeln!(f, "KV bytes/token default 16-bit: {}", self.kv_bytes_default)?;
+        writeln!(
+            f,
+            "KV reduction   {:.2}% of the K/V width",
+            100.0 * self.kv_reduction
+        )?;
+        writeln!(
+            f,
+            "KV bytes/token default 16-bit: {}",
+            self.kv_bytes_default
+        )?;
         for (b, bytes) in &self.kv_bytes_palu {
-            let label = if *b >= 16 { "palu 16-bit".to_string() } else { format!("palu {b}-bit (+scales)") };
-            writeln!(f, "               {label:<22} {bytes:>8}  ({:.3}× default)", *bytes as f64 / self.kv_bytes_default as f64)?;
+            let label = if *b >= 16 {
+                "palu 16-bit".to_string()
+            } else {
+                format!("palu {b}-bit (+scales)")
+            };
+            writeln!(
+                f,
+                "               {label:<22} {bytes:>8}  ({:.3}× default)",
+                *bytes as f64 / self.kv_bytes_default as f64
+            )?;
         }
         Ok(())
     }

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use faer::Mat;
 
-use crate::alloc_config::{AllocConfig, CalibrationInfo, CompressionInfo, Decompose, HadamardMode, LayerRanks, ModelInfo};
+use crate::alloc_config::{
+    AllocConfig, CalibrationInfo, CompressionInfo, Decompose, HadamardMode, LayerRanks, ModelInfo,
+};
 use crate::config::ModelConfig;
 use crate::decompose::{mat_to_tensor, tensor_to_mat, Gram, GroupSvd, Whitening};
 use crate::error::PaluError;
@@ -66,7 +68,11 @@ impl Compressed {
     pub fn model(&self) -> Result<Model, PaluError> {
         let mut m = Model::from_weights(self.cfg.clone(), &self.weights)?;
         for l in 0..self.cfg.num_layers {
-            m.set_palu(l, self.factors[&(l, KvKind::K)].clone(), self.factors[&(l, KvKind::V)].clone());
+            m.set_palu(
+                l,
+                self.factors[&(l, KvKind::K)].clone(),
+                self.factors[&(l, KvKind::V)].clone(),
+            );
         }
         Ok(m)
     }
@@ -74,17 +80,27 @@ impl Compressed {
 
 fn validate(cfg: &ModelConfig, opts: &CompressOptions, dir: &Path) -> Result<(), PaluError> {
     if cfg.is_palu {
-        return Err(PaluError::invalid(dir.join("config.json"), "is already a Palu checkpoint; compress the original model"));
+        return Err(PaluError::invalid(
+            dir.join("config.json"),
+            "is already a Palu checkpoint; compress the original model",
+        ));
     }
     if !(opts.ratio > 0.0 && opts.ratio <= 1.0) {
-        return Err(PaluError::arg("--ratio", opts.ratio, "must be in (0, 1]: the kept fraction of the K/V width (0.5 = Palu-50%)"));
+        return Err(PaluError::arg(
+            "--ratio",
+            opts.ratio,
+            "must be in (0, 1]: the kept fraction of the K/V width (0.5 = Palu-50%)",
+        ));
     }
     let g = opts.group_size;
     if g == 0 || cfg.num_kv_heads % g != 0 {
         return Err(PaluError::arg(
             "--group-size",
             g,
-            format!("must divide num_key_value_heads = {} (1 = per head, {} = all heads jointly)", cfg.num_kv_heads, cfg.num_kv_heads),
+            format!(
+                "must divide num_key_value_heads = {} (1 = per head, {} = all heads jointly)",
+                cfg.num_kv_heads, cfg.num_kv_heads
+            ),
         ));
     }
     if opts.rank_multiple == 0 {
@@ -95,9 +111,16 @@ fn validate(cfg: &ModelConfig, opts: &CompressOptions, dir: &Path) -> Result<(),
 }
 
 /// Compress the model in `model_dir` and write a checkpoint to `out`.
-pub fn compress_to_dir(model_dir: &Path, out: &Path, opts: &CompressOptions) -> Result<Compressed, PaluError> {
+pub fn compress_to_dir(
+    model_dir: &Path,
+    out: &Path,
+    opts: &CompressOptions,
+) -> Result<Compressed, PaluError> {
     if out.exists() {
-        return Err(PaluError::invalid(out, "already exists; remove it or choose another output directory"));
+        return Err(PaluError::invalid(
+            out,
+            "already exists; remove it or choose another output directory",
+        ));
     }
     let c = compress(model_dir, opts)?;
     crate::checkpoint::write_checkpoint(out, model_dir, &c.cfg, &c.weights, &c.factors, &c.alloc)?;
@@ -115,7 +138,10 @@ pub struct Calibration {
 }
 
 /// Load the model, run calibration as `opts` needs it.
-pub fn prepare(model_dir: &Path, opts: &CompressOptions) -> Result<(ModelConfig, Weights, Model, Calibration, CompressOptions), PaluError> {
+pub fn prepare(
+    model_dir: &Path,
+    opts: &CompressOptions,
+) -> Result<(ModelConfig, Weights, Model, Calibration, CompressOptions), PaluError> {
     let dev = Device::Cpu;
     let cfg = ModelConfig::from_file(&model_dir.join("config.json"))?;
     let mut opts = opts.clone();
@@ -133,7 +159,8 @@ pub fn prepare(model_dir: &Path, opts: &CompressOptions) -> Result<(ModelConfig,
     let weights = Weights::load(model_dir, &dev)?;
     let model = Model::from_weights(cfg.clone(), &weights)?;
     let needs_fisher = opts.config.is_none() && opts.rank_search.needs_fisher();
-    let needs_calib = opts.decompose == Decompose::Whiten || needs_fisher || opts.hadamard == HadamardMode::Auto;
+    let needs_calib =
+        opts.decompose == Decompose::Whiten || needs_fisher || opts.hadamard == HadamardMode::Auto;
     let cal = if needs_calib {
         let calib = opts.calib.clone().ok_or_else(|| {
             PaluError::arg("--calib", "<none>", "is required for whitening, Fisher rank search and --hadamard auto (e.g. the C4 sample)")
@@ -153,7 +180,9 @@ pub fn prepare(model_dir: &Path, opts: &CompressOptions) -> Result<(ModelConfig,
         cal
     } else {
         Calibration {
-            grams: (0..cfg.num_layers).map(|_| Gram::new(cfg.hidden_size)).collect(),
+            grams: (0..cfg.num_layers)
+                .map(|_| Gram::new(cfg.hidden_size))
+                .collect(),
             samples: vec![None; cfg.num_layers],
             fisher: None,
             info: None,
@@ -163,13 +192,24 @@ pub fn prepare(model_dir: &Path, opts: &CompressOptions) -> Result<(ModelConfig,
 }
 
 /// XᵀX of every layer's K/V input over the calibration windows, and Fisher information if asked.
-pub fn calibrate(model: &Model, tok: &tokenizers::Tokenizer, calib: &Path, opts: &CompressOptions, fisher: bool) -> Result<Calibration, PaluError> {
+pub fn calibrate(
+    model: &Model,
+    tok: &tokenizers::Tokenizer,
+    calib: &Path,
+    opts: &CompressOptions,
+    fisher: bool,
+) -> Result<Calibration, PaluError> {
     let cfg = &model.cfg;
-    let n = opts.calib_samples.max(if fisher { opts.fisher_samples } else { 0 });
+    let n = opts
+        .calib_samples
+        .max(if fisher { opts.fisher_samples } else { 0 });
     let windows = crate::calib::windows(tok, calib, n, opts.calib_seq_len, opts.seed)?;
     let (sha, bytes) = crate::calib::file_sha256(calib)?;
     let info = CalibrationInfo {
-        source: calib.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        source: calib
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         sha256: sha,
         bytes,
         samples: opts.calib_samples,
@@ -177,12 +217,21 @@ pub fn calibrate(model: &Model, tok: &tokenizers::Tokenizer, calib: &Path, opts:
         fisher_samples: if fisher { opts.fisher_samples } else { 0 },
         seed: opts.seed,
     };
-    let mut grams: Vec<Gram> = (0..cfg.num_layers).map(|_| Gram::new(cfg.hidden_size)).collect();
+    let mut grams: Vec<Gram> = (0..cfg.num_layers)
+        .map(|_| Gram::new(cfg.hidden_size))
+        .collect();
     let mut samples: Vec<Option<Tensor>> = vec![None; cfg.num_layers];
-    tracing::info!("calibrating on {} × {} tokens of {}", opts.calib_samples, opts.calib_seq_len, calib.display());
+    tracing::info!(
+        "calibrating on {} × {} tokens of {}",
+        opts.calib_samples,
+        opts.calib_seq_len,
+        calib.display()
+    );
     let pb = crate::progress::bar(opts.calib_samples as u64, "calibrate");
     for (wi, w) in windows.iter().take(opts.calib_samples).enumerate() {
-        let ids = Tensor::new(w.as_slice(), &model.device).and_then(|t| t.unsqueeze(0)).map_err(cerr)?;
+        let ids = Tensor::new(w.as_slice(), &model.device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(cerr)?;
         let mut probe = |l: usize, site: Site, x: &Tensor| -> candle_core::Result<()> {
             if site == Site::KvInput {
                 grams[l].accumulate(x)?;
@@ -197,17 +246,33 @@ pub fn calibrate(model: &Model, tok: &tokenizers::Tokenizer, calib: &Path, opts:
     }
     pb.finish_and_clear();
     let fisher = if fisher {
-        tracing::info!("Fisher information from {} backward passes of {} tokens", opts.fisher_samples, opts.calib_seq_len);
+        tracing::info!(
+            "Fisher information from {} backward passes of {} tokens",
+            opts.fisher_samples,
+            opts.calib_seq_len
+        );
         Some(crate::fisher::fisher_info(model, &windows[..opts.fisher_samples]).map_err(cerr)?)
     } else {
         None
     };
-    Ok(Calibration { grams, samples, fisher, info: Some(info) })
+    Ok(Calibration {
+        grams,
+        samples,
+        fisher,
+        info: Some(info),
+    })
 }
 
 pub fn compress(model_dir: &Path, opts: &CompressOptions) -> Result<Compressed, PaluError> {
     let (cfg, weights, model, cal, opts) = prepare(model_dir, opts)?;
-    compress_with(&cfg, weights, &model, &cal, &opts, &model_dir.join("config.json"))
+    compress_with(
+        &cfg,
+        weights,
+        &model,
+        &cal,
+        &opts,
+        &model_dir.join("config.json"),
+    )
 }
 
 /// Decompose, allocate and rotate with a finished calibration.
@@ -221,7 +286,12 @@ pub fn compress_with(
 ) -> Result<Compressed, PaluError> {
     validate(cfg, opts, cfg_path.parent().unwrap_or(Path::new(".")))?;
     let dev = Device::Cpu;
-    let (d, dh, hkv, g) = (cfg.hidden_size, cfg.head_dim, cfg.num_kv_heads, opts.group_size);
+    let (d, dh, hkv, g) = (
+        cfg.hidden_size,
+        cfg.head_dim,
+        cfg.num_kv_heads,
+        opts.group_size,
+    );
     let groups = hkv / g;
     let gdh = g * dh;
     let grams = &cal.grams;
@@ -236,10 +306,16 @@ pub fn compress_with(
         });
     }
     let mut svds: BTreeMap<(usize, KvKind), Vec<GroupSvd>> = BTreeMap::new();
-    tracing::info!("decomposing {} layers × K/V into {groups} group(s) of {g} head(s) ({:?})", cfg.num_layers, opts.decompose);
+    tracing::info!(
+        "decomposing {} layers × K/V into {groups} group(s) of {g} head(s) ({:?})",
+        cfg.num_layers,
+        opts.decompose
+    );
     let pb = crate::progress::bar((cfg.num_layers * 2) as u64, "decompose");
     for l in 0..cfg.num_layers {
-        let KvProj::Dense { k, v } = &model.layers[l].attn.kv else { unreachable!("validated dense") };
+        let KvProj::Dense { k, v } = &model.layers[l].attn.kv else {
+            unreachable!("validated dense")
+        };
         for (kind, lin) in [(KvKind::K, k), (KvKind::V, v)] {
             let w = tensor_to_mat(&lin.w).map_err(cerr)?;
             let mut gs = Vec::with_capacity(groups);
@@ -258,13 +334,19 @@ pub fn compress_with(
         ac.ranks()
     } else {
         if opts.rank_search.needs_fisher() && cal.fisher.is_none() {
-            return Err(PaluError::arg("--rank-search", format!("{:?}", opts.rank_search), "needs Fisher information from calibration"));
+            return Err(PaluError::arg(
+                "--rank-search",
+                format!("{:?}", opts.rank_search),
+                "needs Fisher information from calibration",
+            ));
         }
         let stats: Vec<ModuleStats> = svds
             .iter()
             .map(|(&(l, kind), gs)| {
                 let f = match &cal.fisher {
-                    Some(f) => Some(crate::fisher::summarize(&f[&(l, kind)], groups).map_err(cerr)?),
+                    Some(f) => {
+                        Some(crate::fisher::summarize(&f[&(l, kind)], groups).map_err(cerr)?)
+                    }
                     None => None,
                 };
                 let gram = &grams[l];
@@ -288,7 +370,11 @@ pub fn compress_with(
         ranks::allocate(opts.rank_search, &stats, opts.ratio, opts.rank_multiple)
     };
 
-    tracing::info!("ranks allocated ({:?}): KV reduction {:.2}%", opts.rank_search, 100.0 * ranks::kv_reduction(&ranks, hkv * dh));
+    tracing::info!(
+        "ranks allocated ({:?}): KV reduction {:.2}%",
+        opts.rank_search,
+        100.0 * ranks::kv_reduction(&ranks, hkv * dh)
+    );
     // 4. Factors, with the rotation folded in where asked.
     let mut factors = BTreeMap::new();
     let mut outliers = BTreeMap::new();
@@ -318,7 +404,13 @@ pub fn compress_with(
         let plain = build_proj(&downs, &ups, bias.clone(), &dev)?;
         let rotated = build_proj(&rot_downs, &rot_ups, bias, &dev)?;
         let stored_flag = opts.config.as_ref().and_then(|(_, ac)| {
-            ac.layers.iter().find(|x| x.index == l).map(|x| if kind == KvKind::K { x.hadamard_k } else { x.hadamard_v })
+            ac.layers.iter().find(|x| x.index == l).map(|x| {
+                if kind == KvKind::K {
+                    x.hadamard_k
+                } else {
+                    x.hadamard_v
+                }
+            })
         });
         let sample = samples[l].as_ref();
         if let Some(x) = sample {
@@ -331,10 +423,15 @@ pub fn compress_with(
             (_, HadamardMode::Off) => false,
             (_, HadamardMode::On) => true,
             (_, HadamardMode::Auto) => {
-                let bits = if opts.latent_bits >= 16 { 4 } else { opts.latent_bits };
+                let bits = if opts.latent_bits >= 16 {
+                    4
+                } else {
+                    opts.latent_bits
+                };
                 match sample {
                     Some(x) => {
-                        quant_error(&rotated, x, bits).map_err(cerr)? < quant_error(&plain, x, bits).map_err(cerr)?
+                        quant_error(&rotated, x, bits).map_err(cerr)?
+                            < quant_error(&plain, x, bits).map_err(cerr)?
                     }
                     None => false,
                 }
@@ -352,7 +449,11 @@ pub fn compress_with(
             hidden_size: d,
             num_kv_heads: hkv,
             head_dim: dh,
-            source: cfg.raw.get("_name_or_path").and_then(|v| v.as_str()).map(str::to_string),
+            source: cfg
+                .raw
+                .get("_name_or_path")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
             config_sha256: crate::calib::file_sha256(cfg_path).ok().map(|(s, _)| s),
         },
         compression: CompressionInfo {
@@ -376,16 +477,35 @@ pub fn compress_with(
             })
             .collect(),
     };
-    Ok(Compressed { cfg: cfg.clone(), weights, factors, alloc, outliers })
+    Ok(Compressed {
+        cfg: cfg.clone(),
+        weights,
+        factors,
+        alloc,
+        outliers,
+    })
 }
 
 fn cerr(e: candle_core::Error) -> PaluError {
     PaluError::arg("compute", "candle", crate::error::candle_msg(&e))
 }
 
-fn build_proj(downs: &[Mat<f64>], ups: &[Mat<f64>], bias: Option<Tensor>, dev: &Device) -> Result<LowRankProj, PaluError> {
-    let downs: Vec<Tensor> = downs.iter().map(|a| mat_to_tensor(a.as_ref(), dev)).collect::<candle_core::Result<_>>().map_err(cerr)?;
-    let ups: Vec<Tensor> = ups.iter().map(|b| mat_to_tensor(b.as_ref(), dev)).collect::<candle_core::Result<_>>().map_err(cerr)?;
+fn build_proj(
+    downs: &[Mat<f64>],
+    ups: &[Mat<f64>],
+    bias: Option<Tensor>,
+    dev: &Device,
+) -> Result<LowRankProj, PaluError> {
+    let downs: Vec<Tensor> = downs
+        .iter()
+        .map(|a| mat_to_tensor(a.as_ref(), dev))
+        .collect::<candle_core::Result<_>>()
+        .map_err(cerr)?;
+    let ups: Vec<Tensor> = ups
+        .iter()
+        .map(|b| mat_to_tensor(b.as_ref(), dev))
+        .collect::<candle_core::Result<_>>()
+        .map_err(cerr)?;
     let down = Tensor::cat(&downs, 0).map_err(cerr)?;
     LowRankProj::new(down, ups, bias).map_err(cerr)
 }

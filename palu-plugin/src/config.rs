@@ -128,16 +128,28 @@ impl ModelConfig {
     }
 
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self, PaluError> {
-        let json_err = |e: serde_json::Error| PaluError::Json { path: path.into(), msg: e.to_string() };
+        let json_err = |e: serde_json::Error| PaluError::Json {
+            path: path.into(),
+            msg: e.to_string(),
+        };
         let raw: serde_json::Value = serde_json::from_str(text).map_err(json_err)?;
-        let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("<missing model_type>");
+        let model_type = raw
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("<missing model_type>");
         let Some((family, is_palu)) = Family::from_model_type(model_type) else {
-            return Err(PaluError::UnsupportedArch { path: path.into(), arch: model_type.to_string() });
+            return Err(PaluError::UnsupportedArch {
+                path: path.into(),
+                arch: model_type.to_string(),
+            });
         };
         let c: RawConfig = serde_json::from_value(raw.clone()).map_err(json_err)?;
         if let Some(act) = &c.hidden_act {
             if act != "silu" {
-                return Err(PaluError::invalid(path, format!("hidden_act `{act}` is not supported (only silu)")));
+                return Err(PaluError::invalid(
+                    path,
+                    format!("hidden_act `{act}` is not supported (only silu)"),
+                ));
             }
         }
         let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);

@@ -17,7 +17,10 @@ pub struct Gram {
 
 impl Gram {
     pub fn new(d: usize) -> Self {
-        Gram { xtx: Mat::zeros(d, d), n_tokens: 0 }
+        Gram {
+            xtx: Mat::zeros(d, d),
+            n_tokens: 0,
+        }
     }
 
     /// Add `xᵀx` for `x` of shape `[.., d]`.
@@ -43,7 +46,11 @@ pub struct Whitening {
 
 impl Whitening {
     pub fn identity(d: usize) -> Self {
-        Whitening { s: Mat::identity(d, d), s_inv: Mat::identity(d, d), shift: None }
+        Whitening {
+            s: Mat::identity(d, d),
+            s_inv: Mat::identity(d, d),
+            shift: None,
+        }
     }
 
     /// Cholesky of `XᵀX` with the authors' fallbacks: shift by `−λ_min + 1e-3` when it is not
@@ -63,7 +70,11 @@ impl Whitening {
             Ok(l) => l,
             Err(_) => {
                 let ev = a.self_adjoint_eigenvalues(Side::Lower).map_err(|e| {
-                    PaluError::arg(&format!("calibration statistics of layer {layer}"), "XᵀX", format!("eigen-decomposition failed: {e:?}"))
+                    PaluError::arg(
+                        &format!("calibration statistics of layer {layer}"),
+                        "XᵀX",
+                        format!("eigen-decomposition failed: {e:?}"),
+                    )
                 })?;
                 let lmin = ev.iter().cloned().fold(f64::INFINITY, f64::min);
                 let sh = -lmin + 1e-3;
@@ -82,7 +93,9 @@ impl Whitening {
         };
         let mut s = llt.L().to_owned();
         let dmax = (0..d).map(|i| s[(i, i)].abs()).fold(0.0, f64::max);
-        let dmin = (0..d).map(|i| s[(i, i)].abs()).fold(f64::INFINITY, f64::min);
+        let dmin = (0..d)
+            .map(|i| s[(i, i)].abs())
+            .fold(f64::INFINITY, f64::min);
         if dmin <= dmax * 1e-12 {
             for i in 0..d {
                 s[(i, i)] += 1e-3;
@@ -96,7 +109,11 @@ impl Whitening {
 fn lower_inverse(l: MatRef<f64>) -> Mat<f64> {
     let d = l.nrows();
     let mut inv = Mat::<f64>::identity(d, d);
-    faer::linalg::triangular_solve::solve_lower_triangular_in_place(l, inv.as_mut(), faer::Par::rayon(0));
+    faer::linalg::triangular_solve::solve_lower_triangular_in_place(
+        l,
+        inv.as_mut(),
+        faer::Par::rayon(0),
+    );
     inv
 }
 
@@ -111,9 +128,15 @@ pub struct GroupSvd {
 impl GroupSvd {
     pub fn new(w: MatRef<f64>, wh: &Whitening) -> Result<Self, PaluError> {
         let ws = w * &wh.s;
-        let svd = ws.thin_svd().map_err(|e| PaluError::arg("svd", "group", format!("did not converge: {e:?}")))?;
+        let svd = ws
+            .thin_svd()
+            .map_err(|e| PaluError::arg("svd", "group", format!("did not converge: {e:?}")))?;
         let sigma: Vec<f64> = (0..svd.S().dim()).map(|i| svd.S()[i]).collect();
-        Ok(GroupSvd { u: svd.U().to_owned(), sigma, v: svd.V().to_owned() })
+        Ok(GroupSvd {
+            u: svd.U().to_owned(),
+            sigma,
+            v: svd.V().to_owned(),
+        })
     }
 
     pub fn max_rank(&self) -> usize {
@@ -126,12 +149,20 @@ impl GroupSvd {
     }
 
     /// Factors `(A [r, d], B [g·dh, r])` of a rank-r cut.
-    pub fn factors(&self, r: usize, wh: &Whitening, module: &str) -> Result<(Mat<f64>, Mat<f64>), PaluError> {
+    pub fn factors(
+        &self,
+        r: usize,
+        wh: &Whitening,
+        module: &str,
+    ) -> Result<(Mat<f64>, Mat<f64>), PaluError> {
         if r == 0 || r > self.max_rank() {
             return Err(PaluError::arg(
                 &format!("rank of {module}"),
                 r,
-                format!("must be between 1 and {} (the group's full rank, min(g·head_dim, hidden))", self.max_rank()),
+                format!(
+                    "must be between 1 and {} (the group's full rank, min(g·head_dim, hidden))",
+                    self.max_rank()
+                ),
             ));
         }
         let sq: Vec<f64> = self.sigma[..r].iter().map(|s| s.sqrt()).collect();
@@ -145,7 +176,10 @@ impl GroupSvd {
 
 pub fn tensor_to_mat(t: &Tensor) -> candle_core::Result<Mat<f64>> {
     let (r, c) = t.dims2()?;
-    let v: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let v: Vec<f32> = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
     Ok(Mat::from_fn(r, c, |i, j| v[i * c + j] as f64))
 }
 
@@ -159,4 +193,3 @@ pub fn mat_to_tensor(m: MatRef<f64>, dev: &Device) -> candle_core::Result<Tensor
     }
     Tensor::from_vec(v, (r, c), dev)
 }
-

@@ -20,7 +20,12 @@ pub enum Protocol {
 }
 
 /// The evaluation token stream of `text` under `protocol`.
-pub fn eval_tokens(tok: &Tokenizer, text: &str, protocol: Protocol, bos: Option<u32>) -> Result<Vec<u32>, PaluError> {
+pub fn eval_tokens(
+    tok: &Tokenizer,
+    text: &str,
+    protocol: Protocol,
+    bos: Option<u32>,
+) -> Result<Vec<u32>, PaluError> {
     let protocol = match protocol {
         Protocol::Auto if text.contains("<|endoftext|>") => Protocol::Stories,
         Protocol::Auto => Protocol::Wikitext,
@@ -32,12 +37,22 @@ pub fn eval_tokens(tok: &Tokenizer, text: &str, protocol: Protocol, bos: Option<
             if lines.last() == Some(&"") {
                 lines.pop();
             }
-            let rows: Vec<String> =
-                lines.iter().map(|l| if l.trim().is_empty() { String::new() } else { format!("{l}\n") }).collect();
+            let rows: Vec<String> = lines
+                .iter()
+                .map(|l| {
+                    if l.trim().is_empty() {
+                        String::new()
+                    } else {
+                        format!("{l}\n")
+                    }
+                })
+                .collect();
             crate::tokenizer::encode(tok, &rows.join("\n\n"))
         }
         Protocol::Stories => {
-            let bos = bos.ok_or_else(|| PaluError::arg("protocol", "stories", "needs a bos_token_id in config.json"))?;
+            let bos = bos.ok_or_else(|| {
+                PaluError::arg("protocol", "stories", "needs a bos_token_id in config.json")
+            })?;
             let mut out = Vec::new();
             for story in text.split("<|endoftext|>") {
                 let s = story.trim();
@@ -64,13 +79,21 @@ pub struct Perplexity {
 
 /// Perplexity over non-overlapping windows of `seq_len` (partial last window dropped), scoring
 /// every token of a window but its first.
-pub fn perplexity(model: &Model, tokens: &[u32], seq_len: usize, max_windows: Option<usize>) -> Result<Perplexity, PaluError> {
+pub fn perplexity(
+    model: &Model,
+    tokens: &[u32],
+    seq_len: usize,
+    max_windows: Option<usize>,
+) -> Result<Perplexity, PaluError> {
     let total = tokens.len() / seq_len.max(1);
     if total == 0 {
         return Err(PaluError::arg(
             "--seq-len",
             seq_len,
-            format!("the evaluation text holds only {} tokens: not one full window", tokens.len()),
+            format!(
+                "the evaluation text holds only {} tokens: not one full window",
+                tokens.len()
+            ),
         ));
     }
     let n = max_windows.map_or(total, |m| m.min(total));
@@ -79,14 +102,21 @@ pub fn perplexity(model: &Model, tokens: &[u32], seq_len: usize, max_windows: Op
     let mut count = 0usize;
     for w in 0..n {
         let ids = &tokens[w * seq_len..(w + 1) * seq_len];
-        let nll = window_nll(model, ids).map_err(|e| PaluError::arg("model forward", w, crate::error::candle_msg(&e)))?;
+        let nll = window_nll(model, ids)
+            .map_err(|e| PaluError::arg("model forward", w, crate::error::candle_msg(&e)))?;
         sum += nll.iter().map(|&x| x as f64).sum::<f64>();
         count += nll.len();
         pb.inc(1);
     }
     pb.finish_and_clear();
     let mean = sum / count as f64;
-    Ok(Perplexity { perplexity: mean.exp(), mean_nll: mean, windows: n, scored_tokens: count, total_windows: total })
+    Ok(Perplexity {
+        perplexity: mean.exp(),
+        mean_nll: mean,
+        windows: n,
+        scored_tokens: count,
+        total_windows: total,
+    })
 }
 
 /// Per-token NLL of one window (tokens 1..).

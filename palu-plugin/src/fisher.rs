@@ -27,12 +27,20 @@ pub fn fisher_info(model: &Model, windows: &[Vec<u32>]) -> candle_core::Result<F
         if let KvProj::Dense { k, v } = &mut blk.attn.kv {
             let kv = Var::from_tensor(&k.w)?;
             let vv = Var::from_tensor(&v.w)?;
-            *k = Linear { w: kv.as_tensor().clone(), b: k.b.clone() };
-            *v = Linear { w: vv.as_tensor().clone(), b: v.b.clone() };
+            *k = Linear {
+                w: kv.as_tensor().clone(),
+                b: k.b.clone(),
+            };
+            *v = Linear {
+                w: vv.as_tensor().clone(),
+                b: v.b.clone(),
+            };
             vars.push(((l, KvKind::K), kv));
             vars.push(((l, KvKind::V), vv));
         } else {
-            candle_core::bail!("Fisher information needs the dense model (layer {l} is already low-rank)")
+            candle_core::bail!(
+                "Fisher information needs the dense model (layer {l} is already low-rank)"
+            )
         }
     }
     let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
@@ -71,7 +79,11 @@ pub fn summarize(f: &Tensor, groups: usize) -> candle_core::Result<ModuleFisher>
     let mean = f.mean_all()?.to_scalar::<f32>()? as f64;
     let rows = f.dim(0)? / groups;
     let group_means = (0..groups)
-        .map(|g| Ok(f.narrow(0, g * rows, rows)?.mean_all()?.to_scalar::<f32>()? as f64))
+        .map(|g| {
+            Ok(f.narrow(0, g * rows, rows)?
+                .mean_all()?
+                .to_scalar::<f32>()? as f64)
+        })
         .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(ModuleFisher { mean, group_means })
 }

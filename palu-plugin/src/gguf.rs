@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 
 use crate::error::PaluError;
 
-pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K";
+pub const SUPPORTED_TYPES: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K";
 
 pub struct Converted {
     pub architecture: String,
@@ -22,7 +23,11 @@ pub struct Converted {
     pub tensor_types: Vec<(String, usize)>,
 }
 
-fn meta<'a>(c: &'a gguf_file::Content, key: &str, path: &Path) -> Result<&'a gguf_file::Value, PaluError> {
+fn meta<'a>(
+    c: &'a gguf_file::Content,
+    key: &str,
+    path: &Path,
+) -> Result<&'a gguf_file::Value, PaluError> {
     c.metadata
         .get(key)
         .ok_or_else(|| PaluError::invalid(path, format!("GGUF metadata key `{key}` is missing")))
@@ -48,7 +53,10 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<Converted, PaluError> {
     let content = gguf_file::Content::read(&mut f).map_err(|e| {
         PaluError::invalid(
             gguf,
-            format!("cannot read GGUF: {} (palu convert-gguf supports {SUPPORTED_TYPES})", crate::error::candle_msg(&e)),
+            format!(
+                "cannot read GGUF: {} (palu convert-gguf supports {SUPPORTED_TYPES})",
+                crate::error::candle_msg(&e)
+            ),
         )
     })?;
     let arch = meta(&content, "general.architecture", gguf)?
@@ -56,7 +64,10 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<Converted, PaluError> {
         .map_err(|e| PaluError::invalid(gguf, crate::error::candle_msg(&e)))?
         .clone();
     if arch != "llama" && arch != "qwen2" {
-        return Err(PaluError::UnsupportedArch { path: gguf.into(), arch });
+        return Err(PaluError::UnsupportedArch {
+            path: gguf.into(),
+            arch,
+        });
     }
     for (name, info) in &content.tensor_infos {
         let ok = matches!(
@@ -79,7 +90,10 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<Converted, PaluError> {
         if !ok {
             return Err(PaluError::invalid(
                 gguf,
-                format!("tensor `{name}` has unsupported quant type {:?}; supported: {SUPPORTED_TYPES}", info.ggml_dtype),
+                format!(
+                    "tensor `{name}` has unsupported quant type {:?}; supported: {SUPPORTED_TYPES}",
+                    info.ggml_dtype
+                ),
             ));
         }
     }
@@ -102,19 +116,45 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<Converted, PaluError> {
     names.sort();
     for name in names {
         let info = &content.tensor_infos[&name];
-        *type_counts.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
-        let q = content.tensor(&mut f, &name, &dev).map_err(|e| PaluError::invalid(gguf, format!("tensor `{name}`: {}", crate::error::candle_msg(&e))))?;
-        let t = q.dequantize(&dev).map_err(|e| PaluError::invalid(gguf, format!("tensor `{name}`: {}", crate::error::candle_msg(&e))))?;
-        let err = |e: candle_core::Error| PaluError::invalid(gguf, format!("tensor `{name}`: {}", crate::error::candle_msg(&e)));
+        *type_counts
+            .entry(format!("{:?}", info.ggml_dtype))
+            .or_default() += 1;
+        let q = content.tensor(&mut f, &name, &dev).map_err(|e| {
+            PaluError::invalid(
+                gguf,
+                format!("tensor `{name}`: {}", crate::error::candle_msg(&e)),
+            )
+        })?;
+        let t = q.dequantize(&dev).map_err(|e| {
+            PaluError::invalid(
+                gguf,
+                format!("tensor `{name}`: {}", crate::error::candle_msg(&e)),
+            )
+        })?;
+        let err = |e: candle_core::Error| {
+            PaluError::invalid(
+                gguf,
+                format!("tensor `{name}`: {}", crate::error::candle_msg(&e)),
+            )
+        };
         let (hf, t) = match hf_name(&name) {
-            Some(hf) if arch == "llama" && name.ends_with("attn_q.weight") => (hf, unpermute(&t, n_head).map_err(err)?),
-            Some(hf) if arch == "llama" && name.ends_with("attn_k.weight") => (hf, unpermute(&t, n_kv).map_err(err)?),
+            Some(hf) if arch == "llama" && name.ends_with("attn_q.weight") => {
+                (hf, unpermute(&t, n_head).map_err(err)?)
+            }
+            Some(hf) if arch == "llama" && name.ends_with("attn_k.weight") => {
+                (hf, unpermute(&t, n_kv).map_err(err)?)
+            }
             Some(hf) => (hf, t),
             None if name == "rope_freqs.weight" => {
                 pb.inc(1);
                 continue;
             }
-            None => return Err(PaluError::invalid(gguf, format!("tensor `{name}` has no Hugging Face counterpart in a {arch} model"))),
+            None => {
+                return Err(PaluError::invalid(
+                    gguf,
+                    format!("tensor `{name}` has no Hugging Face counterpart in a {arch} model"),
+                ))
+            }
         };
         tensors.insert(hf, t);
         pb.inc(1);
@@ -123,13 +163,23 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<Converted, PaluError> {
     let tied = !tensors.contains_key("lm_head.weight");
     let vocab = tensors
         .get("model.embed_tokens.weight")
-        .ok_or_else(|| PaluError::MissingTensor { path: gguf.into(), name: "token_embd.weight".into(), hint: String::new() })?
+        .ok_or_else(|| PaluError::MissingTensor {
+            path: gguf.into(),
+            name: "token_embd.weight".into(),
+            hint: String::new(),
+        })?
         .dim(0)
         .map_err(|e| PaluError::invalid(gguf, crate::error::candle_msg(&e)))?;
 
     let tok = build_tokenizer(&content, gguf)?;
-    let bos = content.metadata.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok());
-    let eos = content.metadata.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok());
+    let bos = content
+        .metadata
+        .get("tokenizer.ggml.bos_token_id")
+        .and_then(|v| v.to_u32().ok());
+    let eos = content
+        .metadata
+        .get("tokenizer.ggml.eos_token_id")
+        .and_then(|v| v.to_u32().ok());
     let mut config = json!({
         "architectures": [if arch == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
         "model_type": arch,
@@ -154,14 +204,19 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<Converted, PaluError> {
     if let Some(e) = eos {
         config["eos_token_id"] = json!(e);
     }
-    if let Some(name) = content.metadata.get("general.name").and_then(|v| v.to_string().ok()) {
+    if let Some(name) = content
+        .metadata
+        .get("general.name")
+        .and_then(|v| v.to_string().ok())
+    {
         config["_name_or_path"] = json!(name);
     }
     let tok_config = tokenizer_config(&content, &tok);
 
     crate::checkpoint::write_dir_atomically(out, |tmp| {
         let st = tmp.join("model.safetensors");
-        candle_core::safetensors::save(&tensors, &st).map_err(|e| PaluError::invalid(&st, crate::error::candle_msg(&e)))?;
+        candle_core::safetensors::save(&tensors, &st)
+            .map_err(|e| PaluError::invalid(&st, crate::error::candle_msg(&e)))?;
         write_json(&tmp.join("config.json"), &config)?;
         write_json(&tmp.join("tokenizer.json"), &tok)?;
         write_json(&tmp.join("tokenizer_config.json"), &tok_config)?;
@@ -169,7 +224,11 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<Converted, PaluError> {
     })?;
     let mut tensor_types: Vec<(String, usize)> = type_counts.into_iter().collect();
     tensor_types.sort();
-    Ok(Converted { architecture: arch, num_tensors: tensors.len(), tensor_types })
+    Ok(Converted {
+        architecture: arch,
+        num_tensors: tensors.len(),
+        tensor_types,
+    })
 }
 
 pub fn write_json(path: &Path, v: &Value) -> Result<(), PaluError> {
@@ -210,19 +269,30 @@ fn hf_name(gguf: &str) -> Option<String> {
 pub fn unpermute(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
     let (rows, cols) = t.dims2()?;
     let dh = rows / n_head;
-    t.reshape((n_head, dh / 2, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))
+    t.reshape((n_head, dh / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))
 }
 
 fn strings(c: &gguf_file::Content, key: &str, path: &Path) -> Result<Vec<String>, PaluError> {
-    let v = meta(c, key, path)?.to_vec().map_err(|e| PaluError::invalid(path, format!("`{key}`: {e}")))?;
+    let v = meta(c, key, path)?
+        .to_vec()
+        .map_err(|e| PaluError::invalid(path, format!("`{key}`: {e}")))?;
     v.iter()
-        .map(|x| x.to_string().cloned().map_err(|e| PaluError::invalid(path, format!("`{key}`: {e}"))))
+        .map(|x| {
+            x.to_string()
+                .cloned()
+                .map_err(|e| PaluError::invalid(path, format!("`{key}`: {e}")))
+        })
         .collect()
 }
 
 /// A `tokenizers` JSON equivalent to the tokenizer embedded in the GGUF.
 pub fn build_tokenizer(c: &gguf_file::Content, path: &Path) -> Result<Value, PaluError> {
-    let model = meta(c, "tokenizer.ggml.model", path)?.to_string().map_err(|e| PaluError::invalid(path, crate::error::candle_msg(&e)))?;
+    let model = meta(c, "tokenizer.ggml.model", path)?
+        .to_string()
+        .map_err(|e| PaluError::invalid(path, crate::error::candle_msg(&e)))?;
     let tokens = strings(c, "tokenizer.ggml.tokens", path)?;
     let types: Vec<i32> = c
         .metadata
@@ -230,7 +300,11 @@ pub fn build_tokenizer(c: &gguf_file::Content, path: &Path) -> Result<Value, Pal
         .and_then(|v| v.to_vec().ok())
         .map(|v| v.iter().map(|x| x.to_i32().unwrap_or(1)).collect())
         .unwrap_or_else(|| vec![1; tokens.len()]);
-    let vocab: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
     // Control (3) and user-defined (4) tokens are matched before the model runs.
     let added: Vec<Value> = tokens
         .iter()
@@ -243,7 +317,11 @@ pub fn build_tokenizer(c: &gguf_file::Content, path: &Path) -> Result<Value, Pal
         .collect();
     let tok = match model.as_str() {
         "llama" => {
-            let ids: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+            let ids: HashMap<&str, usize> = tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.as_str(), i))
+                .collect();
             // SentencePiece BPE merges: every split of a piece into two pieces, ranked by the
             // merged piece's id (SentencePiece's merge priority), then by the left piece.
             let mut merges: Vec<(usize, usize, String, String)> = Vec::new();
@@ -259,7 +337,10 @@ pub fn build_tokenizer(c: &gguf_file::Content, path: &Path) -> Result<Value, Pal
                 }
             }
             merges.sort();
-            let merges: Vec<Value> = merges.into_iter().map(|(_, _, l, r)| json!([l, r])).collect();
+            let merges: Vec<Value> = merges
+                .into_iter()
+                .map(|(_, _, l, r)| json!([l, r]))
+                .collect();
             let unk = c
                 .metadata
                 .get("tokenizer.ggml.unknown_token_id")
@@ -283,7 +364,12 @@ pub fn build_tokenizer(c: &gguf_file::Content, path: &Path) -> Result<Value, Pal
         }
         "gpt2" => {
             let merges = strings(c, "tokenizer.ggml.merges", path)?;
-            let pre = c.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+            let pre = c
+                .metadata
+                .get("tokenizer.ggml.pre")
+                .and_then(|v| v.to_string().ok())
+                .cloned()
+                .unwrap_or_default();
             let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
             let pre_tokenizer = match pre.as_str() {
                 "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
@@ -311,21 +397,33 @@ pub fn build_tokenizer(c: &gguf_file::Content, path: &Path) -> Result<Value, Pal
             })
         }
         other => {
-            return Err(PaluError::invalid(path, format!("tokenizer.ggml.model `{other}` is not supported (llama or gpt2)")))
+            return Err(PaluError::invalid(
+                path,
+                format!("tokenizer.ggml.model `{other}` is not supported (llama or gpt2)"),
+            ))
         }
     };
     // Validate by loading it.
     tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&tok).expect("json")).map_err(|e| {
-        PaluError::invalid(path, format!("the tokenizer built from this GGUF does not load: {e}"))
+        PaluError::invalid(
+            path,
+            format!("the tokenizer built from this GGUF does not load: {e}"),
+        )
     })?;
     Ok(tok)
 }
 
 fn tokenizer_config(c: &gguf_file::Content, tok: &Value) -> Value {
-    let tokens = tok["model"]["vocab"].as_object().cloned().unwrap_or_default();
+    let tokens = tok["model"]["vocab"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
     let by_id = |key: &str| -> Option<String> {
         let id = c.metadata.get(key)?.to_u32().ok()? as u64;
-        tokens.iter().find(|(_, v)| v.as_u64() == Some(id)).map(|(k, _)| k.clone())
+        tokens
+            .iter()
+            .find(|(_, v)| v.as_u64() == Some(id))
+            .map(|(k, _)| k.clone())
     };
     let mut cfg = json!({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": false});
     if let Some(b) = by_id("tokenizer.ggml.bos_token_id") {
@@ -340,10 +438,18 @@ fn tokenizer_config(c: &gguf_file::Content, tok: &Value) -> Value {
     if let Some(p) = by_id("tokenizer.ggml.padding_token_id") {
         cfg["pad_token"] = json!(p);
     }
-    if let Some(v) = c.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()) {
+    if let Some(v) = c
+        .metadata
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.to_bool().ok())
+    {
         cfg["add_bos_token"] = json!(v);
     }
-    if let Some(t) = c.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()) {
+    if let Some(t) = c
+        .metadata
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok())
+    {
         cfg["chat_template"] = json!(t);
     }
     cfg

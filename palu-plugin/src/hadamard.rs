@@ -19,7 +19,10 @@ pub enum RotationKind {
 pub fn rotation(n: usize, seed: u64) -> (Mat<f64>, RotationKind) {
     if let Some(h) = hadamard(n) {
         let s = 1.0 / (n as f64).sqrt();
-        (Mat::from_fn(n, n, |i, j| h[i * n + j] as f64 * s), RotationKind::Hadamard)
+        (
+            Mat::from_fn(n, n, |i, j| h[i * n + j] as f64 * s),
+            RotationKind::Hadamard,
+        )
     } else {
         (random_orthogonal(n, seed), RotationKind::RandomOrthogonal)
     }
@@ -158,14 +161,20 @@ pub fn is_hadamard(h: &[i8], n: usize) -> bool {
         return false;
     }
     (0..n).all(|i| {
-        (i + 1..n).all(|j| (0..n).map(|k| h[i * n + k] as i32 * h[j * n + k] as i32).sum::<i32>() == 0)
+        (i + 1..n).all(|j| {
+            (0..n)
+                .map(|k| h[i * n + k] as i32 * h[j * n + k] as i32)
+                .sum::<i32>()
+                == 0
+        })
     })
 }
 
 /// Seeded random orthogonal matrix (QR of a Gaussian matrix, signs fixed).
 pub fn random_orthogonal(n: usize, seed: u64) -> Mat<f64> {
     use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed ^ (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let g = Mat::from_fn(n, n, |_, _| {
         // Box-Muller
         let u1: f64 = rng.random::<f64>().max(1e-300);
@@ -175,5 +184,11 @@ pub fn random_orthogonal(n: usize, seed: u64) -> Mat<f64> {
     let qr = g.qr();
     let q = qr.compute_thin_Q();
     let r = qr.thin_R();
-    Mat::from_fn(n, n, |i, j| if r[(j, j)] < 0.0 { -q[(i, j)] } else { q[(i, j)] })
+    Mat::from_fn(n, n, |i, j| {
+        if r[(j, j)] < 0.0 {
+            -q[(i, j)]
+        } else {
+            q[(i, j)]
+        }
+    })
 }

@@ -31,10 +31,18 @@ pub struct LatentCodec {
 
 impl LatentCodec {
     /// A codec for latents whose low-rank groups have widths `group_widths`.
-    pub fn new(bits: u8, group_widths: &[usize], zero_point: ZeroPoint) -> std::result::Result<Self, crate::PaluError> {
+    pub fn new(
+        bits: u8,
+        group_widths: &[usize],
+        zero_point: ZeroPoint,
+    ) -> std::result::Result<Self, crate::PaluError> {
         quant::check_bits(bits)?;
         if bits >= 16 {
-            return Err(crate::PaluError::arg("latent_bits", bits, "a packed latent codec needs 2, 3, 4 or 8 bits"));
+            return Err(crate::PaluError::arg(
+                "latent_bits",
+                bits,
+                "a packed latent codec needs 2, 3, 4 or 8 bits",
+            ));
         }
         Ok(LatentCodec {
             bits,
@@ -68,7 +76,12 @@ impl LatentCodec {
         let nc = self.code_bytes();
         let g = self.groups.len();
         for (i, r) in self.groups.iter().enumerate() {
-            let p = quant::quantize_group(&x[r.clone()], self.bits, self.zero_point, &mut codes[r.clone()]);
+            let p = quant::quantize_group(
+                &x[r.clone()],
+                self.bits,
+                self.zero_point,
+                &mut codes[r.clone()],
+            );
             let zero = p.zero.clamp(i16::MIN as f32, i16::MAX as f32) as i16;
             out[nc + 2 * i..nc + 2 * i + 2].copy_from_slice(&f16::from_f32(p.scale).to_le_bytes());
             out[nc + 2 * g + 2 * i..nc + 2 * g + 2 * i + 2].copy_from_slice(&zero.to_le_bytes());
@@ -83,8 +96,13 @@ impl LatentCodec {
         let codes = quant::unpack(&row[..nc], self.bits, self.width);
         for (i, r) in self.groups.iter().enumerate() {
             let scale = f16::from_le_bytes([row[nc + 2 * i], row[nc + 2 * i + 1]]).to_f32();
-            let zero = i16::from_le_bytes([row[nc + 2 * g + 2 * i], row[nc + 2 * g + 2 * i + 1]]) as f32;
-            quant::dequantize_group(&codes[r.clone()], GroupParams { scale, zero }, &mut out[r.clone()]);
+            let zero =
+                i16::from_le_bytes([row[nc + 2 * g + 2 * i], row[nc + 2 * g + 2 * i + 1]]) as f32;
+            quant::dequantize_group(
+                &codes[r.clone()],
+                GroupParams { scale, zero },
+                &mut out[r.clone()],
+            );
         }
     }
 
@@ -92,7 +110,11 @@ impl LatentCodec {
     pub fn encode(&self, h: &Tensor) -> Result<Tensor> {
         let dims = h.dims().to_vec();
         if dims.last() != Some(&self.width) {
-            candle_core::bail!("palu latent codec: expected latents of width {}, got shape {:?}", self.width, dims)
+            candle_core::bail!(
+                "palu latent codec: expected latents of width {}, got shape {:?}",
+                self.width,
+                dims
+            )
         }
         let data: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let rb = self.row_bytes();
@@ -110,7 +132,10 @@ impl LatentCodec {
         match rows.device() {
             candle_core::Device::Cpu => rows.contiguous()?.apply_op1_no_bwd(self)?.to_dtype(dtype),
             // No device kernel yet: decode through the CPU reference (correct, not fast).
-            dev => self.decode(&rows.to_device(&candle_core::Device::Cpu)?, DType::F32)?.to_device(dev)?.to_dtype(dtype),
+            dev => self
+                .decode(&rows.to_device(&candle_core::Device::Cpu)?, DType::F32)?
+                .to_device(dev)?
+                .to_dtype(dtype),
         }
     }
 }
@@ -127,7 +152,9 @@ impl CustomOp1 for LatentCodec {
         let rb = self.row_bytes();
         let dims = layout.dims();
         if dims.last() != Some(&rb) {
-            candle_core::bail!("palu latent decode: rows of {rb} bytes expected, got shape {dims:?}")
+            candle_core::bail!(
+                "palu latent decode: rows of {rb} bytes expected, got shape {dims:?}"
+            )
         }
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("palu latent decode expects contiguous rows")

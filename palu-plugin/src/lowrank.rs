@@ -57,10 +57,19 @@ impl LowRankProj {
         let ranks: Vec<usize> = ups.iter().map(|u| u.dim(1)).collect::<Result<_>>()?;
         let total: usize = ranks.iter().sum();
         if down.dim(0)? != total {
-            candle_core::bail!("down factor has {} rows but the up factors' ranks sum to {total}", down.dim(0)?)
+            candle_core::bail!(
+                "down factor has {} rows but the up factors' ranks sum to {total}",
+                down.dim(0)?
+            )
         }
         let up_blockdiag = block_diag(&ups)?;
-        Ok(Self { down, ups, bias, ranks, up_blockdiag })
+        Ok(Self {
+            down,
+            ups,
+            bias,
+            ranks,
+            up_blockdiag,
+        })
     }
 
     pub fn total_rank(&self) -> usize {
@@ -91,8 +100,14 @@ impl LowRankProj {
 pub fn block_diag(blocks: &[Tensor]) -> Result<Tensor> {
     let rows: usize = blocks.iter().map(|b| b.dim(0)).sum::<Result<usize>>()?;
     let cols: usize = blocks.iter().map(|b| b.dim(1)).sum::<Result<usize>>()?;
-    let dev = blocks.first().map(|b| b.device().clone()).unwrap_or(candle_core::Device::Cpu);
-    let dtype = blocks.first().map(|b| b.dtype()).unwrap_or(candle_core::DType::F32);
+    let dev = blocks
+        .first()
+        .map(|b| b.device().clone())
+        .unwrap_or(candle_core::Device::Cpu);
+    let dtype = blocks
+        .first()
+        .map(|b| b.dtype())
+        .unwrap_or(candle_core::DType::F32);
     let mut row_tensors = Vec::with_capacity(blocks.len());
     let mut col = 0;
     for b in blocks {

@@ -144,7 +144,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PALU_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_env("PALU_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -163,8 +164,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::ConvertGguf { input, output } => {
             let c = palu::gguf::convert(&input, &output)?;
-            let types: Vec<String> = c.tensor_types.iter().map(|(t, n)| format!("{n}×{t}")).collect();
-            println!("converted {} ({}; {} tensors: {}) -> {}", input.display(), c.architecture, c.num_tensors, types.join(", "), output.display());
+            let types: Vec<String> = c
+                .tensor_types
+                .iter()
+                .map(|(t, n)| format!("{n}×{t}"))
+                .collect();
+            println!(
+                "converted {} ({}; {} tensors: {}) -> {}",
+                input.display(),
+                c.architecture,
+                c.num_tensors,
+                types.join(", "),
+                output.display()
+            );
         }
         Cmd::Compress(a) => {
             let config = match &a.config {
@@ -176,7 +188,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 group_size: a.group_size,
                 decompose: a.decompose,
                 rank_search: a.rank_search,
-                rank_multiple: a.rank_multiple.unwrap_or(if a.rank_search == RankSearch::Waterfill { 8 } else { 32 }),
+                rank_multiple: a.rank_multiple.unwrap_or(
+                    if a.rank_search == RankSearch::Waterfill {
+                        8
+                    } else {
+                        32
+                    },
+                ),
                 calib: a.calib,
                 calib_samples: a.calib_samples,
                 calib_seq_len: a.calib_seq_len,
@@ -197,7 +215,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 100.0 * comp.achieved_kv_reduction,
                 100.0 * (1.0 - comp.target_ratio)
             );
-            println!("rank allocation: {}", a.output.join(palu::checkpoint::ALLOC_FILE).display());
+            println!(
+                "rank allocation: {}",
+                a.output.join(palu::checkpoint::ALLOC_FILE).display()
+            );
         }
         Cmd::Inspect { checkpoint, json } => {
             let r = palu::checkpoint::inspect(&checkpoint)?;
@@ -210,10 +231,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Eval(EvalCmd::Ppl(a)) => {
             palu::quant::check_bits(a.latent_bits)?;
             let mut model = palu::model::Model::load(&a.model, &candle_core::Device::Cpu)?;
-            model.latent_quant = palu::model::LatentQuant::bits(a.latent_bits)
-                .map(|q| palu::model::LatentQuant { zero_point: a.zero_point, sub_group: a.quant_group, ..q });
+            model.latent_quant =
+                palu::model::LatentQuant::bits(a.latent_bits).map(|q| palu::model::LatentQuant {
+                    zero_point: a.zero_point,
+                    sub_group: a.quant_group,
+                    ..q
+                });
             let tok = palu::tokenizer::load(&a.model)?;
-            let text = std::fs::read_to_string(&a.text).map_err(|e| palu::PaluError::io(&a.text, e))?;
+            let text =
+                std::fs::read_to_string(&a.text).map_err(|e| palu::PaluError::io(&a.text, e))?;
             let ids = palu::eval::eval_tokens(&tok, &text, a.protocol, model.cfg.bos_token_id)?;
             let p = palu::eval::perplexity(&model, &ids, a.seq_len, a.windows)?;
             if a.json {
@@ -221,12 +247,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("model       {}", a.model.display());
                 println!("text        {} ({} tokens)", a.text.display(), ids.len());
-                println!("windows     {} of {} × {} tokens, {} scored", p.windows, p.total_windows, a.seq_len, p.scored_tokens);
-                println!("latents     {}", if a.latent_bits < 16 { format!("{}-bit (simulated)", a.latent_bits) } else { "16-bit".into() });
+                println!(
+                    "windows     {} of {} × {} tokens, {} scored",
+                    p.windows, p.total_windows, a.seq_len, p.scored_tokens
+                );
+                println!(
+                    "latents     {}",
+                    if a.latent_bits < 16 {
+                        format!("{}-bit (simulated)", a.latent_bits)
+                    } else {
+                        "16-bit".into()
+                    }
+                );
                 println!("perplexity  {:.4}", p.perplexity);
             }
         }
-        Cmd::Generate { model, prompt, bos, max_tokens, latent_bits } => {
+        Cmd::Generate {
+            model,
+            prompt,
+            bos,
+            max_tokens,
+            latent_bits,
+        } => {
             palu::quant::check_bits(latent_bits)?;
             let mut m = palu::model::Model::load(&model, &candle_core::Device::Cpu)?;
             m.latent_quant = palu::model::LatentQuant::bits(latent_bits);
@@ -236,9 +278,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ids.extend(m.cfg.bos_token_id);
             }
             ids.extend(palu::tokenizer::encode(&tok, &prompt)?);
-            let eos = m.cfg.raw.get("eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+            let eos = m
+                .cfg
+                .raw
+                .get("eos_token_id")
+                .and_then(|v| v.as_u64())
+                .map(|v| v as u32);
             let out = m.generate_greedy(&ids, max_tokens, eos)?;
-            let text = tok.decode(&out, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+            let text = tok
+                .decode(&out, true)
+                .map_err(|e| anyhow::anyhow!("decode: {e}"))?;
             println!("{prompt}{text}");
         }
     }

@@ -62,7 +62,10 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(num_layers: usize) -> Self {
-        Cache { layers: vec![LayerCache::default(); num_layers], seq_len: 0 }
+        Cache {
+            layers: vec![LayerCache::default(); num_layers],
+            seq_len: 0,
+        }
     }
     /// Bytes held by the cache tensors (as stored here, f32 on CPU).
     pub fn bytes(&self) -> usize {
@@ -85,12 +88,16 @@ pub struct Rope {
 impl Rope {
     pub fn new(cfg: &ModelConfig, dev: &Device) -> Self {
         let dh = cfg.head_dim;
-        let mut inv_freq: Vec<f64> =
-            (0..dh / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / dh as f64)).collect();
+        let mut inv_freq: Vec<f64> = (0..dh / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / dh as f64))
+            .collect();
         if let Some(s) = &cfg.rope_scaling {
             apply_rope_scaling(&mut inv_freq, s);
         }
-        Rope { inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(), dev: dev.clone() }
+        Rope {
+            inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
+            dev: dev.clone(),
+        }
     }
 
     /// cos and sin, `[t, dh/2]`, for positions `start .. start + t`.
@@ -205,7 +212,11 @@ pub struct LatentQuant {
 
 impl LatentQuant {
     pub fn bits(bits: u8) -> Option<Self> {
-        (bits < 16).then_some(LatentQuant { bits, sub_group: None, zero_point: quant::ZeroPoint::Free })
+        (bits < 16).then_some(LatentQuant {
+            bits,
+            sub_group: None,
+            zero_point: quant::ZeroPoint::Free,
+        })
     }
 }
 
@@ -231,7 +242,8 @@ impl Attention {
         let (cos_q, sin_q) = rope.tables(start, t)?;
         let q = apply_rope(&q, &cos_q, &sin_q, grad)?;
 
-        let to_heads = |y: Tensor| -> Result<Tensor> { y.reshape((b, t, hkv, dh))?.transpose(1, 2) };
+        let to_heads =
+            |y: Tensor| -> Result<Tensor> { y.reshape((b, t, hkv, dh))?.transpose(1, 2) };
         let (k, v) = match &self.kv {
             KvProj::Dense { k, v } => {
                 let kn = to_heads(k.forward(x)?)?;
@@ -292,7 +304,8 @@ pub fn rebuild_kv(
     let kr = kp.reconstruct(hk)?;
     let vr = vp.reconstruct(hv)?;
     let dh = kr.dim(D::Minus1)? / n_kv;
-    let to_heads = |y: Tensor| -> Result<Tensor> { y.reshape((b, total, n_kv, dh))?.transpose(1, 2) };
+    let to_heads =
+        |y: Tensor| -> Result<Tensor> { y.reshape((b, total, n_kv, dh))?.transpose(1, 2) };
     let (cos, sin) = rope.tables(0, total)?;
     let k = apply_rope(&to_heads(kr)?, &cos, &sin, grad)?;
     Ok((k, to_heads(vr)?))
@@ -301,7 +314,14 @@ pub fn rebuild_kv(
 /// Causal (optionally sliding-window) attention of `q` `[b, H, t, dh]` at positions
 /// `start..start+t` over `k`, `v` `[b, H_kv, start+t, dh]`; returns `[b, t, H·dh]`. The query
 /// heads of each KV head are folded into rows (`[b, H_kv, rep·t, dh]`), so K/V are never repeated.
-pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, start: usize, window: Option<usize>, grad: bool) -> Result<Tensor> {
+pub fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    start: usize,
+    window: Option<usize>,
+    grad: bool,
+) -> Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
     let hkv = k.dim(1)?;
     let total = k.dim(2)?;
@@ -309,10 +329,14 @@ pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, start: usize, windo
     let q = q.reshape((b, hkv, rep * t, dh))?;
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?;
     let mask = attention_mask(start, t, window, q.device())?.to_dtype(scores.dtype())?;
-    let scores = scores.reshape((b, hkv, rep, t, total))?.broadcast_add(&mask)?;
+    let scores = scores
+        .reshape((b, hkv, rep, t, total))?
+        .broadcast_add(&mask)?;
     let probs = softmax(&scores, grad)?.reshape((b, hkv, rep * t, total))?;
     let out = probs.matmul(&v.contiguous()?)?; // [b, H_kv, rep·t, dh]
-    out.reshape((b, h, t, dh))?.transpose(1, 2)?.reshape((b, t, h * dh))
+    out.reshape((b, h, t, dh))?
+        .transpose(1, 2)?
+        .reshape((b, t, h * dh))
 }
 
 fn append(slot: &mut Option<Tensor>, new: Tensor, dim: usize) -> Result<Tensor> {
@@ -392,23 +416,35 @@ impl Weights {
     pub fn load(dir: &Path, dev: &Device) -> std::result::Result<Self, PaluError> {
         let mut tensors = HashMap::new();
         for f in weight_files(dir)? {
-            let m = candle_core::safetensors::load(&f, dev)
-                .map_err(|e| PaluError::invalid(&f, format!("cannot read safetensors: {}", crate::error::candle_msg(&e))))?;
+            let m = candle_core::safetensors::load(&f, dev).map_err(|e| {
+                PaluError::invalid(
+                    &f,
+                    format!("cannot read safetensors: {}", crate::error::candle_msg(&e)),
+                )
+            })?;
             for (k, v) in m {
-                let v = v.to_dtype(DType::F32).map_err(|e| PaluError::invalid(&f, crate::error::candle_msg(&e)))?;
+                let v = v
+                    .to_dtype(DType::F32)
+                    .map_err(|e| PaluError::invalid(&f, crate::error::candle_msg(&e)))?;
                 tensors.insert(k, v);
             }
         }
-        Ok(Weights { dir: dir.to_path_buf(), tensors })
+        Ok(Weights {
+            dir: dir.to_path_buf(),
+            tensors,
+        })
     }
 
     /// A tensor checked for presence, shape and finiteness.
     pub fn get(&self, name: &str, shape: &[usize]) -> std::result::Result<Tensor, PaluError> {
-        let t = self.tensors.get(name).ok_or_else(|| PaluError::MissingTensor {
-            path: self.dir.clone(),
-            name: name.to_string(),
-            hint: String::new(),
-        })?;
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| PaluError::MissingTensor {
+                path: self.dir.clone(),
+                name: name.to_string(),
+                hint: String::new(),
+            })?;
         if t.dims() != shape {
             return Err(PaluError::TensorShape {
                 path: self.dir.clone(),
@@ -434,7 +470,10 @@ pub fn check_finite(t: &Tensor, path: &Path, name: &str) -> std::result::Result<
         .and_then(|s| s.to_scalar::<f32>())
         .map_err(|e| PaluError::invalid(path, crate::error::candle_msg(&e)))?;
     if !s.is_finite() {
-        return Err(PaluError::NonFinite { path: path.into(), name: name.into() });
+        return Err(PaluError::NonFinite {
+            path: path.into(),
+            name: name.into(),
+        });
     }
     Ok(())
 }
@@ -459,9 +498,17 @@ impl Model {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
-            let lin = |name: &str, o: usize, i: usize, bias: bool| -> std::result::Result<Linear, PaluError> {
+            let lin = |name: &str,
+                       o: usize,
+                       i: usize,
+                       bias: bool|
+             -> std::result::Result<Linear, PaluError> {
                 let w_ = w.get(&format!("{p}.{name}.weight"), &[o, i])?;
-                let b = if bias { Some(w.get(&format!("{p}.{name}.bias"), &[o])?) } else { None };
+                let b = if bias {
+                    Some(w.get(&format!("{p}.{name}.bias"), &[o])?)
+                } else {
+                    None
+                };
                 Ok(Linear { w: w_, b })
             };
             let kv = if cfg.is_palu {
@@ -497,19 +544,47 @@ impl Model {
         let norm = w.get("model.norm.weight", &[d])?;
         let device = embed.device().clone();
         let rope = Rope::new(&cfg, &device);
-        Ok(Model { cfg, embed, layers, norm, lm_head, rope, grad: false, latent_quant: None, device })
+        Ok(Model {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            grad: false,
+            latent_quant: None,
+            device,
+        })
     }
 
     /// Logits `[b, t, V]` for token ids `[b, t]`, continuing `cache` when given.
-    pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut Cache>, mut probe: Option<Probe>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut Cache>,
+        mut probe: Option<Probe>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |c| c.seq_len);
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?;
         let eps = self.cfg.rms_norm_eps;
         for (l, blk) in self.layers.iter().enumerate() {
             let xn = rms_norm(&x, &blk.input_norm, eps, self.grad)?;
             let lc = cache.as_mut().map(|c| &mut c.layers[l]);
-            let a = blk.attn.forward(l, &xn, &self.rope, lc, start, self.latent_quant, self.grad, &mut probe)?;
+            let a = blk.attn.forward(
+                l,
+                &xn,
+                &self.rope,
+                lc,
+                start,
+                self.latent_quant,
+                self.grad,
+                &mut probe,
+            )?;
             x = (x + a)?;
             let xn = rms_norm(&x, &blk.post_norm, eps, self.grad)?;
             x = (&x + blk.mlp.forward(&xn)?)?;
@@ -522,7 +597,12 @@ impl Model {
     }
 
     /// Greedy decoding with the cache (latents for Palu layers), returning the new token ids.
-    pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, eos: Option<u32>) -> Result<Vec<u32>> {
+    pub fn generate_greedy(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        eos: Option<u32>,
+    ) -> Result<Vec<u32>> {
         let mut cache = Cache::new(self.layers.len());
         let mut out = Vec::new();
         let mut input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
@@ -556,13 +636,23 @@ impl LastToken for Tensor {
 }
 
 /// Load `VT` / `U.i` factors of one module, checked against `head_wise_ranks`.
-fn load_lowrank(w: &Weights, cfg: &ModelConfig, l: usize, kind: KvKind) -> std::result::Result<LowRankProj, PaluError> {
+fn load_lowrank(
+    w: &Weights,
+    cfg: &ModelConfig,
+    l: usize,
+    kind: KvKind,
+) -> std::result::Result<LowRankProj, PaluError> {
     let module = ModelConfig::module_name(l, kind);
     let ranks = cfg
         .head_wise_ranks
         .as_ref()
         .and_then(|m| m.get(&module))
-        .ok_or_else(|| PaluError::invalid(w.dir.join("config.json"), format!("head_wise_ranks has no entry `{module}`")))?;
+        .ok_or_else(|| {
+            PaluError::invalid(
+                w.dir.join("config.json"),
+                format!("head_wise_ranks has no entry `{module}`"),
+            )
+        })?;
     let g_count = ranks.len();
     if g_count == 0 || cfg.num_kv_heads % g_count != 0 {
         return Err(PaluError::invalid(
@@ -581,11 +671,14 @@ fn load_lowrank(w: &Weights, cfg: &ModelConfig, l: usize, kind: KvKind) -> std::
         hint: hint.clone(),
     };
     let vt_name = format!("{module}.VT.weight");
-    let vt = w.tensors.get(&vt_name).ok_or_else(|| PaluError::MissingTensor {
-        path: w.dir.clone(),
-        name: vt_name.clone(),
-        hint: " (a Palu checkpoint stores the down factor there)".into(),
-    })?;
+    let vt = w
+        .tensors
+        .get(&vt_name)
+        .ok_or_else(|| PaluError::MissingTensor {
+            path: w.dir.clone(),
+            name: vt_name.clone(),
+            hint: " (a Palu checkpoint stores the down factor there)".into(),
+        })?;
     if vt.dims() != [total, cfg.hidden_size] {
         return Err(shape_err(vt_name, vt.dims(), vec![total, cfg.hidden_size]));
     }
@@ -596,15 +689,21 @@ fn load_lowrank(w: &Weights, cfg: &ModelConfig, l: usize, kind: KvKind) -> std::
         if r > gdh.min(cfg.hidden_size) {
             return Err(PaluError::invalid(
                 w.dir.join("config.json"),
-                format!("head_wise_ranks[`{module}`][{i}] = {r} exceeds the group's full rank {}", gdh.min(cfg.hidden_size)),
+                format!(
+                    "head_wise_ranks[`{module}`][{i}] = {r} exceeds the group's full rank {}",
+                    gdh.min(cfg.hidden_size)
+                ),
             ));
         }
         let name = format!("{module}.U.{i}.weight");
-        let u = w.tensors.get(&name).ok_or_else(|| PaluError::MissingTensor {
-            path: w.dir.clone(),
-            name: name.clone(),
-            hint: hint.clone(),
-        })?;
+        let u = w
+            .tensors
+            .get(&name)
+            .ok_or_else(|| PaluError::MissingTensor {
+                path: w.dir.clone(),
+                name: name.clone(),
+                hint: hint.clone(),
+            })?;
         if u.dims() != [gdh, r] {
             return Err(shape_err(name, u.dims(), vec![gdh, r]));
         }
@@ -617,9 +716,17 @@ fn load_lowrank(w: &Weights, cfg: &ModelConfig, l: usize, kind: KvKind) -> std::
     let bias = if biases.is_empty() {
         None
     } else {
-        Some(Tensor::cat(&biases, 0).map_err(|e| PaluError::invalid(&w.dir, crate::error::candle_msg(&e)))?)
+        Some(
+            Tensor::cat(&biases, 0)
+                .map_err(|e| PaluError::invalid(&w.dir, crate::error::candle_msg(&e)))?,
+        )
     };
-    LowRankProj::new(vt.clone(), ups, bias).map_err(|e| PaluError::invalid(&w.dir, format!("{module}: {}", crate::error::candle_msg(&e))))
+    LowRankProj::new(vt.clone(), ups, bias).map_err(|e| {
+        PaluError::invalid(
+            &w.dir,
+            format!("{module}: {}", crate::error::candle_msg(&e)),
+        )
+    })
 }
 
 /// Mean negative log-likelihood of `ids[1..]` given `logits[..-1]`, per token, `[t-1]`.

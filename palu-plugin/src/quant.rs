@@ -8,7 +8,17 @@ use candle_core::{Result, Tensor};
 pub const SUPPORTED_BITS: [u8; 5] = [2, 3, 4, 8, 16];
 
 /// How the zero point is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum ZeroPoint {
     /// `zero = round(−min / scale)`, any integer: the grid always spans `[min, max]`.
@@ -31,7 +41,11 @@ pub fn check_bits(bits: u8) -> std::result::Result<(), crate::PaluError> {
     if SUPPORTED_BITS.contains(&bits) {
         Ok(())
     } else {
-        Err(crate::PaluError::arg("latent_bits", bits, "must be one of 2, 3, 4, 8 or 16 (16 = no quantization)"))
+        Err(crate::PaluError::arg(
+            "latent_bits",
+            bits,
+            "must be one of 2, 3, 4, 8 or 16 (16 = no quantization)",
+        ))
     }
 }
 
@@ -61,7 +75,10 @@ pub fn dequantize_group(codes: &[u8], p: GroupParams, out: &mut [f32]) {
 }
 
 /// Channel ranges of the quantization groups of a latent of width `Σ group_widths`.
-pub fn group_ranges(group_widths: &[usize], sub_group: Option<usize>) -> Vec<std::ops::Range<usize>> {
+pub fn group_ranges(
+    group_widths: &[usize],
+    sub_group: Option<usize>,
+) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let mut off = 0;
     for &w in group_widths {
@@ -78,13 +95,22 @@ pub fn group_ranges(group_widths: &[usize], sub_group: Option<usize>) -> Vec<std
 }
 
 /// Quantize-then-dequantize `[.., R]` latents (what a low-bit cache returns to attention).
-pub fn fake_quant(h: &Tensor, bits: u8, group_widths: &[usize], sub_group: Option<usize>, zp: ZeroPoint) -> Result<Tensor> {
+pub fn fake_quant(
+    h: &Tensor,
+    bits: u8,
+    group_widths: &[usize],
+    sub_group: Option<usize>,
+    zp: ZeroPoint,
+) -> Result<Tensor> {
     if bits >= 16 {
         return Ok(h.clone());
     }
     let dims = h.dims().to_vec();
     let r = *dims.last().unwrap();
-    let data: Vec<f32> = h.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let data: Vec<f32> = h
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
     let ranges = group_ranges(group_widths, sub_group);
     let mut out = vec![0f32; data.len()];
     let mut codes = vec![0u8; r];

@@ -63,7 +63,11 @@ pub fn round_rank(r: f64, multiple: usize, cap: usize) -> usize {
 pub fn proportional_shares(weights: &[f64], caps: &[usize], total: usize) -> Vec<usize> {
     let wsum: f64 = weights.iter().sum();
     let exact: Vec<f64> = weights.iter().map(|w| total as f64 * w / wsum).collect();
-    let mut shares: Vec<usize> = exact.iter().zip(caps).map(|(e, &c)| (e.floor() as usize).min(c)).collect();
+    let mut shares: Vec<usize> = exact
+        .iter()
+        .zip(caps)
+        .map(|(e, &c)| (e.floor() as usize).min(c))
+        .collect();
     let target = total.min(caps.iter().sum());
     let mut order: Vec<usize> = (0..weights.len()).collect();
     order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
@@ -108,7 +112,10 @@ pub fn fisher_ranks_unrounded(modules: &[ModuleStats], ratio: f64, per_group: bo
         }
     } else {
         let weights: Vec<f64> = modules.iter().map(|m| m.fisher).collect();
-        let caps: Vec<usize> = modules.iter().map(|m| m.group_cap * m.sigmas.len()).collect();
+        let caps: Vec<usize> = modules
+            .iter()
+            .map(|m| m.group_cap * m.sigmas.len())
+            .collect();
         let full: usize = modules.iter().map(|m| m.group_width * m.sigmas.len()).sum();
         let shares = proportional_shares(&weights, &caps, (ratio * full as f64).floor() as usize);
         for (m, s) in modules.iter().zip(shares) {
@@ -133,9 +140,19 @@ pub fn allocate(method: RankSearch, modules: &[ModuleStats], ratio: f64, multipl
             .collect(),
         RankSearch::FisherUniform | RankSearch::Fisher => {
             let raw = fisher_ranks_unrounded(modules, ratio, method == RankSearch::Fisher);
-            let caps: BTreeMap<_, _> = modules.iter().map(|m| ((m.layer, m.kind), m.group_cap)).collect();
+            let caps: BTreeMap<_, _> = modules
+                .iter()
+                .map(|m| ((m.layer, m.kind), m.group_cap))
+                .collect();
             raw.into_iter()
-                .map(|(key, rs)| (key, rs.into_iter().map(|r| round_rank(r as f64, multiple, caps[&key])).collect()))
+                .map(|(key, rs)| {
+                    (
+                        key,
+                        rs.into_iter()
+                            .map(|r| round_rank(r as f64, multiple, caps[&key]))
+                            .collect(),
+                    )
+                })
                 .collect()
         }
         RankSearch::Waterfill => waterfill(modules, ratio, multiple),
@@ -164,7 +181,10 @@ fn waterfill(modules: &[ModuleStats], ratio: f64, multiple: usize) -> Ranks {
     let weight = |m: &ModuleStats, g: usize| m.group_fisher[g].powi(2) / m.input_power.max(1e-30);
     let chunk = |m: &ModuleStats, g: usize, from: usize| -> (f64, usize) {
         let to = (from + m_).min(m.group_cap);
-        (weight(m, g) * m.sigmas[g][from..to].iter().map(|s| s * s).sum::<f64>(), to - from)
+        (
+            weight(m, g) * m.sigmas[g][from..to].iter().map(|s| s * s).sum::<f64>(),
+            to - from,
+        )
     };
     let mut used = 0;
     let mut heap = BinaryHeap::new();
@@ -191,7 +211,11 @@ fn waterfill(modules: &[ModuleStats], ratio: f64, multiple: usize) -> Ranks {
             heap.push(Item(chunk(m, g, ranks[mi][g]).0, mi, g));
         }
     }
-    modules.iter().zip(ranks).map(|(m, r)| ((m.layer, m.kind), r)).collect()
+    modules
+        .iter()
+        .zip(ranks)
+        .map(|(m, r)| ((m.layer, m.kind), r))
+        .collect()
 }
 
 /// Fraction of K/V width removed: `1 − Σ ranks / (2·L·H_kv·dh)`.

@@ -8,9 +8,13 @@ use crate::error::PaluError;
 pub fn load(model_dir: &Path) -> Result<Tokenizer, PaluError> {
     let p = model_dir.join("tokenizer.json");
     if !p.exists() {
-        return Err(PaluError::invalid(&p, "missing: the model directory needs its tokenizer.json"));
+        return Err(PaluError::invalid(
+            &p,
+            "missing: the model directory needs its tokenizer.json",
+        ));
     }
-    Tokenizer::from_file(&p).map_err(|e| PaluError::invalid(&p, format!("cannot load tokenizer: {e}")))
+    Tokenizer::from_file(&p)
+        .map_err(|e| PaluError::invalid(&p, format!("cannot load tokenizer: {e}")))
 }
 
 pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>, PaluError> {

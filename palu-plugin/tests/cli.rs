@@ -51,7 +51,9 @@ fn eval_ppl_of_the_authors_checkpoint() {
     let (ok, out, err) = palu(&[
         "eval",
         "ppl",
-        f.join("palu-reference/stories260K-g1-r50").to_str().unwrap(),
+        f.join("palu-reference/stories260K-g1-r50")
+            .to_str()
+            .unwrap(),
         "--text",
         f.join("text/tinystories-sample.txt").to_str().unwrap(),
         "--seq-len",
@@ -64,7 +66,13 @@ fn eval_ppl_of_the_authors_checkpoint() {
 #[test]
 fn errors_exit_nonzero_with_one_clear_line() {
     let f = common::fixtures();
-    let (ok, _, err) = palu(&["eval", "ppl", f.join("models/stories260K").to_str().unwrap(), "--text", "/nonexistent.txt"]);
+    let (ok, _, err) = palu(&[
+        "eval",
+        "ppl",
+        f.join("models/stories260K").to_str().unwrap(),
+        "--text",
+        "/nonexistent.txt",
+    ]);
     assert!(!ok);
     insta::assert_snapshot!("missing_text", err);
     let (ok, _, err) = palu(&[
@@ -78,7 +86,13 @@ fn errors_exit_nonzero_with_one_clear_line() {
     ]);
     assert!(!ok);
     insta::assert_snapshot!("bad_bits", err);
-    let (ok, _, err) = palu(&["compress", f.join("models/stories260K").to_str().unwrap(), "/tmp/palu-never-written", "--group-size", "3"]);
+    let (ok, _, err) = palu(&[
+        "compress",
+        f.join("models/stories260K").to_str().unwrap(),
+        "/tmp/palu-never-written",
+        "--group-size",
+        "3",
+    ]);
     assert!(!ok);
     assert!(!std::path::Path::new("/tmp/palu-never-written").exists());
     insta::assert_snapshot!("bad_group_size", err);

@@ -37,13 +37,20 @@ fn edit_tensors(dir: &Path, f: impl FnOnce(&mut std::collections::HashMap<String
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let p = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
 }
 
 fn load_err(dir: &Path) -> String {
-    redact(Model::load(dir, &Device::Cpu).err().expect("load must fail").to_string(), &[dir])
+    redact(
+        Model::load(dir, &Device::Cpu)
+            .err()
+            .expect("load must fail")
+            .to_string(),
+        &[dir],
+    )
 }
 
 #[test]
@@ -58,7 +65,9 @@ fn missing_tensor() {
 #[test]
 fn palu_ranks_disagree_with_tensors() {
     let d = copy_dir(&common::fixtures().join("palu-reference/stories260K-g1-r50"));
-    edit_config(d.path(), |c| c["head_wise_ranks"]["model.layers.1.self_attn.v_proj"] = serde_json::json!([6, 6, 5, 6]));
+    edit_config(d.path(), |c| {
+        c["head_wise_ranks"]["model.layers.1.self_attn.v_proj"] = serde_json::json!([6, 6, 5, 6])
+    });
     insta::assert_snapshot!(load_err(d.path()), @"[DIR]: tensor `model.layers.1.self_attn.v_proj.VT.weight` has shape [24, 64], expected [23, 64] (from head_wise_ranks[`model.layers.1.self_attn.v_proj`] = [6, 6, 5, 6])");
 }
 
@@ -75,10 +84,15 @@ fn palu_missing_up_factor() {
 fn nan_in_factors() {
     let d = copy_dir(&common::fixtures().join("palu-reference/stories260K-g1-r50"));
     edit_tensors(d.path(), |t| {
-        let u = t["model.layers.0.self_attn.v_proj.U.1.weight"].to_dtype(candle_core::DType::F32).unwrap();
+        let u = t["model.layers.0.self_attn.v_proj.U.1.weight"]
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
         let mut v: Vec<f32> = u.flatten_all().unwrap().to_vec1().unwrap();
         v[5] = f32::NAN;
-        t.insert("model.layers.0.self_attn.v_proj.U.1.weight".into(), Tensor::from_vec(v, u.dims(), &Device::Cpu).unwrap());
+        t.insert(
+            "model.layers.0.self_attn.v_proj.U.1.weight".into(),
+            Tensor::from_vec(v, u.dims(), &Device::Cpu).unwrap(),
+        );
     });
     insta::assert_snapshot!(load_err(d.path()), @"[DIR]: tensor `model.layers.0.self_attn.v_proj.U.1.weight` holds non-finite values (NaN or infinity); the checkpoint is corrupt, re-create it");
 }
@@ -86,7 +100,9 @@ fn nan_in_factors() {
 #[test]
 fn unsupported_architecture() {
     let d = copy_dir(&common::stories_dir());
-    edit_config(d.path(), |c| c["model_type"] = serde_json::json!("gpt_neox"));
+    edit_config(d.path(), |c| {
+        c["model_type"] = serde_json::json!("gpt_neox")
+    });
     insta::assert_snapshot!(load_err(d.path()), @"[DIR]/config.json: unsupported architecture `gpt_neox`: palu supports the Llama family (llama, mistral, qwen2 and their palu* variants)");
 }
 
@@ -100,14 +116,30 @@ fn malformed_config_json() {
 fn compress_err(opts: CompressOptions) -> String {
     let out = tempfile::tempdir().unwrap();
     let target = out.path().join("ckpt");
-    let e = compress_to_dir(&common::stories_dir(), &target, &opts).err().expect("compress must fail");
-    assert!(!target.exists(), "a failed compression left {}", target.display());
-    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0, "a failed compression left a partial directory");
+    let e = compress_to_dir(&common::stories_dir(), &target, &opts)
+        .err()
+        .expect("compress must fail");
+    assert!(
+        !target.exists(),
+        "a failed compression left {}",
+        target.display()
+    );
+    assert_eq!(
+        std::fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "a failed compression left a partial directory"
+    );
     redact(e.to_string(), &[out.path()])
 }
 
 fn calib_opts() -> CompressOptions {
-    CompressOptions { calib: Some(common::c4()), calib_samples: 4, calib_seq_len: 128, fisher_samples: 2, ..Default::default() }
+    CompressOptions {
+        calib: Some(common::c4()),
+        calib_samples: 4,
+        calib_seq_len: 128,
+        fisher_samples: 2,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -144,8 +176,12 @@ fn whitening_without_calibration() {
 #[test]
 fn non_finite_calibration_statistics() {
     let mut g = palu::decompose::Gram::new(4);
-    g.accumulate(&Tensor::new(&[[1f32, 2., f32::INFINITY, 0.5]], &Device::Cpu).unwrap()).unwrap();
-    let e = palu::decompose::Whitening::from_gram(&g, 7).err().unwrap().to_string();
+    g.accumulate(&Tensor::new(&[[1f32, 2., f32::INFINITY, 0.5]], &Device::Cpu).unwrap())
+        .unwrap();
+    let e = palu::decompose::Whitening::from_gram(&g, 7)
+        .err()
+        .unwrap()
+        .to_string();
     insta::assert_snapshot!(e, @"calibration statistics of layer 7 = XᵀX: hold non-finite values (the model overflowed on the calibration text); check the model weights or calibrate in f32");
 }
 
@@ -175,13 +211,24 @@ achieved_kv_reduction = 0.5
 "#;
 
 fn layers(k: &str) -> String {
-    (0..5).map(|i| format!("[[layer]]\nindex = {i}\nk = {}\nv = [4, 4, 4, 4]\n", if i == 2 { k } else { "[4, 4, 4, 4]" })).collect()
+    (0..5)
+        .map(|i| {
+            format!(
+                "[[layer]]\nindex = {i}\nk = {}\nv = [4, 4, 4, 4]\n",
+                if i == 2 { k } else { "[4, 4, 4, 4]" }
+            )
+        })
+        .collect()
 }
 
 fn toml_err(text: &str) -> String {
     let (d, p) = write_toml(text);
-    let cfg = palu::config::ModelConfig::from_file(&common::stories_dir().join("config.json")).unwrap();
-    let e = AllocConfig::from_file(&p).and_then(|a| a.validate_for(&cfg, &p)).err().expect("must fail");
+    let cfg =
+        palu::config::ModelConfig::from_file(&common::stories_dir().join("config.json")).unwrap();
+    let e = AllocConfig::from_file(&p)
+        .and_then(|a| a.validate_for(&cfg, &p))
+        .err()
+        .expect("must fail");
     redact(e.to_string(), &[d.path()])
 }
 
@@ -205,16 +252,26 @@ fn malformed_toml() {
 
 #[test]
 fn toml_for_another_model() {
-    let text = STORIES_TOML.replace("num_layers = 5", "num_layers = 30").replace("hidden_size = 64", "hidden_size = 576");
+    let text = STORIES_TOML
+        .replace("num_layers = 5", "num_layers = 30")
+        .replace("hidden_size = 64", "hidden_size = 576");
     insta::assert_snapshot!(toml_err(&format!("{text}{}", layers("[4, 4, 4, 4]"))),
         @"[DIR]/alloc.toml: written for a different model: [model] says llama with 30 layers, hidden 576, 4 KV heads of 8; this model is llama with 5 layers, hidden 64, 4 KV heads of 8");
 }
 
 #[test]
 fn toml_with_unknown_field_and_bad_bits() {
-    let e = toml_err(&format!("{}{}", STORIES_TOML.replace("latent_bits = 16", "latent_bits = 5"), layers("[4, 4, 4, 4]")));
+    let e = toml_err(&format!(
+        "{}{}",
+        STORIES_TOML.replace("latent_bits = 16", "latent_bits = 5"),
+        layers("[4, 4, 4, 4]")
+    ));
     insta::assert_snapshot!(e, @"[DIR]/alloc.toml: compression.latent_bits = 5: must be one of 2, 3, 4, 8 or 16 (16 = no quantization)");
-    let e = toml_err(&format!("{}{}", STORIES_TOML.replace("group_size = 1", "group_size = 1\ngroupsize = 2"), layers("[4, 4, 4, 4]")));
+    let e = toml_err(&format!(
+        "{}{}",
+        STORIES_TOML.replace("group_size = 1", "group_size = 1\ngroupsize = 2"),
+        layers("[4, 4, 4, 4]")
+    ));
     assert!(e.contains("unknown field `groupsize`"), "{e}");
 }
 
@@ -275,14 +332,23 @@ fn failed_write_leaves_nothing_behind() {
     assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
     // And an existing output is never overwritten.
     std::fs::create_dir(&out).unwrap();
-    let e = palu::checkpoint::write_dir_atomically(&out, |_| Ok(())).unwrap_err().to_string();
-    assert_eq!(redact(e, &[d.path()]), "[DIR]/ckpt: already exists; remove it or choose another output directory");
+    let e = palu::checkpoint::write_dir_atomically(&out, |_| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        redact(e, &[d.path()]),
+        "[DIR]/ckpt: already exists; remove it or choose another output directory"
+    );
 }
 
 #[test]
 fn uniform_rank_search_needs_no_fisher() {
     // Sanity: the options used above are otherwise valid.
     let out = tempfile::tempdir().unwrap();
-    let opts = CompressOptions { rank_search: RankSearch::Uniform, rank_multiple: 1, ..calib_opts() };
+    let opts = CompressOptions {
+        rank_search: RankSearch::Uniform,
+        rank_multiple: 1,
+        ..calib_opts()
+    };
     compress_to_dir(&common::stories_dir(), &out.path().join("ok"), &opts).unwrap();
 }

@@ -14,17 +14,36 @@ use palu::ranks::RankSearch;
 const STORIES_REFERENCE: &str = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball. She wanted to play with it, but it was too high";
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn logits(m: &Model, ids: &[u32]) -> Tensor {
-    m.forward(&Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None, None).unwrap()
+    m.forward(
+        &Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap(),
+        None,
+        None,
+    )
+    .unwrap()
 }
 
 fn greedy_text(dir: &Path, prompt: &str, bos: bool, n: usize) -> String {
     let m = Model::load(dir, &Device::Cpu).unwrap();
     let tok = palu::tokenizer::load(dir).unwrap();
-    let mut ids: Vec<u32> = if bos { vec![m.cfg.bos_token_id.unwrap()] } else { vec![] };
+    let mut ids: Vec<u32> = if bos {
+        vec![m.cfg.bos_token_id.unwrap()]
+    } else {
+        vec![]
+    };
     ids.extend(palu::tokenizer::encode(&tok, prompt).unwrap());
     let out = m.generate_greedy(&ids, n, None).unwrap();
     tok.decode(&out, true).unwrap()
@@ -36,15 +55,28 @@ fn stories260k_gguf_converts_to_the_reference_model() {
     assert!(greedy_text(&dir, "", true, 70).starts_with(STORIES_REFERENCE));
     // Same tensors as the Hugging Face fixture (Q/K permutation undone exactly).
     let ours = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-    let theirs = candle_core::safetensors::load(common::stories_dir().join("model.safetensors"), &Device::Cpu).unwrap();
+    let theirs = candle_core::safetensors::load(
+        common::stories_dir().join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(ours.len(), theirs.len());
     for (k, v) in &theirs {
-        assert_eq!(max_abs_diff(&ours[k], &v.to_dtype(DType::F32).unwrap()), 0.0, "{k}");
+        assert_eq!(
+            max_abs_diff(&ours[k], &v.to_dtype(DType::F32).unwrap()),
+            0.0,
+            "{k}"
+        );
     }
     // The tokenizer rebuilt from GGUF metadata encodes like the fixture's tokenizer.json.
-    let text = std::fs::read_to_string(common::fixtures().join("text/tinystories-sample.txt")).unwrap();
+    let text =
+        std::fs::read_to_string(common::fixtures().join("text/tinystories-sample.txt")).unwrap();
     let a = palu::tokenizer::encode(&palu::tokenizer::load(&dir).unwrap(), &text).unwrap();
-    let b = palu::tokenizer::encode(&palu::tokenizer::load(&common::stories_dir()).unwrap(), &text).unwrap();
+    let b = palu::tokenizer::encode(
+        &palu::tokenizer::load(&common::stories_dir()).unwrap(),
+        &text,
+    )
+    .unwrap();
     assert_eq!(a, b);
 }
 
@@ -53,13 +85,20 @@ fn smollm2_gguf_converts_and_answers_paris() {
     let dir = common::smollm2();
     let text = greedy_text(&dir, "The capital of France is", false, 3);
     assert!(text.starts_with(" Paris"), "{text:?}");
-    let tc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
-    assert!(tc["chat_template"].as_str().unwrap().contains("<|im_start|>"));
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert!(tc["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>"));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["tie_word_embeddings"], true);
     // WikiText-2 with the paper's convention: the token count the fixtures README gives.
     let tok = palu::tokenizer::load(&dir).unwrap();
-    let wt = std::fs::read_to_string(common::fixtures().join("text/wikitext-2-raw-test.txt")).unwrap();
+    let wt =
+        std::fs::read_to_string(common::fixtures().join("text/wikitext-2-raw-test.txt")).unwrap();
     let ids = palu::eval::eval_tokens(&tok, &wt, palu::eval::Protocol::Wikitext, None).unwrap();
     assert_eq!(ids.len(), 304_978);
 }
@@ -77,16 +116,21 @@ fn full_rank(model_dir: &Path, group_size: usize, samples: usize, seq: usize) ->
     };
     let c = compress(model_dir, &opts).unwrap();
     assert_eq!(c.alloc.compression.achieved_kv_reduction, 0.0);
-    (Model::load(model_dir, &Device::Cpu).unwrap(), c.model().unwrap())
+    (
+        Model::load(model_dir, &Device::Cpu).unwrap(),
+        c.model().unwrap(),
+    )
 }
 
 #[test]
 fn full_rank_reproduces_stories260k() {
-    let text = std::fs::read_to_string(common::fixtures().join("text/tinystories-sample.txt")).unwrap();
+    let text =
+        std::fs::read_to_string(common::fixtures().join("text/tinystories-sample.txt")).unwrap();
     for g in [1, 2, 4] {
         let (base, palu) = full_rank(&common::stories_dir(), g, 8, 128);
         let tok = palu::tokenizer::load(&common::stories_dir()).unwrap();
-        let ids = palu::eval::eval_tokens(&tok, &text, palu::eval::Protocol::Stories, Some(1)).unwrap();
+        let ids =
+            palu::eval::eval_tokens(&tok, &text, palu::eval::Protocol::Stories, Some(1)).unwrap();
         let d = max_abs_diff(&logits(&base, &ids[..256]), &logits(&palu, &ids[..256]));
         assert!(d <= 1e-3, "g={g}: max |Δlogit| = {d}");
     }
@@ -97,7 +141,8 @@ fn full_rank_reproduces_smollm2() {
     let dir = common::smollm2();
     let (base, palu) = full_rank(&dir, 3, 4, 512);
     let tok = palu::tokenizer::load(&dir).unwrap();
-    let wt = std::fs::read_to_string(common::fixtures().join("text/wikitext-2-raw-test.txt")).unwrap();
+    let wt =
+        std::fs::read_to_string(common::fixtures().join("text/wikitext-2-raw-test.txt")).unwrap();
     let ids = palu::eval::eval_tokens(&tok, &wt, palu::eval::Protocol::Wikitext, None).unwrap();
     let d = max_abs_diff(&logits(&base, &ids[..128]), &logits(&palu, &ids[..128]));
     eprintln!("SmolLM2 full rank: max |Δlogit| = {d}");
@@ -113,15 +158,42 @@ fn latent_cache_decoding_equals_full_forward() {
     let ids: Vec<u32> = (0..40).map(|i| (i * 37 % 500 + 3) as u32).collect();
     let full = logits(&m, &ids).squeeze(0).unwrap();
     let mut cache = Cache::new(m.layers.len());
-    let prefill = m.forward(&Tensor::new(&ids[..17], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Some(&mut cache), None).unwrap();
-    assert!(max_abs_diff(&prefill.squeeze(0).unwrap(), &full.narrow(0, 0, 17).unwrap()) < 1e-4);
+    let prefill = m
+        .forward(
+            &Tensor::new(&ids[..17], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            Some(&mut cache),
+            None,
+        )
+        .unwrap();
+    assert!(
+        max_abs_diff(
+            &prefill.squeeze(0).unwrap(),
+            &full.narrow(0, 0, 17).unwrap()
+        ) < 1e-4
+    );
     for t in 17..40 {
-        let step = m.forward(&Tensor::new(&ids[t..t + 1], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Some(&mut cache), None).unwrap();
+        let step = m
+            .forward(
+                &Tensor::new(&ids[t..t + 1], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                Some(&mut cache),
+                None,
+            )
+            .unwrap();
         let d = max_abs_diff(&step.flatten_all().unwrap(), &full.get(t).unwrap());
         assert!(d < 1e-4, "step {t}: {d}");
     }
     // The cache holds latents: Σ ranks per token, not 2·H_kv·dh.
-    let per_token: usize = cache.layers.iter().map(|l| l.k.as_ref().unwrap().dim(2).unwrap() + l.v.as_ref().unwrap().dim(2).unwrap()).sum();
+    let per_token: usize = cache
+        .layers
+        .iter()
+        .map(|l| l.k.as_ref().unwrap().dim(2).unwrap() + l.v.as_ref().unwrap().dim(2).unwrap())
+        .sum();
     assert_eq!(cache.layers[0].k.as_ref().unwrap().dims(), &[1, 40, 8]);
     assert_eq!(per_token, 8 + 16 + 12 + 24 + 8 + 24 + 8 + 24 + 4 + 20);
 }
@@ -142,7 +214,8 @@ fn compressed_checkpoint_round_trips_and_config_reapplies() {
     };
     let c = compress_to_dir(&common::stories_dir(), &a, &opts).unwrap();
     // The authors' layout: names, head_wise_ranks, model_type.
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["model_type"], "palullama");
     assert_eq!(cfg["architectures"][0], "PaluLlamaForCausalLM");
     let hw = cfg["head_wise_ranks"].as_object().unwrap();
@@ -151,7 +224,10 @@ fn compressed_checkpoint_round_trips_and_config_reapplies() {
     assert!(!t.contains_key("model.layers.0.self_attn.k_proj.weight"));
     for (module, ranks) in hw {
         let ranks: Vec<usize> = serde_json::from_value(ranks.clone()).unwrap();
-        assert_eq!(t[&format!("{module}.VT.weight")].dims(), &[ranks.iter().sum::<usize>(), 64]);
+        assert_eq!(
+            t[&format!("{module}.VT.weight")].dims(),
+            &[ranks.iter().sum::<usize>(), 64]
+        );
         for (i, r) in ranks.iter().enumerate() {
             assert_eq!(t[&format!("{module}.U.{i}.weight")].dims(), &[8, *r]);
         }
@@ -165,16 +241,33 @@ fn compressed_checkpoint_round_trips_and_config_reapplies() {
     let ac = AllocConfig::from_file(&toml_path).unwrap();
     assert_eq!(ac, c.alloc, "TOML round trip");
     let b = out.path().join("b");
-    let opts_b = CompressOptions { config: Some((toml_path, ac.clone())), rank_search: RankSearch::Uniform, ..opts };
+    let opts_b = CompressOptions {
+        config: Some((toml_path, ac.clone())),
+        rank_search: RankSearch::Uniform,
+        ..opts
+    };
     let c2 = compress_to_dir(&common::stories_dir(), &b, &opts_b).unwrap();
     assert_eq!(c2.alloc.layers, c.alloc.layers);
-    let ranks_b: HashMap<_, _> = c2.factors.iter().map(|(k, p)| (*k, p.ranks.clone())).collect();
+    let ranks_b: HashMap<_, _> = c2
+        .factors
+        .iter()
+        .map(|(k, p)| (*k, p.ranks.clone()))
+        .collect();
     for (k, p) in &c.factors {
         assert_eq!(ranks_b[k], p.ranks);
     }
-    assert!(max_abs_diff(&logits(&Model::load(&b, &Device::Cpu).unwrap(), &ids), &logits(&loaded, &ids)) < 1e-5);
+    assert!(
+        max_abs_diff(
+            &logits(&Model::load(&b, &Device::Cpu).unwrap(), &ids),
+            &logits(&loaded, &ids)
+        ) < 1e-5
+    );
     // Every module kept at least one rank, achieved reduction is what the ranks say.
-    let kept: usize = ac.layers.iter().map(|l| l.k.iter().sum::<usize>() + l.v.iter().sum::<usize>()).sum();
+    let kept: usize = ac
+        .layers
+        .iter()
+        .map(|l| l.k.iter().sum::<usize>() + l.v.iter().sum::<usize>())
+        .sum();
     assert!((ac.compression.achieved_kv_reduction - (1.0 - kept as f64 / 320.0)).abs() < 1e-4);
 }
 
@@ -182,7 +275,10 @@ fn compressed_checkpoint_round_trips_and_config_reapplies() {
 fn synthetic(model_type: &str, extra: serde_json::Value) -> tempfile::TempDir {
     use rand::{Rng, SeedableRng};
     let d = tempfile::tempdir().unwrap();
-    let kv = extra.get("num_key_value_heads").and_then(|v| v.as_u64()).unwrap_or(4) as usize;
+    let kv = extra
+        .get("num_key_value_heads")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(4) as usize;
     let dh = extra.get("head_dim").and_then(|v| v.as_u64()).unwrap_or(8) as usize;
     let (hidden, heads, ff, layers, vocab) = (64usize, 8usize, 96usize, 2usize, 512usize);
     let mut cfg = serde_json::json!({
@@ -195,31 +291,70 @@ fn synthetic(model_type: &str, extra: serde_json::Value) -> tempfile::TempDir {
         cfg[k] = v.clone();
     }
     std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();
-    std::fs::copy(common::stories_dir().join("tokenizer.json"), d.path().join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        common::stories_dir().join("tokenizer.json"),
+        d.path().join("tokenizer.json"),
+    )
+    .unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(common::fresh_seed());
     let mut t = HashMap::new();
     let mut rand_t = |shape: &[usize], scale: f32| {
         let n: usize = shape.iter().product();
-        Tensor::from_vec((0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
+        Tensor::from_vec(
+            (0..n)
+                .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+                .collect::<Vec<_>>(),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap()
     };
-    t.insert("model.embed_tokens.weight".to_string(), rand_t(&[vocab, hidden], 1.0));
+    t.insert(
+        "model.embed_tokens.weight".to_string(),
+        rand_t(&[vocab, hidden], 1.0),
+    );
     t.insert("lm_head.weight".to_string(), rand_t(&[vocab, hidden], 0.2));
-    t.insert("model.norm.weight".to_string(), rand_t(&[hidden], 0.1).affine(1.0, 1.0).unwrap());
+    t.insert(
+        "model.norm.weight".to_string(),
+        rand_t(&[hidden], 0.1).affine(1.0, 1.0).unwrap(),
+    );
     let qkv_bias = model_type == "qwen2";
     for l in 0..layers {
         let p = format!("model.layers.{l}");
-        for (n, o, i) in [("self_attn.q_proj", heads * dh, hidden), ("self_attn.k_proj", kv * dh, hidden), ("self_attn.v_proj", kv * dh, hidden)] {
+        for (n, o, i) in [
+            ("self_attn.q_proj", heads * dh, hidden),
+            ("self_attn.k_proj", kv * dh, hidden),
+            ("self_attn.v_proj", kv * dh, hidden),
+        ] {
             t.insert(format!("{p}.{n}.weight"), rand_t(&[o, i], 0.25));
             if qkv_bias {
                 t.insert(format!("{p}.{n}.bias"), rand_t(&[o], 0.5));
             }
         }
-        t.insert(format!("{p}.self_attn.o_proj.weight"), rand_t(&[hidden, heads * dh], 0.2));
-        t.insert(format!("{p}.mlp.gate_proj.weight"), rand_t(&[ff, hidden], 0.2));
-        t.insert(format!("{p}.mlp.up_proj.weight"), rand_t(&[ff, hidden], 0.2));
-        t.insert(format!("{p}.mlp.down_proj.weight"), rand_t(&[hidden, ff], 0.2));
-        t.insert(format!("{p}.input_layernorm.weight"), rand_t(&[hidden], 0.1).affine(1.0, 1.0).unwrap());
-        t.insert(format!("{p}.post_attention_layernorm.weight"), rand_t(&[hidden], 0.1).affine(1.0, 1.0).unwrap());
+        t.insert(
+            format!("{p}.self_attn.o_proj.weight"),
+            rand_t(&[hidden, heads * dh], 0.2),
+        );
+        t.insert(
+            format!("{p}.mlp.gate_proj.weight"),
+            rand_t(&[ff, hidden], 0.2),
+        );
+        t.insert(
+            format!("{p}.mlp.up_proj.weight"),
+            rand_t(&[ff, hidden], 0.2),
+        );
+        t.insert(
+            format!("{p}.mlp.down_proj.weight"),
+            rand_t(&[hidden, ff], 0.2),
+        );
+        t.insert(
+            format!("{p}.input_layernorm.weight"),
+            rand_t(&[hidden], 0.1).affine(1.0, 1.0).unwrap(),
+        );
+        t.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            rand_t(&[hidden], 0.1).affine(1.0, 1.0).unwrap(),
+        );
     }
     candle_core::safetensors::save(&t, d.path().join("model.safetensors")).unwrap();
     d
@@ -251,9 +386,26 @@ fn synthetic_full_rank(model_type: &str, extra: serde_json::Value) {
     let m = Model::load(&ck50, &Device::Cpu).unwrap();
     let full = logits(&m, &ids).squeeze(0).unwrap();
     let mut cache = Cache::new(m.layers.len());
-    m.forward(&Tensor::new(&ids[..50], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Some(&mut cache), None).unwrap();
+    m.forward(
+        &Tensor::new(&ids[..50], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap(),
+        Some(&mut cache),
+        None,
+    )
+    .unwrap();
     for t in 50..96 {
-        let step = m.forward(&Tensor::new(&ids[t..t + 1], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Some(&mut cache), None).unwrap();
+        let step = m
+            .forward(
+                &Tensor::new(&ids[t..t + 1], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                Some(&mut cache),
+                None,
+            )
+            .unwrap();
         let dd = max_abs_diff(&step.flatten_all().unwrap(), &full.get(t).unwrap());
         assert!(dd < 1e-4, "{model_type} step {t}: {dd}");
     }
@@ -262,16 +414,25 @@ fn synthetic_full_rank(model_type: &str, extra: serde_json::Value) {
 #[test]
 fn mistral_layout_full_rank_is_exact() {
     // A 32-token sliding window, so that the 96-token test sequence is masked by it.
-    synthetic_full_rank("mistral", serde_json::json!({"sliding_window": 32, "architectures": ["MistralForCausalLM"]}));
+    synthetic_full_rank(
+        "mistral",
+        serde_json::json!({"sliding_window": 32, "architectures": ["MistralForCausalLM"]}),
+    );
 }
 
 #[test]
 fn qwen2_layout_with_biases_full_rank_is_exact() {
-    let d = synthetic("qwen2", serde_json::json!({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": false}));
+    let d = synthetic(
+        "qwen2",
+        serde_json::json!({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": false}),
+    );
     let cfg = palu::config::ModelConfig::from_file(&d.path().join("config.json")).unwrap();
     assert!(cfg.qkv_bias);
     drop(d);
-    synthetic_full_rank("qwen2", serde_json::json!({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": false}));
+    synthetic_full_rank(
+        "qwen2",
+        serde_json::json!({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": false}),
+    );
 }
 
 #[test]
@@ -284,7 +445,10 @@ fn sliding_window_changes_attention() {
     let w = palu::model::Weights::load(d.path(), &Device::Cpu).unwrap();
     let m2 = Model::from_weights(cfg, &w).unwrap();
     let ids: Vec<u32> = (0..40).map(|i| (i * 7 % 500 + 3) as u32).collect();
-    let (a, b) = (logits(&m, &ids).squeeze(0).unwrap(), logits(&m2, &ids).squeeze(0).unwrap());
+    let (a, b) = (
+        logits(&m, &ids).squeeze(0).unwrap(),
+        logits(&m2, &ids).squeeze(0).unwrap(),
+    );
     assert!(max_abs_diff(&a.narrow(0, 0, 16).unwrap(), &b.narrow(0, 0, 16).unwrap()) < 1e-5);
     assert!(max_abs_diff(&a.narrow(0, 20, 20).unwrap(), &b.narrow(0, 20, 20).unwrap()) > 1e-3);
 }
@@ -292,7 +456,10 @@ fn sliding_window_changes_attention() {
 #[test]
 fn llama_mha_with_wide_heads_full_rank_is_exact() {
     // MHA (8 KV heads) with head_dim 16 ≠ hidden / heads, J-LRD-like groups of 2 heads (rank cap 32).
-    synthetic_full_rank("llama", serde_json::json!({"num_key_value_heads": 8, "head_dim": 16}));
+    synthetic_full_rank(
+        "llama",
+        serde_json::json!({"num_key_value_heads": 8, "head_dim": 16}),
+    );
 }
 
 #[test]
@@ -308,9 +475,30 @@ fn hadamard_auto_rotates_only_where_it_lowers_the_quantization_error() {
         latent_bits: 3,
         ..Default::default()
     };
-    let plain = compress(&common::stories_dir(), &CompressOptions { hadamard: palu::alloc_config::HadamardMode::Off, ..base.clone() }).unwrap();
-    let on = compress(&common::stories_dir(), &CompressOptions { hadamard: palu::alloc_config::HadamardMode::On, ..base.clone() }).unwrap();
-    let auto = compress(&common::stories_dir(), &CompressOptions { hadamard: palu::alloc_config::HadamardMode::Auto, ..base }).unwrap();
+    let plain = compress(
+        &common::stories_dir(),
+        &CompressOptions {
+            hadamard: palu::alloc_config::HadamardMode::Off,
+            ..base.clone()
+        },
+    )
+    .unwrap();
+    let on = compress(
+        &common::stories_dir(),
+        &CompressOptions {
+            hadamard: palu::alloc_config::HadamardMode::On,
+            ..base.clone()
+        },
+    )
+    .unwrap();
+    let auto = compress(
+        &common::stories_dir(),
+        &CompressOptions {
+            hadamard: palu::alloc_config::HadamardMode::Auto,
+            ..base
+        },
+    )
+    .unwrap();
     // The calibration inputs of layer l, as the pipeline saw them.
     let model = Model::load(&common::stories_dir(), &Device::Cpu).unwrap();
     let tok = palu::tokenizer::load(&common::stories_dir()).unwrap();
@@ -322,14 +510,32 @@ fn hadamard_auto_rotates_only_where_it_lowers_the_quantization_error() {
         }
         Ok(())
     };
-    model.forward(&Tensor::new(w[0].as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None, Some(&mut probe)).unwrap();
+    model
+        .forward(
+            &Tensor::new(w[0].as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            None,
+            Some(&mut probe),
+        )
+        .unwrap();
     let mut rotated = 0;
     for l in &auto.alloc.layers {
-        for (kind, flag) in [(palu::lowrank::KvKind::K, l.hadamard_k), (palu::lowrank::KvKind::V, l.hadamard_v)] {
+        for (kind, flag) in [
+            (palu::lowrank::KvKind::K, l.hadamard_k),
+            (palu::lowrank::KvKind::V, l.hadamard_v),
+        ] {
             let x = inputs[l.index].as_ref().unwrap();
-            let e_plain = palu::compress::quant_error(&plain.factors[&(l.index, kind)], x, 3).unwrap();
+            let e_plain =
+                palu::compress::quant_error(&plain.factors[&(l.index, kind)], x, 3).unwrap();
             let e_rot = palu::compress::quant_error(&on.factors[&(l.index, kind)], x, 3).unwrap();
-            assert_eq!(flag, e_rot < e_plain, "layer {} {kind:?}: plain {e_plain}, rotated {e_rot}", l.index);
+            assert_eq!(
+                flag,
+                e_rot < e_plain,
+                "layer {} {kind:?}: plain {e_plain}, rotated {e_rot}",
+                l.index
+            );
             rotated += usize::from(flag);
         }
     }
@@ -339,7 +545,14 @@ fn hadamard_auto_rotates_only_where_it_lowers_the_quantization_error() {
 /// llama.cpp's row permutation of q/k for interleaved RoPE (the inverse of `palu::gguf::unpermute`).
 fn permute(t: &Tensor, n_head: usize) -> Tensor {
     let (rows, cols) = t.dims2().unwrap();
-    t.reshape((n_head, 2, rows / n_head / 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((rows, cols)).unwrap()
+    t.reshape((n_head, 2, rows / n_head / 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
 }
 
 #[test]
@@ -351,21 +564,76 @@ fn every_supported_gguf_quant_type_converts() {
     let (d, heads, kv, dh, ff) = (256usize, 4usize, 2usize, 64usize, 512usize);
     let mut f = std::fs::File::open(common::fixtures().join("models/stories260K.gguf")).unwrap();
     let src = gguf_file::Content::read(&mut f).unwrap();
-    let vocab = src.metadata["tokenizer.ggml.tokens"].to_vec().unwrap().len();
+    let vocab = src.metadata["tokenizer.ggml.tokens"]
+        .to_vec()
+        .unwrap()
+        .len();
     let mut rng = rand::rngs::StdRng::seed_from_u64(common::fresh_seed());
     let mut randn = |r: usize, c: usize| {
-        Tensor::from_vec((0..r * c).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect::<Vec<_>>(), (r, c), &Device::Cpu).unwrap()
+        Tensor::from_vec(
+            (0..r * c)
+                .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+                .collect::<Vec<_>>(),
+            (r, c),
+            &Device::Cpu,
+        )
+        .unwrap()
     };
     let originals: Vec<(&str, &str, Tensor, GgmlDType)> = vec![
-        ("token_embd.weight", "model.embed_tokens.weight", randn(vocab, d), GgmlDType::Q8_0),
-        ("output.weight", "lm_head.weight", randn(vocab, d), GgmlDType::Q6K),
-        ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight", randn(heads * dh, d), GgmlDType::Q4_0),
-        ("blk.0.attn_k.weight", "model.layers.0.self_attn.k_proj.weight", randn(kv * dh, d), GgmlDType::Q4_1),
-        ("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight", randn(kv * dh, d), GgmlDType::Q4K),
-        ("blk.0.attn_output.weight", "model.layers.0.self_attn.o_proj.weight", randn(d, heads * dh), GgmlDType::F16),
-        ("blk.0.ffn_gate.weight", "model.layers.0.mlp.gate_proj.weight", randn(ff, d), GgmlDType::Q5K),
-        ("blk.0.ffn_up.weight", "model.layers.0.mlp.up_proj.weight", randn(ff, d), GgmlDType::Q3K),
-        ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight", randn(d, ff), GgmlDType::Q2K),
+        (
+            "token_embd.weight",
+            "model.embed_tokens.weight",
+            randn(vocab, d),
+            GgmlDType::Q8_0,
+        ),
+        (
+            "output.weight",
+            "lm_head.weight",
+            randn(vocab, d),
+            GgmlDType::Q6K,
+        ),
+        (
+            "blk.0.attn_q.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            randn(heads * dh, d),
+            GgmlDType::Q4_0,
+        ),
+        (
+            "blk.0.attn_k.weight",
+            "model.layers.0.self_attn.k_proj.weight",
+            randn(kv * dh, d),
+            GgmlDType::Q4_1,
+        ),
+        (
+            "blk.0.attn_v.weight",
+            "model.layers.0.self_attn.v_proj.weight",
+            randn(kv * dh, d),
+            GgmlDType::Q4K,
+        ),
+        (
+            "blk.0.attn_output.weight",
+            "model.layers.0.self_attn.o_proj.weight",
+            randn(d, heads * dh),
+            GgmlDType::F16,
+        ),
+        (
+            "blk.0.ffn_gate.weight",
+            "model.layers.0.mlp.gate_proj.weight",
+            randn(ff, d),
+            GgmlDType::Q5K,
+        ),
+        (
+            "blk.0.ffn_up.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            randn(ff, d),
+            GgmlDType::Q3K,
+        ),
+        (
+            "blk.0.ffn_down.weight",
+            "model.layers.0.mlp.down_proj.weight",
+            randn(d, ff),
+            GgmlDType::Q2K,
+        ),
     ];
     let ones = Tensor::ones(d, DType::F32, &Device::Cpu).unwrap();
     let mut qtensors: Vec<(String, QTensor)> = Vec::new();
@@ -377,21 +645,41 @@ fn every_supported_gguf_quant_type_converts() {
         };
         qtensors.push((name.to_string(), QTensor::quantize(&stored, *ty).unwrap()));
     }
-    for n in ["blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"] {
-        qtensors.push((n.to_string(), QTensor::quantize(&ones, GgmlDType::F32).unwrap()));
+    for n in [
+        "blk.0.attn_norm.weight",
+        "blk.0.ffn_norm.weight",
+        "output_norm.weight",
+    ] {
+        qtensors.push((
+            n.to_string(),
+            QTensor::quantize(&ones, GgmlDType::F32).unwrap(),
+        ));
     }
     use gguf_file::Value;
     let mut meta: Vec<(String, Value)> = src
         .metadata
         .iter()
-        .filter(|(k, _)| k.starts_with("tokenizer.") || k.starts_with("general.") && k.as_str() != "general.architecture")
+        .filter(|(k, _)| {
+            k.starts_with("tokenizer.")
+                || k.starts_with("general.") && k.as_str() != "general.architecture"
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     meta.push(("general.architecture".into(), Value::String("llama".into())));
-    for (k, v) in [("embedding_length", d), ("block_count", 1), ("feed_forward_length", ff), ("attention.head_count", heads), ("attention.head_count_kv", kv), ("context_length", 512)] {
+    for (k, v) in [
+        ("embedding_length", d),
+        ("block_count", 1),
+        ("feed_forward_length", ff),
+        ("attention.head_count", heads),
+        ("attention.head_count_kv", kv),
+        ("context_length", 512),
+    ] {
         meta.push((format!("llama.{k}"), Value::U32(v as u32)));
     }
-    meta.push(("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5)));
+    meta.push((
+        "llama.attention.layer_norm_rms_epsilon".into(),
+        Value::F32(1e-5),
+    ));
     meta.push(("llama.rope.freq_base".into(), Value::F32(10000.0)));
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("all-types.gguf");
@@ -407,8 +695,21 @@ fn every_supported_gguf_quant_type_converts() {
     for (name, hf, orig, ty) in &originals {
         // Relative error of the dequantized weight against the original: what each format allows.
         let got = &conv[*hf];
-        let err = ((got - orig).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
-            / orig.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+        let err = ((got - orig)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            / orig
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap())
         .sqrt();
         let bound = match ty {
             GgmlDType::F16 => 1e-3,
@@ -420,9 +721,19 @@ fn every_supported_gguf_quant_type_converts() {
             _ => 0.5, // Q2K
         };
         eprintln!("{name} ({ty:?}): relative error {err:.5}");
-        assert!(err < bound, "{name} ({ty:?}): relative error {err} ≥ {bound}");
+        assert!(
+            err < bound,
+            "{name} ({ty:?}): relative error {err} ≥ {bound}"
+        );
     }
     let m = Model::load(&out, &Device::Cpu).unwrap();
     let lg = logits(&m, &[1, 20, 30, 40]);
-    assert!(lg.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().is_finite());
+    assert!(lg
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .is_finite());
 }

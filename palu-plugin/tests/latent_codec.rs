@@ -10,7 +10,9 @@ fn random_latents(r: &mut impl Rng, rows: usize, width: usize) -> Tensor {
     // Per-channel scales and offsets, as real latents have (outlier channels included).
     let scale: Vec<f32> = (0..width).map(|_| 0.1 + 4.0 * r.random::<f32>()).collect();
     let shift: Vec<f32> = (0..width).map(|_| r.random::<f32>() - 0.5).collect();
-    let data: Vec<f32> = (0..rows * width).map(|i| (r.random::<f32>() * 2.0 - 1.0) * scale[i % width] + shift[i % width]).collect();
+    let data: Vec<f32> = (0..rows * width)
+        .map(|i| (r.random::<f32>() * 2.0 - 1.0) * scale[i % width] + shift[i % width])
+        .collect();
     Tensor::from_vec(data, (2, rows / 2, width), &Device::Cpu).unwrap()
 }
 
@@ -23,26 +25,56 @@ fn packed_rows_decode_to_the_simulated_quantizer_up_to_the_f16_scale() {
         let h = random_latents(&mut r, 34, width);
         for bits in [2u8, 3, 4, 8] {
             let codec = LatentCodec::new(bits, &widths, ZeroPoint::Free).unwrap();
-            assert_eq!(codec.row_bytes(), quant::bytes_per_token(width, widths.len(), bits), "bits {bits}");
+            assert_eq!(
+                codec.row_bytes(),
+                quant::bytes_per_token(width, widths.len(), bits),
+                "bits {bits}"
+            );
             let rows = codec.encode(&h).unwrap();
             assert_eq!(rows.dtype(), DType::U8);
             assert_eq!(rows.dims(), &[2, 17, codec.row_bytes()]);
-            let got: Vec<f32> = codec.decode(&rows, DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let want: Vec<f32> =
-                quant::fake_quant(&h, bits, &widths, None, ZeroPoint::Free).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let got: Vec<f32> = codec
+                .decode(&rows, DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want: Vec<f32> = quant::fake_quant(&h, bits, &widths, None, ZeroPoint::Free)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let x: Vec<f32> = h.flatten_all().unwrap().to_vec1().unwrap();
             // Per row and group: the f16 scale moves a value by at most |q − zero|·scale·2⁻¹¹,
             // i.e. a few 1e-3 of the group's range; the quantization step itself is range/(2^b−1).
-            for ((g, w), xr) in got.chunks(width).zip(want.chunks(width)).zip(x.chunks(width)) {
+            for ((g, w), xr) in got
+                .chunks(width)
+                .zip(want.chunks(width))
+                .zip(x.chunks(width))
+            {
                 for rg in quant::group_ranges(&widths, None) {
-                    let (lo, hi) = xr[rg.clone()].iter().fold((f32::MAX, f32::MIN), |a, &v| (a.0.min(v), a.1.max(v)));
+                    let (lo, hi) = xr[rg.clone()]
+                        .iter()
+                        .fold((f32::MAX, f32::MIN), |a, &v| (a.0.min(v), a.1.max(v)));
                     let range = (hi - lo).max(1e-6);
                     for i in rg.clone() {
                         let d = (g[i] - w[i]).abs();
-                        assert!(d <= 2e-3 * range + 1e-6, "bits {bits} widths {widths:?}: {} vs {} (range {range})", g[i], w[i]);
+                        assert!(
+                            d <= 2e-3 * range + 1e-6,
+                            "bits {bits} widths {widths:?}: {} vs {} (range {range})",
+                            g[i],
+                            w[i]
+                        );
                         // And the codes really quantize: within half a step (plus the scale rounding) of the input.
                         let step = range / ((1u32 << bits) - 1) as f32;
-                        assert!((g[i] - xr[i]).abs() <= 0.5 * step + 3e-3 * range + 1e-6, "bits {bits}: {} vs input {}", g[i], xr[i]);
+                        assert!(
+                            (g[i] - xr[i]).abs() <= 0.5 * step + 3e-3 * range + 1e-6,
+                            "bits {bits}: {} vs input {}",
+                            g[i],
+                            xr[i]
+                        );
                     }
                 }
             }
@@ -62,15 +94,29 @@ fn packed_rows_are_smaller_than_16_bit_latents() {
 #[test]
 fn bad_codec_input_is_an_error() {
     assert_eq!(
-        LatentCodec::new(5, &[8], ZeroPoint::Free).unwrap_err().to_string(),
+        LatentCodec::new(5, &[8], ZeroPoint::Free)
+            .unwrap_err()
+            .to_string(),
         "latent_bits = 5: must be one of 2, 3, 4, 8 or 16 (16 = no quantization)"
     );
     assert!(LatentCodec::new(16, &[8], ZeroPoint::Free).is_err());
     let codec = LatentCodec::new(4, &[8], ZeroPoint::Free).unwrap();
     let wrong_width = Tensor::ones((3, 9), DType::F32, &Device::Cpu).unwrap();
-    assert!(codec.encode(&wrong_width).unwrap_err().to_string().contains("expected latents of width 8"));
+    assert!(codec
+        .encode(&wrong_width)
+        .unwrap_err()
+        .to_string()
+        .contains("expected latents of width 8"));
     let wrong_rows = Tensor::ones((3, 7), DType::U8, &Device::Cpu).unwrap();
-    assert!(codec.decode(&wrong_rows, DType::F32).unwrap_err().to_string().contains("rows of 8 bytes expected"));
+    assert!(codec
+        .decode(&wrong_rows, DType::F32)
+        .unwrap_err()
+        .to_string()
+        .contains("rows of 8 bytes expected"));
     let floats = Tensor::ones((3, 8), DType::F32, &Device::Cpu).unwrap();
-    assert!(codec.decode(&floats, DType::F32).unwrap_err().to_string().contains("expects u8 rows"));
+    assert!(codec
+        .decode(&floats, DType::F32)
+        .unwrap_err()
+        .to_string()
+        .contains("expects u8 rows"));
 }

@@ -24,7 +24,10 @@ fn whitened_svd_error_equals_discarded_singular_values() {
     let x = &randn(&mut r, n, d) * &mix;
     let w = randn(&mut r, out, d);
     let xt = candle_core::Tensor::from_vec(
-        (0..n).flat_map(|i| (0..d).map(move |j| (i, j))).map(|(i, j)| x[(i, j)] as f32).collect::<Vec<_>>(),
+        (0..n)
+            .flat_map(|i| (0..d).map(move |j| (i, j)))
+            .map(|(i, j)| x[(i, j)] as f32)
+            .collect::<Vec<_>>(),
         (n, d),
         &candle_core::Device::Cpu,
     )
@@ -47,7 +50,10 @@ fn whitened_svd_error_equals_discarded_singular_values() {
     // Full rank reproduces W.
     let (a, b) = svd.factors(out, &wh, "test").unwrap();
     let diff = &w - &(&b * &a);
-    let max = (0..out).flat_map(|i| (0..d).map(move |j| (i, j))).map(|(i, j)| diff[(i, j)].abs()).fold(0.0, f64::max);
+    let max = (0..out)
+        .flat_map(|i| (0..d).map(move |j| (i, j)))
+        .map(|(i, j)| diff[(i, j)].abs())
+        .fold(0.0, f64::max);
     assert!(max < 1e-9, "full-rank factors differ from W by {max}");
 }
 
@@ -57,8 +63,14 @@ fn rank_larger_than_the_matrix_is_an_error() {
     let w = randn(&mut r, 8, 16);
     let wh = Whitening::identity(16);
     let svd = GroupSvd::new(w.as_ref(), &wh).unwrap();
-    let e = svd.factors(9, &wh, "model.layers.3.self_attn.k_proj group 0").unwrap_err().to_string();
-    assert!(e.contains("model.layers.3.self_attn.k_proj") && e.contains("between 1 and 8"), "{e}");
+    let e = svd
+        .factors(9, &wh, "model.layers.3.self_attn.k_proj group 0")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.layers.3.self_attn.k_proj") && e.contains("between 1 and 8"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -71,7 +83,10 @@ fn hadamard_rotation_leaves_ba_unchanged() {
         let ba = &b * &a;
         let rot = &(&b * t.transpose()) * &(&t * &a);
         let diff = &ba - &rot;
-        let max = (0..16).flat_map(|i| (0..24).map(move |j| (i, j))).map(|(i, j)| diff[(i, j)].abs()).fold(0.0, f64::max);
+        let max = (0..16)
+            .flat_map(|i| (0..24).map(move |j| (i, j)))
+            .map(|(i, j)| diff[(i, j)].abs())
+            .fold(0.0, f64::max);
         assert!(max < 1e-5, "n={n}: BA changed by {max}");
     }
 }
@@ -79,11 +94,18 @@ fn hadamard_rotation_leaves_ba_unchanged() {
 #[test]
 fn hadamard_exists_for_every_multiple_of_32_up_to_512() {
     for n in (32..=512).step_by(32) {
-        let h = palu::hadamard::hadamard(n).unwrap_or_else(|| panic!("no Hadamard matrix of order {n}"));
-        assert!(palu::hadamard::is_hadamard(&h, n), "order {n} is not Hadamard");
+        let h = palu::hadamard::hadamard(n)
+            .unwrap_or_else(|| panic!("no Hadamard matrix of order {n}"));
+        assert!(
+            palu::hadamard::is_hadamard(&h, n),
+            "order {n} is not Hadamard"
+        );
     }
     // Sizes our constructions do not reach fall back to a random orthogonal rotation.
-    assert_eq!(palu::hadamard::rotation(3, 0).1, palu::hadamard::RotationKind::RandomOrthogonal);
+    assert_eq!(
+        palu::hadamard::rotation(3, 0).1,
+        palu::hadamard::RotationKind::RandomOrthogonal
+    );
 }
 
 #[test]
@@ -113,7 +135,8 @@ fn stats(r: &mut impl Rng, layers: usize, groups: usize, width: usize) -> Vec<Mo
                 input_power: 1.0 + r.random::<f64>(),
                 sigmas: (0..groups)
                     .map(|_| {
-                        let mut s: Vec<f64> = (0..width).map(|_| r.random::<f64>() * 10.0).collect();
+                        let mut s: Vec<f64> =
+                            (0..width).map(|_| r.random::<f64>() * 10.0).collect();
                         s.sort_by(|a, b| b.total_cmp(a));
                         s
                     })
@@ -134,7 +157,10 @@ fn fisher_ranks_sum_to_the_budget_before_rounding() {
             for per_group in [false, true] {
                 let raw = ranks::fisher_ranks_unrounded(&m, ratio, per_group);
                 let sum: usize = raw.values().flatten().sum();
-                assert_eq!(sum, budget, "layers {layers} groups {groups} ratio {ratio} per_group {per_group}");
+                assert_eq!(
+                    sum, budget,
+                    "layers {layers} groups {groups} ratio {ratio} per_group {per_group}"
+                );
             }
         }
     }
@@ -156,8 +182,14 @@ fn waterfill_meets_the_budget_and_rounding() {
         let a = ranks::allocate(RankSearch::Waterfill, &m, 0.5, mult);
         let sum: usize = a.values().flatten().sum();
         assert!(sum <= 30 * 2 * 3 * 64 / 2, "over budget: {sum}");
-        assert!(sum + mult * 2 > 30 * 2 * 3 * 64 / 2 - mult, "budget left unused: {sum}");
-        assert!(a.values().flatten().all(|&x| x % mult == 0 && x >= mult && x <= 64));
+        assert!(
+            sum + mult * 2 > 30 * 2 * 3 * 64 / 2 - mult,
+            "budget left unused: {sum}"
+        );
+        assert!(a
+            .values()
+            .flatten()
+            .all(|&x| x % mult == 0 && x >= mult && x <= 64));
     }
 }
 
@@ -167,7 +199,11 @@ fn uniform_and_rounding_rules() {
     assert_eq!(ranks::round_rank(47.0, 32, 64), 32);
     assert_eq!(ranks::round_rank(49.0, 32, 64), 64);
     assert_eq!(ranks::round_rank(3.0, 32, 64), 32, "never below one tile");
-    assert_eq!(ranks::round_rank(100.0, 32, 64), 64, "never above the group's full rank");
+    assert_eq!(
+        ranks::round_rank(100.0, 32, 64),
+        64,
+        "never above the group's full rank"
+    );
 }
 
 #[test]
@@ -182,7 +218,11 @@ fn quantization_round_trip_is_within_half_a_step() {
         // Clamping cannot add error: round(min/s) + round(-min/s) = 0, so min maps to code 0 and
         // max to at most one code past qmax, whose clamp is off by the same rounding (≤ s/2).
         for (a, b) in x.iter().zip(&y) {
-            assert!((a - b).abs() <= p.scale * (0.5 + 1e-4), "bits {bits}: {a} -> {b} (scale {})", p.scale);
+            assert!(
+                (a - b).abs() <= p.scale * (0.5 + 1e-4),
+                "bits {bits}: {a} -> {b} (scale {})",
+                p.scale
+            );
         }
         let packed = palu::quant::pack(&codes, bits);
         assert_eq!(packed.len(), (96 * bits as usize).div_ceil(8));

@@ -8,7 +8,11 @@ use palu::engine::server::{router_for, start, EngineOptions, KvCacheKind};
 use palu::engine::server_config::{parse_dtype, ServerConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "mistralrs-server", version, about = "mistral.rs OpenAI-compatible server with the Palu low-rank KV cache")]
+#[command(
+    name = "mistralrs-server",
+    version,
+    about = "mistral.rs OpenAI-compatible server with the Palu low-rank KV cache"
+)]
 struct Args {
     /// Read the server, model and KV-cache selection from this TOML file (see configs/*.server.toml);
     /// the other flags are then ignored.
@@ -41,6 +45,9 @@ struct Args {
     /// Maximum running sequences.
     #[arg(long, default_value_t = 16)]
     max_seqs: usize,
+    /// Turn off the engine's prefix cache (reuse of the KV cache of earlier prompts).
+    #[arg(long)]
+    no_prefix_cache: bool,
     /// In-situ quantization of the non-Palu weights (e.g. Q4K, Q8_0).
     #[arg(long)]
     isq: Option<String>,
@@ -59,7 +66,11 @@ async fn main() -> Result<()> {
     let (opts, ip, port) = match &args.config {
         Some(path) => {
             let c = ServerConfig::from_file(path)?;
-            (c.engine_options(path)?, c.server.serve_ip.clone(), c.server.port)
+            (
+                c.engine_options(path)?,
+                c.server.serve_ip.clone(),
+                c.server.port,
+            )
         }
         None => {
             let model_dir = match (args.kv_cache, &args.palu_checkpoint, &args.model) {
@@ -75,6 +86,7 @@ async fn main() -> Result<()> {
                 kv_cache: args.kv_cache,
                 latent_bits: args.palu_latent_bits,
                 max_seqs: args.max_seqs,
+                no_prefix_cache: args.no_prefix_cache,
                 isq: args.isq,
                 cpu: args.cpu,
                 dtype,
@@ -85,7 +97,11 @@ async fn main() -> Result<()> {
     let served = start(&opts).await?;
     let app = router_for(&served).await?;
     let listener = tokio::net::TcpListener::bind((ip.as_str(), port)).await?;
-    tracing::info!("serving {} on http://{}", opts.model_dir.display(), listener.local_addr()?);
+    tracing::info!(
+        "serving {} on http://{}",
+        opts.model_dir.display(),
+        listener.local_addr()?
+    );
     axum::serve(listener, app).await?;
     Ok(())
 }

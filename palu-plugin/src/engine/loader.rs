@@ -8,8 +8,8 @@ use anyhow::Result;
 use candle_core::DType;
 use mistralrs_core::matformer::MatformerSliceConfig;
 use mistralrs_core::model_plugin::{
-    AttentionImplementation, DeviceMappedModelLoader, IsqModelLoader, ModelConfigLike, NormalLoadingMetadata,
-    NormalModel, NormalModelLoader, XLoraConfig,
+    AttentionImplementation, DeviceMappedModelLoader, IsqModelLoader, ModelConfigLike,
+    NormalLoadingMetadata, NormalModel, NormalModelLoader, XLoraConfig,
 };
 use mistralrs_core::{AutoDeviceMapParams, Ordering};
 use mistralrs_quant::ShardedVarBuilder;
@@ -31,7 +31,10 @@ pub struct PaluLoader {
 
 impl Default for PaluLoader {
     fn default() -> Self {
-        PaluLoader { latent_bits: 16, stats: Arc::default() }
+        PaluLoader {
+            latent_bits: 16,
+            stats: Arc::default(),
+        }
     }
 }
 
@@ -58,7 +61,13 @@ impl NormalModelLoader for PaluLoader {
             anyhow::bail!("palu: paged attention with a Palu KV cache is not available yet; start the server without paged attention")
         }
         let cfg = parse(config)?;
-        Ok(Box::new(PaluTextModel::new(&cfg, vb, meta, self.latent_bits, Arc::clone(&self.stats))?))
+        Ok(Box::new(PaluTextModel::new(
+            &cfg,
+            vb,
+            meta,
+            self.latent_bits,
+            Arc::clone(&self.stats),
+        )?))
     }
     fn load_xlora(
         &self,
@@ -68,7 +77,9 @@ impl NormalModelLoader for PaluLoader {
         _xlora_config: Option<XLoraConfig>,
         _xlora_ordering: Ordering,
         _meta: NormalLoadingMetadata,
-        _preload: &Option<HashMap<String, (ShardedVarBuilder, mistralrs_core::model_plugin::LoraConfig)>>,
+        _preload: &Option<
+            HashMap<String, (ShardedVarBuilder, mistralrs_core::model_plugin::LoraConfig)>,
+        >,
     ) -> Result<Box<dyn NormalModel + Send + Sync>> {
         anyhow::bail!("palu: X-LoRA adapters are not supported with a Palu KV cache")
     }
@@ -110,27 +121,59 @@ impl IsqModelLoader for PaluLoader {
 }
 
 impl DeviceMappedModelLoader for PaluLoader {
-    fn mapped_max_act_size_elems(&self, config: &str, params: &AutoDeviceMapParams) -> Result<usize> {
-        let AutoDeviceMapParams::Text { max_seq_len, max_batch_size } = params else {
+    fn mapped_max_act_size_elems(
+        &self,
+        config: &str,
+        params: &AutoDeviceMapParams,
+    ) -> Result<usize> {
+        let AutoDeviceMapParams::Text {
+            max_seq_len,
+            max_batch_size,
+        } = params
+        else {
             anyhow::bail!("palu: expected text device-map parameters")
         };
         let cfg = parse(config)?;
         // Attention scores of one layer (the rebuilt K/V are smaller).
         Ok(max_batch_size * cfg.num_heads * max_seq_len * max_seq_len)
     }
-    fn non_mapped_max_act_size_elems(&self, _config: &str, _params: &AutoDeviceMapParams) -> Result<usize> {
+    fn non_mapped_max_act_size_elems(
+        &self,
+        _config: &str,
+        _params: &AutoDeviceMapParams,
+    ) -> Result<usize> {
         Ok(0)
     }
-    fn non_mapped_size_in_bytes(&self, config: &str, dtype: DType, pack: usize, _m: Option<&MatformerSliceConfig>) -> Result<usize> {
+    fn non_mapped_size_in_bytes(
+        &self,
+        config: &str,
+        dtype: DType,
+        pack: usize,
+        _m: Option<&MatformerSliceConfig>,
+    ) -> Result<usize> {
         let cfg = parse(config)?;
         let embed = cfg.hidden_size * cfg.vocab_size / pack;
-        let head = if cfg.tie_word_embeddings && pack == 1 { 0 } else { embed };
+        let head = if cfg.tie_word_embeddings && pack == 1 {
+            0
+        } else {
+            embed
+        };
         Ok((embed + head + cfg.hidden_size) * dtype.size_in_bytes())
     }
-    fn layer_sizes_in_bytes(&self, config: &str, dtype: DType, pack: usize, _m: Option<&MatformerSliceConfig>) -> Result<Vec<usize>> {
+    fn layer_sizes_in_bytes(
+        &self,
+        config: &str,
+        dtype: DType,
+        pack: usize,
+        _m: Option<&MatformerSliceConfig>,
+    ) -> Result<Vec<usize>> {
         let cfg = parse(config)?;
         let geo = PaluGeometry::from_config(&cfg)?;
-        let (d, qd, ff) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size);
+        let (d, qd, ff) = (
+            cfg.hidden_size,
+            cfg.num_heads * cfg.head_dim,
+            cfg.intermediate_size,
+        );
         Ok((0..cfg.num_layers)
             .map(|l| {
                 let dense = (2 * d * qd + 3 * d * ff) / pack + 2 * d;

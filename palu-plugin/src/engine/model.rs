@@ -5,17 +5,18 @@ use candle_core::{Device, Result, Tensor};
 use candle_nn::{Embedding, Module};
 use mistralrs_core::layers::{Activation, Mlp, RmsNorm};
 use mistralrs_core::model_plugin::{
-    AnyMoeBaseModelMixin, DeviceMapper, EitherCache, FlashParams, IsqModel, KvCache, MlpLayer, ModelConfigLike,
-    ModelConfigMetadata, NormalCache, NormalLoadingMetadata, NormalModel, PagedAttentionInputMetadata,
+    AnyMoeBaseModelMixin, DeviceMapper, EitherCache, FlashParams, IsqModel, KvCache, MlpLayer,
+    ModelConfigLike, ModelConfigMetadata, NormalCache, NormalLoadingMetadata, NormalModel,
+    PagedAttentionInputMetadata,
 };
 use mistralrs_quant::{QuantMethod, ReplicatedLayer, ShardedVarBuilder};
 
-use crate::config::ModelConfig;
 use super::stats::{tensor_bytes, KvStats};
+use crate::config::ModelConfig;
 use crate::latent_codec::LatentCodec;
 use crate::lowrank::{KvKind, LowRankProj};
-use crate::quant::ZeroPoint;
 use crate::model::{grouped_attention, rebuild_kv, Rope};
+use crate::quant::ZeroPoint;
 
 /// The cache geometry the engine sees: one "KV head" per layer whose K width is `R_k[l]` and
 /// V width `R_v[l]`, so pre-allocation, per-sequence clone-in/out, prefix caching and memory
@@ -72,15 +73,21 @@ impl ModelConfigLike for PaluGeometry {
 impl PaluGeometry {
     pub fn from_config(cfg: &ModelConfig) -> std::result::Result<Self, crate::PaluError> {
         let hw = cfg.head_wise_ranks.as_ref().ok_or_else(|| {
-            crate::PaluError::invalid("config.json", "a Palu checkpoint needs `head_wise_ranks` (is this a palu* model?)")
+            crate::PaluError::invalid(
+                "config.json",
+                "a Palu checkpoint needs `head_wise_ranks` (is this a palu* model?)",
+            )
         })?;
         let ranks = |kind| -> std::result::Result<Vec<usize>, crate::PaluError> {
             (0..cfg.num_layers)
                 .map(|l| {
                     let m = ModelConfig::module_name(l, kind);
-                    hw.get(&m)
-                        .map(|r| r.iter().sum())
-                        .ok_or_else(|| crate::PaluError::invalid("config.json", format!("head_wise_ranks has no entry `{m}`")))
+                    hw.get(&m).map(|r| r.iter().sum()).ok_or_else(|| {
+                        crate::PaluError::invalid(
+                            "config.json",
+                            format!("head_wise_ranks has no entry `{m}`"),
+                        )
+                    })
                 })
                 .collect()
         };
@@ -127,18 +134,34 @@ fn qmatmul(x: &Tensor, layer: &dyn QuantMethod) -> Result<Tensor> {
 impl Attention {
     fn forward(&self, x: &Tensor, start: usize, cache: &mut KvCache) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let q = qmatmul(x, &*self.q)?.reshape((b, t, self.n_heads, self.head_dim))?.transpose(1, 2)?;
+        let q = qmatmul(x, &*self.q)?
+            .reshape((b, t, self.n_heads, self.head_dim))?
+            .transpose(1, 2)?;
         let (cos, sin) = self.rope.tables(start, t)?;
         let q = crate::model::apply_rope(&q, &cos, &sin, false)?;
         // The engine's cache holds [b, 1, T, R] latents.
+        // The engine's offset is authoritative: it may re-feed the last position (a raw-logits
+        // request's follow-up step does), whose latent is then recomputed in place. Missing
+        // positions cannot be recomputed and are refused below.
+        if let Some(len) = cache.k()?.map(|k| k.dim(2)).transpose()? {
+            if len > start {
+                cache.set_len(start)?;
+            }
+        }
         let hk = self.k.latent(x)?;
         let hv = self.v.latent(x)?;
         let (hk, hv) = match &self.packed {
             Some((ck, cv)) => {
-                let (rk, rv) = cache.append(&ck.encode(&hk)?.unsqueeze(1)?, &cv.encode(&hv)?.unsqueeze(1)?)?;
+                let (rk, rv) = cache.append(
+                    &ck.encode(&hk)?.unsqueeze(1)?,
+                    &cv.encode(&hv)?.unsqueeze(1)?,
+                )?;
                 (ck.decode(&rk, x.dtype())?, cv.decode(&rv, x.dtype())?)
             }
-            None => cache.append(&hk.unsqueeze(1)?.contiguous()?, &hv.unsqueeze(1)?.contiguous()?)?,
+            None => cache.append(
+                &hk.unsqueeze(1)?.contiguous()?,
+                &hv.unsqueeze(1)?.contiguous()?,
+            )?,
         };
         if hk.dim(2)? != start + t {
             candle_core::bail!(
@@ -146,7 +169,15 @@ impl Attention {
                 hk.dim(2)?
             )
         }
-        let (k, v) = rebuild_kv(&hk.squeeze(1)?, &hv.squeeze(1)?, &self.k, &self.v, self.n_kv, &self.rope, false)?;
+        let (k, v) = rebuild_kv(
+            &hk.squeeze(1)?,
+            &hv.squeeze(1)?,
+            &self.k,
+            &self.v,
+            self.n_kv,
+            &self.rope,
+            false,
+        )?;
         let y = grouped_attention(&q, &k, &v, start, self.window, false)?;
         qmatmul(&y, &*self.o)
     }
@@ -172,13 +203,20 @@ pub struct PaluTextModel {
     stats: Arc<KvStats>,
 }
 
-fn lowrank(vb: &ShardedVarBuilder, cfg: &ModelConfig, l: usize, kind: KvKind) -> Result<LowRankProj> {
+fn lowrank(
+    vb: &ShardedVarBuilder,
+    cfg: &ModelConfig,
+    l: usize,
+    kind: KvKind,
+) -> Result<LowRankProj> {
     let module = ModelConfig::module_name(l, kind);
     let ranks = cfg
         .head_wise_ranks
         .as_ref()
         .and_then(|m| m.get(&module))
-        .ok_or_else(|| candle_core::Error::Msg(format!("head_wise_ranks has no entry `{module}`")))?;
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!("head_wise_ranks has no entry `{module}`"))
+        })?;
     let gdh = cfg.kv_width() / ranks.len();
     let vbm = vb.pp(kind.proj_name());
     let down = vbm.get((ranks.iter().sum::<usize>(), cfg.hidden_size), "VT.weight")?;
@@ -191,7 +229,11 @@ fn lowrank(vb: &ShardedVarBuilder, cfg: &ModelConfig, l: usize, kind: KvKind) ->
             biases.push(u.get(gdh, "bias")?);
         }
     }
-    let bias = if biases.is_empty() { None } else { Some(Tensor::cat(&biases, 0)?) };
+    let bias = if biases.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&biases, 0)?)
+    };
     LowRankProj::new(down, ups, bias)
 }
 
@@ -205,21 +247,40 @@ impl PaluTextModel {
         latent_bits: u8,
         stats: Arc<KvStats>,
     ) -> Result<Self> {
-        crate::quant::check_bits(latent_bits).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        crate::quant::check_bits(latent_bits)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let mapper = meta.mapper;
         let vb_m = vb.pp("model");
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed_w = mapper.set_nm_device(vb_m.pp("embed_tokens"), false).get((v, d), "weight")?;
+        let embed_w = mapper
+            .set_nm_device(vb_m.pp("embed_tokens"), false)
+            .get((v, d), "weight")?;
         let embed = Embedding::new(embed_w.clone(), d);
         let lm_head = if cfg.tie_word_embeddings {
-            ReplicatedLayer::from_linear(candle_nn::Linear::new(mapper.cast_nm_device(&embed_w, meta.loading_isq)?, None))?
+            ReplicatedLayer::from_linear(candle_nn::Linear::new(
+                mapper.cast_nm_device(&embed_w, meta.loading_isq)?,
+                None,
+            ))?
         } else {
-            ReplicatedLayer::new(d, v, &None, false, mapper.set_nm_device(vb.pp("lm_head"), meta.loading_isq))?
+            ReplicatedLayer::new(
+                d,
+                v,
+                &None,
+                false,
+                mapper.set_nm_device(vb.pp("lm_head"), meta.loading_isq),
+            )?
         };
-        let norm = RmsNorm::new(d, cfg.rms_norm_eps, mapper.set_nm_device(vb_m.pp("norm"), false))?;
+        let norm = RmsNorm::new(
+            d,
+            cfg.rms_norm_eps,
+            mapper.set_nm_device(vb_m.pp("norm"), false),
+        )?;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
-            let device = mapper.device_for(l, false).unwrap_or(&meta.real_device).clone();
+            let device = mapper
+                .device_for(l, false)
+                .unwrap_or(&meta.real_device)
+                .clone();
             let rope = Arc::new(Rope::new(cfg, &device));
             let vb_l = vb_m.pp(format!("layers.{l}"));
             let vb_a = mapper.set_device(l, vb_l.pp("self_attn"), meta.loading_isq);
@@ -229,7 +290,8 @@ impl PaluTextModel {
             let v = lowrank(&vb_f, cfg, l, KvKind::V)?;
             let packed = if latent_bits < 16 {
                 let codec = |p: &LowRankProj| {
-                    LatentCodec::new(latent_bits, &p.ranks, ZeroPoint::Free).map_err(|e| candle_core::Error::Msg(e.to_string()))
+                    LatentCodec::new(latent_bits, &p.ranks, ZeroPoint::Free)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))
                 };
                 Some((codec(&k)?, codec(&v)?))
             } else {
@@ -257,20 +319,32 @@ impl PaluTextModel {
                 &comm,
             )?;
             blocks.push(Block {
-                input_norm: RmsNorm::new(d, cfg.rms_norm_eps, mapper.set_device(l, vb_l.pp("input_layernorm"), false))?,
+                input_norm: RmsNorm::new(
+                    d,
+                    cfg.rms_norm_eps,
+                    mapper.set_device(l, vb_l.pp("input_layernorm"), false),
+                )?,
                 attn,
-                post_norm: RmsNorm::new(d, cfg.rms_norm_eps, mapper.set_device(l, vb_l.pp("post_attention_layernorm"), false))?,
+                post_norm: RmsNorm::new(
+                    d,
+                    cfg.rms_norm_eps,
+                    mapper.set_device(l, vb_l.pp("post_attention_layernorm"), false),
+                )?,
                 mlp: Box::new(mlp),
             });
         }
-        let mut geometry = PaluGeometry::from_config(cfg).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut geometry =
+            PaluGeometry::from_config(cfg).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         geometry.packed = latent_bits < 16;
         Ok(PaluTextModel {
             embed,
             blocks,
             norm,
             lm_head,
-            cache: EitherCache::Normal(NormalCache::new(cfg.num_layers, cfg.max_position_embeddings)),
+            cache: EitherCache::Normal(NormalCache::new(
+                cfg.num_layers,
+                cfg.max_position_embeddings,
+            )),
             device: meta.real_device,
             mapper,
             geometry,
@@ -279,16 +353,24 @@ impl PaluTextModel {
         })
     }
 
-    fn forward_inner(&self, ids: &Tensor, seqlen_offsets: &[usize], context_lens: Vec<(usize, usize)>) -> Result<Tensor> {
+    fn forward_inner(
+        &self,
+        ids: &Tensor,
+        seqlen_offsets: &[usize],
+        context_lens: Vec<(usize, usize)>,
+    ) -> Result<Tensor> {
         let start = seqlen_offsets.first().copied().unwrap_or(0);
         if seqlen_offsets.iter().any(|&o| o != start) {
             candle_core::bail!("palu: a batch mixes sequences at different positions ({seqlen_offsets:?}); the latent cache needs equal offsets")
         }
+        self.stats.record_fed(ids.elem_count() as u64);
         let mut x = self.embed.forward(ids)?;
         let mut cache = self.cache.normal();
         for (l, blk) in self.blocks.iter().enumerate() {
             x = self.mapper.map(x, l)?;
-            let a = blk.attn.forward(&blk.input_norm.forward(&x)?, start, &mut cache.0[l])?;
+            let a = blk
+                .attn
+                .forward(&blk.input_norm.forward(&x)?, start, &mut cache.0[l])?;
             x = (x + a)?;
             x = (&x + blk.mlp.forward(&blk.post_norm.forward(&x)?)?)?;
         }
@@ -316,7 +398,11 @@ impl PaluTextModel {
                 tokens = (k.dim(0)? * k.dim(2)?) as u64;
             }
             if let KvCache::Normal { k, v } = layer {
-                allocated += [&k.all_data, &v.all_data].into_iter().flatten().map(tensor_bytes).sum::<u64>();
+                allocated += [&k.all_data, &v.all_data]
+                    .into_iter()
+                    .flatten()
+                    .map(tensor_bytes)
+                    .sum::<u64>();
             }
         }
         self.stats.record(bytes, allocated, tokens);
@@ -335,7 +421,9 @@ impl NormalModel for PaluTextModel {
         _flash_params: &FlashParams,
     ) -> Result<Tensor> {
         if metadata.is_some() {
-            candle_core::bail!("palu: paged attention is not supported by the Palu model yet; run without it")
+            candle_core::bail!(
+                "palu: paged attention is not supported by the Palu model yet; run without it"
+            )
         }
         self.forward_inner(input_ids, seqlen_offsets, context_lens)
     }
@@ -378,7 +466,12 @@ impl NormalModel for PaluTextModel {
 }
 
 impl IsqModel for PaluTextModel {
-    fn get_layers(&mut self) -> (Vec<(&mut Arc<dyn QuantMethod>, Option<usize>)>, &dyn DeviceMapper) {
+    fn get_layers(
+        &mut self,
+    ) -> (
+        Vec<(&mut Arc<dyn QuantMethod>, Option<usize>)>,
+        &dyn DeviceMapper,
+    ) {
         let mut layers = vec![(&mut self.lm_head, None)];
         for (i, b) in self.blocks.iter_mut().enumerate() {
             layers.push((&mut b.attn.q, Some(i)));
@@ -393,4 +486,3 @@ impl IsqModel for PaluTextModel {
 }
 
 impl AnyMoeBaseModelMixin for PaluTextModel {}
-

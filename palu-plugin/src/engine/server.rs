@@ -7,8 +7,9 @@ use anyhow::{Context, Result};
 
 use super::stats::KvStats;
 use mistralrs_core::{
-    AutoDeviceMapParams, DefaultSchedulerMethod, DeviceMapSetting, IsqType, Loader, MistralRs, MistralRsBuilder,
-    ModelDType, NormalLoaderBuilder, NormalSpecificConfig, SchedulerConfig, TokenSource,
+    AutoDeviceMapParams, DefaultSchedulerMethod, DeviceMapSetting, IsqType, Loader, MistralRs,
+    MistralRsBuilder, ModelDType, NormalLoaderBuilder, NormalSpecificConfig, SchedulerConfig,
+    TokenSource,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -33,6 +34,8 @@ pub struct EngineOptions {
     /// `compression.latent_bits` of `palu_config`, else of the checkpoint's `palu.toml`, else 16.
     pub latent_bits: Option<u8>,
     pub max_seqs: usize,
+    /// Turn the engine's prefix cache off (it is on by default, for both caches).
+    pub no_prefix_cache: bool,
     pub isq: Option<String>,
     pub cpu: bool,
     pub dtype: ModelDType,
@@ -41,9 +44,18 @@ pub struct EngineOptions {
 /// One line for the startup log: KV geometry and bytes per token, default vs Palu.
 pub fn kv_summary(dir: &Path, latent_bits: u8) -> Result<String> {
     let i = crate::checkpoint::inspect(dir)?;
-    let palu = i.kv_bytes_palu.iter().find(|x| x.0 == latent_bits).map(|x| x.1).unwrap_or(i.kv_bytes_default);
+    let palu = i
+        .kv_bytes_palu
+        .iter()
+        .find(|x| x.0 == latent_bits)
+        .map(|x| x.1)
+        .unwrap_or(i.kv_bytes_default);
     let gib = (1u64 << 30) as f64;
-    let latents = if latent_bits >= 16 { "16-bit latents".to_string() } else { format!("{latent_bits}-bit packed latents with f16 scales and i16 zeros") };
+    let latents = if latent_bits >= 16 {
+        "16-bit latents".to_string()
+    } else {
+        format!("{latent_bits}-bit packed latents with f16 scales and i16 zeros")
+    };
     Ok(format!(
         "KV cache: {} layers; default {} B/token (16-bit K/V, {} KV heads × {}); Palu {} B/token ({latents}; {:.3}× default, {:.1}% of the K/V width removed); tokens per GiB of KV budget: default {:.0}, Palu {:.0}",
         i.num_layers,
@@ -63,11 +75,17 @@ pub fn kv_summary(dir: &Path, latent_bits: u8) -> Result<String> {
 pub fn resolve_latent_bits(o: &EngineOptions) -> Result<u8> {
     let bits = match (o.latent_bits, &o.palu_config) {
         (Some(b), _) => b,
-        (None, Some(cfg)) => crate::alloc_config::AllocConfig::from_file(cfg)?.compression.latent_bits,
+        (None, Some(cfg)) => {
+            crate::alloc_config::AllocConfig::from_file(cfg)?
+                .compression
+                .latent_bits
+        }
         (None, None) => {
             let p = o.model_dir.join("palu.toml");
             if p.exists() {
-                crate::alloc_config::AllocConfig::from_file(&p)?.compression.latent_bits
+                crate::alloc_config::AllocConfig::from_file(&p)?
+                    .compression
+                    .latent_bits
             } else {
                 16
             }
@@ -93,17 +111,26 @@ pub fn decompose_at_load(model_dir: &Path, config: &Path, calib: Option<&Path>) 
     let key = {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
-        h.update(std::fs::read(model_dir.join("config.json")).with_context(|| format!("{}/config.json", model_dir.display()))?);
+        h.update(
+            std::fs::read(model_dir.join("config.json"))
+                .with_context(|| format!("{}/config.json", model_dir.display()))?,
+        );
         h.update(std::fs::read(config)?);
         h.update(crate::calib::file_sha256(&calib)?.0);
         format!("{:x}", h.finalize())
     };
-    let out = std::env::temp_dir().join("palu-load-cache").join(&key[..16]);
+    let out = std::env::temp_dir()
+        .join("palu-load-cache")
+        .join(&key[..16]);
     if out.join("config.json").exists() {
         tracing::info!("using the Palu decomposition cached at {}", out.display());
         return Ok(out);
     }
-    tracing::info!("decomposing {} with {} at load time", model_dir.display(), config.display());
+    tracing::info!(
+        "decomposing {} with {} at load time",
+        model_dir.display(),
+        config.display()
+    );
     let opts = crate::compress::CompressOptions {
         calib: Some(calib),
         config: Some((config.to_path_buf(), ac.clone())),
@@ -123,7 +150,11 @@ pub async fn build_engine(o: &EngineOptions) -> Result<Arc<MistralRs>> {
 
 /// Load the model into a running engine, keeping the handle on its KV-cache measurements.
 pub async fn start(o: &EngineOptions) -> Result<Served> {
-    let latent_bits = if o.kv_cache == KvCacheKind::Palu { resolve_latent_bits(o)? } else { 16 };
+    let latent_bits = if o.kv_cache == KvCacheKind::Palu {
+        resolve_latent_bits(o)?
+    } else {
+        16
+    };
     let stats = Arc::new(KvStats::default());
     let mut o = o.clone();
     if o.kv_cache == KvCacheKind::Palu {
@@ -133,7 +164,14 @@ pub async fn start(o: &EngineOptions) -> Result<Served> {
     }
     let o = &o;
     let model_id = o.model_dir.to_string_lossy().into_owned();
-    let builder = NormalLoaderBuilder::new(NormalSpecificConfig::default(), None, None, Some(model_id), false, None);
+    let builder = NormalLoaderBuilder::new(
+        NormalSpecificConfig::default(),
+        None,
+        None,
+        Some(model_id),
+        false,
+        None,
+    );
     let loader: Box<dyn Loader> = match o.kv_cache {
         KvCacheKind::Palu => {
             // Fail early, naming the file and tensor, before the engine starts.
@@ -146,16 +184,28 @@ pub async fn start(o: &EngineOptions) -> Result<Served> {
                     cfg.family.model_type()
                 );
             }
-            crate::model::Model::load(&o.model_dir, &candle_core::Device::Cpu)
-                .with_context(|| format!("{}: not a loadable Palu checkpoint", o.model_dir.display()))?;
+            crate::model::Model::load(&o.model_dir, &candle_core::Device::Cpu).with_context(
+                || format!("{}: not a loadable Palu checkpoint", o.model_dir.display()),
+            )?;
             tracing::info!("{}", kv_summary(&o.model_dir, latent_bits)?);
-            builder.build_with_loader(Box::new(super::PaluLoader { latent_bits, stats: Arc::clone(&stats) }))?
+            builder.build_with_loader(Box::new(super::PaluLoader {
+                latent_bits,
+                stats: Arc::clone(&stats),
+            }))?
         }
         KvCacheKind::Default => builder.build(None)?,
     };
-    let device = if o.cpu { candle_core::Device::Cpu } else { candle_core::Device::cuda_if_available(0)? };
-    let isq: Option<IsqType> =
-        o.isq.as_deref().map(|s| mistralrs_core::parse_isq_value(s, Some(&device))).transpose().map_err(anyhow::Error::msg)?;
+    let device = if o.cpu {
+        candle_core::Device::Cpu
+    } else {
+        candle_core::Device::cuda_if_available(0)?
+    };
+    let isq: Option<IsqType> = o
+        .isq
+        .as_deref()
+        .map(|s| mistralrs_core::parse_isq_value(s, Some(&device)))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let pipeline = loader.load_model_from_hf(
         None,
         TokenSource::None,
@@ -167,18 +217,21 @@ pub async fn start(o: &EngineOptions) -> Result<Served> {
         None,
     )?;
     let method = SchedulerConfig::DefaultScheduler {
-        method: DefaultSchedulerMethod::Fixed(o.max_seqs.try_into().context("--max-seqs must be at least 1")?),
+        method: DefaultSchedulerMethod::Fixed(
+            o.max_seqs
+                .try_into()
+                .context("--max-seqs must be at least 1")?,
+        ),
     };
     let mut b = MistralRsBuilder::new(pipeline, method, false, None);
-    if o.kv_cache == KvCacheKind::Palu {
-        // A prefix-cache hit restores a latent cache whose length disagrees with the sequence
-        // offset the engine reports (seen with concurrent requests sharing a BOS prefix), and
-        // the latent rebuild needs cache index == position. Off until that is fixed.
-        tracing::warn!("prefix caching is disabled with --kv-cache palu (not supported yet)");
+    if o.no_prefix_cache {
         b = b.with_no_prefix_cache(true);
     }
     let kv_stats = (o.kv_cache == KvCacheKind::Palu).then_some(stats);
-    Ok(Served { engine: b.build().await, kv_stats })
+    Ok(Served {
+        engine: b.build().await,
+        kv_stats,
+    })
 }
 
 /// The OpenAI-compatible HTTP router of mistralrs-server-core over `engine`.

@@ -45,11 +45,18 @@ pub struct ServerSection {
     pub port: u16,
     #[serde(default = "default_max_seqs")]
     pub max_seqs: usize,
+    #[serde(default)]
+    pub no_prefix_cache: bool,
 }
 
 impl Default for ServerSection {
     fn default() -> Self {
-        ServerSection { serve_ip: default_ip(), port: default_port(), max_seqs: default_max_seqs() }
+        ServerSection {
+            serve_ip: default_ip(),
+            port: default_port(),
+            max_seqs: default_max_seqs(),
+            no_prefix_cache: false,
+        }
     }
 }
 
@@ -111,34 +118,48 @@ pub fn parse_dtype(s: &str) -> Result<mistralrs_core::ModelDType, String> {
 impl ServerConfig {
     pub fn from_file(path: &Path) -> Result<Self, PaluError> {
         let text = read_to_string(path)?;
-        toml::from_str(&text).map_err(|e| PaluError::Toml { path: path.into(), msg: e.to_string() })
+        toml::from_str(&text).map_err(|e| PaluError::Toml {
+            path: path.into(),
+            msg: e.to_string(),
+        })
     }
 
     /// Engine options, with paths resolved relative to the config file.
     pub fn engine_options(&self, path: &Path) -> Result<EngineOptions, PaluError> {
         let base = path.parent().unwrap_or(Path::new("."));
-        let rel = |p: &Option<PathBuf>| p.as_ref().map(|p| if p.is_absolute() { p.clone() } else { base.join(p) });
+        let rel = |p: &Option<PathBuf>| {
+            p.as_ref().map(|p| {
+                if p.is_absolute() {
+                    p.clone()
+                } else {
+                    base.join(p)
+                }
+            })
+        };
         let kind = match self.kv_cache.kind {
             Kind::Default => KvCacheKind::Default,
             Kind::Palu => KvCacheKind::Palu,
         };
-        let model_dir = match (kind, rel(&self.kv_cache.checkpoint), rel(&self.model.dir)) {
-            (KvCacheKind::Palu, Some(c), _) => c,
-            (_, _, Some(d)) => d,
-            _ => {
-                return Err(PaluError::invalid(
+        let model_dir =
+            match (kind, rel(&self.kv_cache.checkpoint), rel(&self.model.dir)) {
+                (KvCacheKind::Palu, Some(c), _) => c,
+                (_, _, Some(d)) => d,
+                _ => return Err(PaluError::invalid(
                     path,
                     "model.dir is required (or kv_cache.checkpoint with kv_cache.kind = \"palu\")",
-                ))
-            }
-        };
-        if kind == KvCacheKind::Palu && self.kv_cache.checkpoint.is_none() && self.kv_cache.config.is_none() {
+                )),
+            };
+        if kind == KvCacheKind::Palu
+            && self.kv_cache.checkpoint.is_none()
+            && self.kv_cache.config.is_none()
+        {
             return Err(PaluError::invalid(
                 path,
                 "kv_cache.kind = \"palu\" needs kv_cache.checkpoint (a Palu checkpoint) or kv_cache.config (a rank allocation to decompose model.dir with)",
             ));
         }
-        let dtype = parse_dtype(&self.model.dtype).map_err(|m| PaluError::invalid(path, format!("model.{m}")))?;
+        let dtype = parse_dtype(&self.model.dtype)
+            .map_err(|m| PaluError::invalid(path, format!("model.{m}")))?;
         Ok(EngineOptions {
             model_dir,
             palu_config: rel(&self.kv_cache.config),
@@ -146,12 +167,14 @@ impl ServerConfig {
             kv_cache: kind,
             latent_bits: match self.kv_cache.latent_bits {
                 Some(b) => {
-                    crate::quant::check_bits(b).map_err(|e| PaluError::invalid(path, format!("kv_cache.{e}")))?;
+                    crate::quant::check_bits(b)
+                        .map_err(|e| PaluError::invalid(path, format!("kv_cache.{e}")))?;
                     Some(b)
                 }
                 None => None,
             },
             max_seqs: self.server.max_seqs,
+            no_prefix_cache: self.server.no_prefix_cache,
             isq: self.model.isq.clone(),
             cpu: self.model.cpu,
             dtype,

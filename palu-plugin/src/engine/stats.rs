@@ -16,6 +16,8 @@ pub struct KvStats {
     tokens: AtomicU64,
     /// Forward passes seen.
     steps: AtomicU64,
+    /// Tokens fed through the model so far (prefix-cache hits feed fewer).
+    fed: AtomicU64,
 }
 
 /// One reading of [`KvStats`].
@@ -26,6 +28,7 @@ pub struct KvReading {
     pub tokens: u64,
     pub bytes_per_token: f64,
     pub steps: u64,
+    pub tokens_fed: u64,
 }
 
 pub(crate) fn tensor_bytes(t: &Tensor) -> u64 {
@@ -33,6 +36,10 @@ pub(crate) fn tensor_bytes(t: &Tensor) -> u64 {
 }
 
 impl KvStats {
+    pub(crate) fn record_fed(&self, tokens: u64) {
+        self.fed.fetch_add(tokens, Ordering::Relaxed);
+    }
+
     pub(crate) fn record(&self, bytes: u64, allocated: u64, tokens: u64) {
         self.bytes.store(bytes, Ordering::Relaxed);
         self.allocated.store(allocated, Ordering::Relaxed);
@@ -47,8 +54,13 @@ impl KvStats {
             bytes,
             allocated_bytes: self.allocated.load(Ordering::Relaxed),
             tokens,
-            bytes_per_token: if tokens == 0 { 0.0 } else { bytes as f64 / tokens as f64 },
+            bytes_per_token: if tokens == 0 {
+                0.0
+            } else {
+                bytes as f64 / tokens as f64
+            },
             steps: self.steps.load(Ordering::Relaxed),
+            tokens_fed: self.fed.load(Ordering::Relaxed),
         }
     }
 }

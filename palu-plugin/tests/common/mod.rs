@@ -27,7 +27,10 @@ pub fn converted(gguf: &str, name: &str) -> PathBuf {
     if !out.join("config.json").exists() {
         let r = palu::gguf::convert(&fixtures().join("models").join(gguf), &out);
         if let Err(e) = r {
-            assert!(out.join("config.json").exists(), "conversion of {gguf} failed: {e}");
+            assert!(
+                out.join("config.json").exists(),
+                "conversion of {gguf} failed: {e}"
+            );
         }
     }
     out
@@ -47,9 +50,15 @@ pub fn c4() -> PathBuf {
 
 /// A seed that differs on every run (fresh random inputs), printed so that a failure can be replayed.
 pub fn fresh_seed() -> u64 {
-    let s = std::env::var("PALU_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
+    let s = std::env::var("PALU_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     eprintln!("PALU_TEST_SEED={s}");
     s
 }

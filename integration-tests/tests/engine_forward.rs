@@ -1,0 +1,211 @@
+//! Numbers computed through the engine's own forward pass (raw logits of every position):
+//! exactness at full rank against the stock engine, perplexity of Palu-50 % against
+//! `palu eval ppl`, and the KV bytes of live cache tensors.
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Device;
+use mistralrs_core::ModelDType;
+use palu::engine::server::{start, EngineOptions, KvCacheKind, Served};
+use palu_integration_tests::{engine_logits, fixtures, nll, smollm2, smollm2_palu50};
+
+fn options(model_dir: &Path, kv: KvCacheKind, latent_bits: Option<u8>) -> EngineOptions {
+    EngineOptions {
+        model_dir: model_dir.to_path_buf(),
+        palu_config: None,
+        palu_calib: None,
+        kv_cache: kv,
+        latent_bits,
+        max_seqs: 4,
+        no_prefix_cache: false,
+        isq: None,
+        cpu: true,
+        dtype: ModelDType::F32,
+    }
+}
+
+async fn serve(model_dir: &Path, kv: KvCacheKind, latent_bits: Option<u8>) -> Served {
+    start(&options(model_dir, kv, latent_bits)).await.unwrap()
+}
+
+/// Without the prefix cache, so that raw logits cover every prompt position (a hit, e.g. on the
+/// BOS of an earlier request, returns only the positions it feeds).
+async fn serve_uncached(model_dir: &Path, kv: KvCacheKind, latent_bits: Option<u8>) -> Served {
+    start(&EngineOptions {
+        no_prefix_cache: true,
+        ..options(model_dir, kv, latent_bits)
+    })
+    .await
+    .unwrap()
+}
+
+fn full_rank(base: &Path, group_size: usize, out: &Path) {
+    let opts = palu::compress::CompressOptions {
+        ratio: 1.0,
+        group_size,
+        rank_search: palu::ranks::RankSearch::Uniform,
+        rank_multiple: 1,
+        calib: Some(fixtures().join("text/c4-train-00000-first800.jsonl")),
+        calib_samples: 4,
+        calib_seq_len: 256,
+        ..Default::default()
+    };
+    palu::compress::compress_to_dir(base, out, &opts).unwrap();
+}
+
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// The evaluation windows of the WikiText-2 protocol (fixtures README), as `palu eval ppl` cuts them.
+fn wikitext_windows(model_dir: &Path, seq_len: usize, n: usize) -> Vec<Vec<u32>> {
+    let tok = palu::tokenizer::load(model_dir).unwrap();
+    let text = std::fs::read_to_string(fixtures().join("text/wikitext-2-raw-test.txt")).unwrap();
+    let ids = palu::eval::eval_tokens(&tok, &text, palu::eval::Protocol::Wikitext, None).unwrap();
+    ids.chunks_exact(seq_len)
+        .take(n)
+        .map(<[u32]>::to_vec)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_rank_palu_logits_equal_the_stock_engine_within_1e_3() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stories = fixtures().join("models/stories260K");
+    let cases = [
+        (stories.clone(), 1usize, "stories260K"),
+        (smollm2(), 3, "SmolLM2"),
+    ];
+    for (base, g, name) in cases {
+        let ckpt = tmp.path().join(name);
+        full_rank(&base, g, &ckpt);
+        let tok = palu::tokenizer::load(&base).unwrap();
+        let text = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her dog.";
+        let mut ids = vec![1u32];
+        ids.extend(palu::tokenizer::encode(&tok, text).unwrap());
+        let stock = serve_uncached(&base, KvCacheKind::Default, None).await;
+        let a = engine_logits(&stock.engine, ids.clone()).await.unwrap();
+        drop(stock);
+        let palu = serve_uncached(&ckpt, KvCacheKind::Palu, Some(16)).await;
+        let b = engine_logits(&palu.engine, ids.clone()).await.unwrap();
+        assert_eq!(a.dim(0).unwrap(), ids.len(), "stock: every position");
+        assert_eq!(b.dim(0).unwrap(), ids.len(), "palu: every position");
+        let d = max_abs_diff(&a, &b);
+        eprintln!("{name}: {} positions, max |Δlogit| = {d:.2e}", ids.len());
+        assert!(d <= 1e-3, "{name}: max |Δlogit| = {d}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_palu50_engine_perplexity_matches_palu_eval_with_and_without_4_bit_latents() {
+    let ckpt = smollm2_palu50();
+    let windows = wikitext_windows(&ckpt, 1024, 8);
+    let reference = palu::model::Model::load(&ckpt, &Device::Cpu).unwrap();
+    let mut rows = Vec::new();
+    for bits in [16u8, 4] {
+        let mut m = reference.clone();
+        m.latent_quant = palu::model::LatentQuant::bits(bits);
+        let tokens: Vec<u32> = windows.concat();
+        let want = palu::eval::perplexity(&m, &tokens, 1024, Some(8))
+            .unwrap()
+            .perplexity;
+        let served = serve_uncached(&ckpt, KvCacheKind::Palu, Some(bits)).await;
+        let (mut sum, mut count) = (0f64, 0usize);
+        for w in &windows {
+            let logits = engine_logits(&served.engine, w.clone()).await.unwrap();
+            assert_eq!(logits.dim(0).unwrap(), w.len());
+            let n = nll(&logits, w).unwrap();
+            sum += n.iter().sum::<f64>();
+            count += n.len();
+        }
+        let got = (sum / count as f64).exp();
+        let rel = (got / want - 1.0).abs();
+        rows.push(format!(
+            "{bits:>2}-bit latents: engine {got:.4}, palu eval {want:.4}, |Δ| {:.3}%",
+            100.0 * rel
+        ));
+        eprintln!("{}", rows.last().unwrap());
+        assert!(rel <= 0.005, "{}", rows.last().unwrap());
+    }
+}
+
+async fn get_json(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap()
+}
+
+async fn chat(addr: std::net::SocketAddr, q: &str, n: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = serde_json::json!({"model": "default", "messages": [{"role": "user", "content": q}],
+                                  "max_tokens": n, "temperature": 0.0})
+    .to_string();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap();
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_palu50_answers_over_http_and_live_kv_bytes_meet_the_targets() {
+    let ckpt = smollm2_palu50();
+    let cfg = palu::config::ModelConfig::from_file(&ckpt.join("config.json")).unwrap();
+    // What the stock cache would hold per token: K and V of every layer, in 16 bits and in the
+    // activation dtype the engine runs here (f32).
+    let default_16 = (cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2) as f64;
+    let default_f32 = 2.0 * default_16;
+    for (bits, limit, against) in [(16u8, 0.5, default_f32), (4, 0.16, default_16)] {
+        let served = serve(&ckpt, KvCacheKind::Palu, Some(bits)).await;
+        let app = palu::engine::server::router_for(&served).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let engine = Arc::clone(&served.engine);
+        tokio::spawn(async move {
+            let _keep = engine;
+            axum::serve(listener, app).await.unwrap();
+        });
+        let a = chat(addr, "What is the capital of France?", 24).await;
+        eprintln!("{bits}-bit latents: {a:?}");
+        assert!(a.contains("Paris"), "{bits}-bit latents answered {a:?}");
+        let r = get_json(addr, "/v1/palu/kv_cache").await;
+        let bpt = r["bytes_per_token"].as_f64().unwrap();
+        let ratio = bpt / against;
+        eprintln!("{bits}-bit latents: {r}; {ratio:.3}× default");
+        assert!(r["tokens"].as_u64().unwrap() > 10, "{r}");
+        assert!(
+            ratio <= limit,
+            "{bits}-bit latents: {bpt} B/token = {ratio:.3}× default (limit {limit})"
+        );
+    }
+}
