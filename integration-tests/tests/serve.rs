@@ -185,10 +185,21 @@ async fn a_checkpoint_whose_ranks_disagree_with_its_tensors_is_a_clear_startup_e
     assert!(msg.contains("tensor `model.layers.4.self_attn.k_proj.VT.weight` has shape [4, 64], expected [5, 64]"), "{msg}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thirty_two_concurrent_requests_of_mixed_lengths_are_all_answered() {
-    let dir = fixtures().join("palu-reference/stories260K-g1-r50");
-    let addr = serve(&dir, KvCacheKind::Palu).await.unwrap();
+/// Resident memory of this process (the server runs in it), bytes, after the allocator has
+/// returned its free pages to the system.
+fn rss() -> u64 {
+    unsafe { libc::malloc_trim(0) };
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 4096
+}
+
+async fn burst(addr: std::net::SocketAddr) {
     let prompts = [
         "Once upon a time",
         "The little dog",
@@ -211,6 +222,54 @@ async fn thirty_two_concurrent_requests_of_mixed_lengths_are_all_answered() {
             assert_eq!(prev, &text, "equal prompts gave different outputs");
         }
         by_prompt.insert(key, text);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thirty_two_concurrent_requests_of_mixed_lengths_are_all_answered_and_memory_returns_to_idle(
+) {
+    let dir = fixtures().join("palu-reference/stories260K-g1-r50");
+    // Without the prefix cache every finished sequence's latents must be freed; with it, the
+    // engine keeps a bounded set of finished caches for reuse (by design), hence more slack.
+    for (no_prefix_cache, slack_mib) in [(true, 2u64), (false, 4)] {
+        let addr = serve_opts(EngineOptions {
+            model_dir: dir.clone(),
+            palu_config: None,
+            palu_calib: None,
+            kv_cache: KvCacheKind::Palu,
+            latent_bits: None,
+            max_seqs: 32,
+            no_prefix_cache,
+            isq: None,
+            cpu: true,
+            dtype: ModelDType::F32,
+        })
+        .await
+        .unwrap();
+        // Warm up (allocator pools, prefix cache), take the idle level, then bursts against it.
+        burst(addr).await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let idle = rss();
+        let mut after = Vec::new();
+        for _ in 0..3 {
+            burst(addr).await;
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            after.push(rss());
+        }
+        eprintln!(
+            "prefix cache {}: RSS idle {} KiB, after bursts {:?} KiB",
+            if no_prefix_cache { "off" } else { "on" },
+            idle / 1024,
+            after.iter().map(|a| a / 1024).collect::<Vec<_>>()
+        );
+        for a in &after {
+            assert!(
+                *a <= idle + (slack_mib << 20),
+                "RSS {} KiB after a burst vs {} KiB idle",
+                a / 1024,
+                idle / 1024
+            );
+        }
     }
 }
 

@@ -97,3 +97,32 @@ fn errors_exit_nonzero_with_one_clear_line() {
     assert!(!std::path::Path::new("/tmp/palu-never-written").exists());
     insta::assert_snapshot!("bad_group_size", err);
 }
+
+#[cfg(feature = "engine")]
+fn server(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mistralrs-server"))
+        .args(args)
+        .env("COLUMNS", "100")
+        .env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let s = |b: Vec<u8>| String::from_utf8(b).unwrap();
+    (out.status.success(), s(out.stdout), s(out.stderr))
+}
+
+#[cfg(feature = "engine")]
+#[test]
+fn server_help_lists_upstream_subcommands_and_the_palu_flags() {
+    let (ok, out, _) = server(&["--help"]);
+    assert!(ok);
+    insta::assert_snapshot!("server_help", out);
+}
+
+#[cfg(feature = "engine")]
+#[test]
+fn server_with_palu_and_an_unsupported_model_subcommand_is_a_clear_error() {
+    let (ok, _, err) = server(&["--kv-cache", "palu", "gguf", "-m", "x", "-f", "x.gguf"]);
+    assert!(!ok);
+    insta::assert_snapshot!("server_palu_gguf_error", err.trim());
+}

@@ -1,24 +1,39 @@
-//! `mistralrs-server` with a Palu KV cache: upstream's OpenAI-compatible server (the router of
-//! mistralrs-server-core) plus `--kv-cache {default,palu}`.
+//! `mistralrs-server` with a Palu KV cache: upstream's OpenAI-compatible server (mistral.rs's
+//! model subcommands, the router of mistralrs-server-core) plus `--kv-cache {default,palu}`.
+//!
+//! With the default cache every model subcommand (`plain`, `gguf`, `run`, `toml`, ...) goes to
+//! mistralrs-server-core's own builder, as upstream's binary does. With `--kv-cache palu` the
+//! model is a Palu checkpoint (`--palu-checkpoint DIR`, or `plain -m DIR`) or a plain model
+//! decomposed at load time (`plain -m DIR --palu-config FILE.toml`).
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Parser;
-use palu::engine::server::{router_for, start, EngineOptions, KvCacheKind};
+use mistralrs_core::ModelSelected;
+use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
+use palu::engine::server::{router, router_for, start, EngineOptions, KvCacheKind};
 use palu::engine::server_config::{parse_dtype, ServerConfig};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "mistralrs-server",
     version,
-    about = "mistral.rs OpenAI-compatible server with the Palu low-rank KV cache"
+    about = "mistral.rs OpenAI-compatible server with the Palu low-rank KV cache",
+    after_help = "Examples:\n  \
+        mistralrs-server --kv-cache palu --palu-checkpoint out/smollm2-palu50 --cpu\n  \
+        mistralrs-server --kv-cache palu --palu-latent-bits 4 plain -m out/smollm2-palu50\n  \
+        mistralrs-server --kv-cache palu --palu-config configs/smollm2-135m-g3-r50.toml \\\n      \
+            --palu-calib c4.jsonl plain -m out/smollm2\n  \
+        mistralrs-server plain -m out/smollm2              # the stock engine, as upstream\n  \
+        mistralrs-server --config configs/smollm2.server.toml"
 )]
 struct Args {
     /// Read the server, model and KV-cache selection from this TOML file (see configs/*.server.toml);
     /// the other flags are then ignored.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Model directory (Hugging Face layout; a Palu checkpoint for --kv-cache palu).
+    /// Model directory (Hugging Face layout; a Palu checkpoint for --kv-cache palu). Shorthand
+    /// for the `plain -m DIR` subcommand.
     #[arg(short = 'm', long)]
     model: Option<PathBuf>,
     /// Which KV cache to use.
@@ -27,7 +42,7 @@ struct Args {
     /// A Palu checkpoint directory (written by `palu compress` or by the Palu authors' code).
     #[arg(long)]
     palu_checkpoint: Option<PathBuf>,
-    /// Decompose the plain model given with -m at load time with this rank allocation (palu.toml).
+    /// Decompose the plain model at load time with this rank allocation (palu.toml).
     #[arg(long)]
     palu_config: Option<PathBuf>,
     /// Calibration text for --palu-config (whitening), e.g. the C4 sample.
@@ -38,8 +53,10 @@ struct Args {
     /// (or the checkpoint's palu.toml) `latent_bits`, else 16.
     #[arg(long)]
     palu_latent_bits: Option<u8>,
+    /// IP to serve on.
     #[arg(long, default_value = "127.0.0.1")]
     serve_ip: String,
+    /// Port to serve on.
     #[arg(short, long, default_value_t = 1234)]
     port: u16,
     /// Maximum running sequences.
@@ -54,54 +71,134 @@ struct Args {
     /// Run on the CPU.
     #[arg(long)]
     cpu: bool,
-    /// Activation dtype: auto, f32, f16, bf16.
+    /// Activation dtype: auto, f32, f16, bf16 (the `plain` subcommand's -d takes precedence).
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// Seed for the engine's sampler (stock path).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// The model, as upstream's mistralrs-server selects it.
+    #[command(subcommand)]
+    model_selected: Option<ModelSelected>,
+}
+
+/// Engine options for the Palu path from the flags and an optional `plain` subcommand.
+fn palu_options(args: &Args) -> Result<EngineOptions> {
+    let mut dtype = parse_dtype(&args.dtype).map_err(|m| anyhow::anyhow!("--{m}"))?;
+    let from_subcommand = match &args.model_selected {
+        None => None,
+        Some(ModelSelected::Plain { model_id, dtype: d, .. }) => {
+            dtype = *d;
+            Some(PathBuf::from(model_id))
+        }
+        Some(other) => bail!(
+            "--kv-cache palu serves Llama, Mistral and Qwen2 text models through the `plain` subcommand (a model directory); `{}` is not supported with it. Use `plain -m DIR`, or --kv-cache default",
+            subcommand_name(other)
+        ),
+    };
+    let model_dir = match (&args.palu_checkpoint, &args.model, from_subcommand) {
+        (Some(c), _, _) => c.clone(),
+        (None, Some(m), _) => m.clone(),
+        (None, None, Some(m)) => m,
+        (None, None, None) => {
+            bail!("--kv-cache palu needs a model: --palu-checkpoint DIR, -m DIR, or the `plain -m DIR` subcommand (or --config server.toml)")
+        }
+    };
+    Ok(EngineOptions {
+        model_dir,
+        palu_config: args.palu_config.clone(),
+        palu_calib: args.palu_calib.clone(),
+        kv_cache: KvCacheKind::Palu,
+        latent_bits: args.palu_latent_bits,
+        max_seqs: args.max_seqs,
+        no_prefix_cache: args.no_prefix_cache,
+        isq: args.isq.clone(),
+        cpu: args.cpu,
+        dtype,
+    })
+}
+
+fn subcommand_name(m: &ModelSelected) -> String {
+    format!("{m:?}")
+        .split([' ', '{', '('])
+        .next()
+        .unwrap_or("?")
+        .to_lowercase()
+}
+
+async fn serve(app: axum::Router, ip: &str, port: u16, what: &str) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind((ip, port)).await?;
+    tracing::info!("serving {what} on http://{}", listener.local_addr()?);
+    axum::serve(listener, app).await?;
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
     mistralrs_core::initialize_logging();
-    let (opts, ip, port) = match &args.config {
+    if args.kv_cache == KvCacheKind::Default && args.config.is_none() {
+        if let Some(model) = args.model_selected.clone() {
+            // The stock path: exactly what upstream's server builds from a model subcommand.
+            let mut b = MistralRsForServerBuilder::new()
+                .with_model(model)
+                .with_max_seqs(args.max_seqs)
+                .with_cpu(args.cpu)
+                .with_seed_optional(args.seed)
+                .with_in_situ_quant_optional(args.isq.clone());
+            if args.no_prefix_cache {
+                b = b.with_prefix_cache_n(0);
+            }
+            let engine = b.build().await?;
+            return serve(
+                router(engine).await?,
+                &args.serve_ip,
+                args.port,
+                "the selected model",
+            )
+            .await;
+        }
+    }
+    let opts = match &args.config {
         Some(path) => {
             let c = ServerConfig::from_file(path)?;
-            (
-                c.engine_options(path)?,
-                c.server.serve_ip.clone(),
+            let o = c.engine_options(path)?;
+            let served = start(&o).await?;
+            let app = router_for(&served).await?;
+            return serve(
+                app,
+                &c.server.serve_ip,
                 c.server.port,
+                &o.model_dir.display().to_string(),
             )
+            .await;
         }
+        None if args.kv_cache == KvCacheKind::Palu => palu_options(&args)?,
         None => {
-            let model_dir = match (args.kv_cache, &args.palu_checkpoint, &args.model) {
-                (KvCacheKind::Palu, Some(c), _) => c.clone(),
-                (_, _, Some(m)) => m.clone(),
-                _ => anyhow::bail!("give a model directory with -m/--model (or --palu-checkpoint with --kv-cache palu), or --config server.toml"),
+            let Some(m) = args.model.clone() else {
+                bail!("give a model: a subcommand (`plain -m DIR`, `gguf ...`, see --help), -m DIR, or --config server.toml")
             };
-            let dtype = parse_dtype(&args.dtype).map_err(|m| anyhow::anyhow!("--{m}"))?;
-            let opts = EngineOptions {
-                model_dir,
-                palu_config: args.palu_config,
-                palu_calib: args.palu_calib,
-                kv_cache: args.kv_cache,
-                latent_bits: args.palu_latent_bits,
+            EngineOptions {
+                model_dir: m,
+                palu_config: None,
+                palu_calib: None,
+                kv_cache: KvCacheKind::Default,
+                latent_bits: None,
                 max_seqs: args.max_seqs,
                 no_prefix_cache: args.no_prefix_cache,
-                isq: args.isq,
+                isq: args.isq.clone(),
                 cpu: args.cpu,
-                dtype,
-            };
-            (opts, args.serve_ip, args.port)
+                dtype: parse_dtype(&args.dtype).map_err(|m| anyhow::anyhow!("--{m}"))?,
+            }
         }
     };
     let served = start(&opts).await?;
     let app = router_for(&served).await?;
-    let listener = tokio::net::TcpListener::bind((ip.as_str(), port)).await?;
-    tracing::info!(
-        "serving {} on http://{}",
-        opts.model_dir.display(),
-        listener.local_addr()?
-    );
-    axum::serve(listener, app).await?;
-    Ok(())
+    serve(
+        app,
+        &args.serve_ip,
+        args.port,
+        &opts.model_dir.display().to_string(),
+    )
+    .await
 }
