@@ -1,0 +1,47 @@
+// Thin dispatch API over the templates of palu_decode.cuh: picks the instantiation for the
+// group size, query heads per KV head and padded ranks, sizes the split over L, launches.
+#include "palu_decode.cuh"
+#include <cuda_runtime.h>
+
+namespace {
+
+template <int RKP, int DH, int G, int NREP>
+cudaError_t launch(palu::DecodeParams p, cudaStream_t stream) {
+    using S = palu::SplitSmem<RKP, RKP, DH, G>;
+    auto split = palu::palu_decode_split<RKP, RKP, DH, G, NREP>;
+    cudaError_t e = cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, S::total);
+    if (e != cudaSuccess) return e;
+    split<<<dim3(p.n_splits, p.G, p.B), palu::kThreads, S::total, stream>>>(p);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    palu::palu_decode_combine<RKP, DH, G, NREP><<<dim3(p.H, p.B), DH, 0, stream>>>(p);
+    return cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" {
+
+// Floats of workspace `partial` the launch needs.
+size_t palu_decode_workspace(int B, int G, int g, int n_rep, int n_splits, int rv_pad) {
+    return (size_t)B * G * g * n_rep * n_splits * (2 + rv_pad);
+}
+
+// Padded rank the instantiation for (g, r) uses, 0 if none.
+int palu_decode_rank_pad(int g, int r) {
+    int need = r <= 64 ? 64 : r <= 128 ? 128 : 0;
+    return (g == 1 && need == 64) || (g == 2 && need <= 128 && need > 0) ? (g == 2 ? 128 : 64) : 0;
+}
+
+// Returns cudaErrorNotSupported for shapes without an instantiation (head_dim 128; g ∈ {1, 2};
+// n_rep ∈ {1, 4}; r ≤ 64·g).
+int palu_decode(palu::DecodeParams p, cudaStream_t stream) {
+    if (p.dh != 128 || p.rk > 64 * p.g || p.rv > 64 * p.g) return cudaErrorNotSupported;
+    if (p.g == 1 && p.n_rep == 1) return launch<64, 128, 1, 1>(p, stream);
+    if (p.g == 1 && p.n_rep == 4) return launch<64, 128, 1, 4>(p, stream);
+    if (p.g == 2 && p.n_rep == 1) return launch<128, 128, 2, 1>(p, stream);
+    if (p.g == 2 && p.n_rep == 4) return launch<128, 128, 2, 4>(p, stream);
+    return cudaErrorNotSupported;
+}
+
+}  // extern "C"
