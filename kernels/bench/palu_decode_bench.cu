@@ -69,12 +69,12 @@ static void setup(Problem& pr, const Shape& s, const std::vector<int>& lens, int
     auto& p = pr.p;
     p.B = s.B; p.H = s.H; p.dh = s.dh; p.g = s.g; p.G = s.Hkv / s.g; p.n_rep = s.H / s.Hkv;
     p.Lmax = *std::max_element(lens.begin(), lens.end());
-    p.rk = p.rv = r; p.ldk = p.ldv = r;
+    p.rk = p.rv = r; p.ldk = p.ldv = (r + 7) / 8 * 8;  // padded row stride; pads hold garbage
     int rpad = r <= 64 ? 64 : 128;
     p.n_splits = pick_splits(p.Lmax, p.G, p.B);
     p.split_len = ((p.Lmax + p.n_splits - 1) / p.n_splits + palu::kTile - 1) / palu::kTile * palu::kTile;
     p.n_splits = (p.Lmax + p.split_len - 1) / p.split_len;
-    size_t nq = (size_t)p.B * p.H * p.dh, nh = (size_t)p.B * p.G * p.Lmax * r, nb = (size_t)p.G * p.g * p.dh * r;
+    size_t nq = (size_t)p.B * p.H * p.dh, nh = (size_t)p.B * p.G * p.Lmax * p.ldk, nb = (size_t)p.G * p.g * p.dh * r;
     half* q = (half*)dalloc(pr, nq * 2);
     half* hk = (half*)dalloc(pr, nh * 2);
     half* hv = (half*)dalloc(pr, nh * 2);
@@ -114,8 +114,8 @@ static double check(const Problem& pr) {
     std::vector<int> lens(p.B);
     CK(cudaMemcpy(lens.data(), p.lens, p.B * 4, cudaMemcpyDeviceToHost));
     auto q = d2h_half(p.q, (size_t)p.B * p.H * p.dh);
-    auto hk = d2h_half(p.hk, (size_t)p.B * p.G * p.Lmax * p.rk);
-    auto hv = d2h_half(p.hv, (size_t)p.B * p.G * p.Lmax * p.rv);
+    auto hk = d2h_half(p.hk, (size_t)p.B * p.G * p.Lmax * p.ldk);
+    auto hv = d2h_half(p.hv, (size_t)p.B * p.G * p.Lmax * p.ldv);
     auto bk = d2h_half(p.bk, (size_t)p.G * p.g * p.dh * p.rk);
     auto bv = d2h_half(p.bv, (size_t)p.G * p.g * p.dh * p.rv);
     std::vector<float> inv(p.dh / 2), out((size_t)p.B * p.H * p.dh);
@@ -129,7 +129,7 @@ static double check(const Problem& pr) {
             std::vector<double> sc(L), k(p.dh), av(p.rv, 0.0);
             double mx = -1e300;
             for (int t = 0; t < L; ++t) {
-                const float* h = &hk[(((size_t)b * p.G + grp) * p.Lmax + t) * p.rk];
+                const float* h = &hk[(((size_t)b * p.G + grp) * p.Lmax + t) * p.ldk];
                 for (int d = 0; d < p.dh; ++d) {
                     const float* row = &bk[((size_t)grp * p.g * p.dh + j * p.dh + d) * p.rk];
                     double a = 0;
@@ -149,7 +149,7 @@ static double check(const Problem& pr) {
             for (int t = 0; t < L; ++t) {
                 double e = exp(sc[t] - mx);
                 l += e;
-                const float* h = &hv[(((size_t)b * p.G + grp) * p.Lmax + t) * p.rv];
+                const float* h = &hv[(((size_t)b * p.G + grp) * p.Lmax + t) * p.ldv];
                 for (int c = 0; c < p.rv; ++c) av[c] += e * h[c];
             }
             for (int d = 0; d < p.dh; ++d) {

@@ -36,6 +36,7 @@ int palu_decode_rank_pad(int g, int r) {
 // Returns cudaErrorNotSupported for shapes without an instantiation (head_dim 128; g ∈ {1, 2};
 // n_rep ∈ {1, 4}; r ≤ 64·g).
 int palu_decode(palu::DecodeParams p, cudaStream_t stream) {
+    if (p.ldk % 8 || p.ldv % 8 || p.ldk < p.rk || p.ldv < p.rv) return cudaErrorInvalidValue;
     if (p.dh != 128 || p.rk > 64 * p.g || p.rv > 64 * p.g) return cudaErrorNotSupported;
     if (p.g == 1 && p.n_rep == 1) return launch<64, 128, 1, 1>(p, stream);
     if (p.g == 1 && p.n_rep == 4) return launch<64, 128, 1, 4>(p, stream);

@@ -10,7 +10,8 @@
 // Split over L (flash-decoding): `palu_decode_split` writes per-split (m, l, acc[r_v]) partials,
 // `palu_decode_combine` merges them and applies B_v. Layouts (row-major):
 //   q      [B, H, dh]            half, already rotated at its position
-//   hk     [B, G, Lmax, ldk]     half, latents of the key groups (r_k ≤ ldk columns used)
+//   hk     [B, G, Lmax, ldk]     half, latents of the key groups (r_k ≤ ldk columns used;
+//                                 ldk a multiple of 8, rows 16-byte aligned)
 //   hv     [B, G, Lmax, ldv]     half
 //   bk     [G, g·dh, r_k]        half  (the authors' U.i of k_proj)
 //   bv     [G, g·dh, r_v]        half
@@ -40,6 +41,32 @@ struct DecodeParams {
     int B, H, dh, G, g, n_rep, Lmax, ldk, ldv, rk, rv, n_splits, split_len;
 };
 
+// Copy `nt` latent rows (row stride `ld` halves, a multiple of 8; `r` used columns) into a
+// [kTile][RP] shared tile with 16-byte loads, all issued before any store so that one memory
+// latency covers the tile; columns ≥ r and rows ≥ nt become zero.
+template <int RP>
+__device__ __forceinline__ void load_tile(half* dst, const half* src, int t0, int nt, int ld, int r, int tid) {
+    constexpr int kChunks = kTile * RP / 8 / kThreads;
+    static_assert(kTile * RP / 8 % kThreads == 0, "tile chunks per thread");
+    uint4 v[kChunks];
+#pragma unroll
+    for (int u = 0; u < kChunks; ++u) {
+        int ci = tid + u * kThreads, t = ci / (RP / 8), col = ci % (RP / 8) * 8;
+        v[u] = (t < nt && col < ld) ? *reinterpret_cast<const uint4*>(src + (size_t)(t0 + t) * ld + col) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kChunks; ++u) {
+        int ci = tid + u * kThreads, col = ci % (RP / 8) * 8;
+        if (col + 8 > r) {
+            half* e = reinterpret_cast<half*>(&v[u]);
+#pragma unroll
+            for (int k = 0; k < 8; ++k)
+                if (col + k >= r) e[k] = __float2half(0.f);
+        }
+        reinterpret_cast<uint4*>(dst)[ci] = v[u];
+    }
+}
+
 // Shared-memory layout of the split kernel, in bytes.
 template <int RKP, int RVP, int DH, int GHEADS>
 struct SplitSmem {
@@ -47,63 +74,79 @@ struct SplitSmem {
     static constexpr int hk = kTile * RKP * 2;            // key latents of the tile
     static constexpr int hv = kTile * RVP * 2;            // value latents of the tile
     static constexpr int k = kTile * DH * 4;              // rebuilt keys of one KV head, float
-    static constexpr int rot = kTile * (DH / 2) * 8;      // cos/sin(m·θ_i), m < kTile
-    static constexpr int base = (DH / 2) * 8;             // cos/sin(t0·θ_i)
-    static constexpr int s = 16 * kTile * 4;              // scores / probabilities, ≤ 16 heads
-    static constexpr int total = b + hk + hv + k + rot + base + s;
+    static constexpr int kh = kTile * DH * 2;             // the same after RoPE, half
+    static constexpr int q = GHEADS * 16 * DH * 2;        // per KV head: its query heads' rows, half
+    static constexpr int base = (DH / 2) * 16;            // per pair: cos/sin(t0·θ), cos/sin(θ)
+    static constexpr int rows = 4 * (DH / 2) * 8;         // per warp and pair: cos/sin(16w·θ)
+    static constexpr int s = kTile * 16 * 4;              // scores [T][16], float
+    static constexpr int pr = 16 * kTile * 2;             // probabilities [16][T], half
+    static constexpr int acc = 16 * RVP * 4;              // latent accumulator [16][RVP], float
+    static constexpr int sc = 16 * 4;                     // per-head rescale of the accumulator
+    static constexpr int total = b + hk + hv + k + kh + q + base + rows + s + pr + acc + sc;
 };
 
+// One block per (split of L, key group, sequence); 4 warps. Per tile of 64 tokens:
+//   rebuild  K_j = H_k·B_kjᵀ            wmma, [64 × dh] per KV head j of the group
+//   RoPE     in place, by angle addition from a per-tile base (no table, no per-token trig)
+//   scores   S += RoPE(K_j)·Q_jᵀ         wmma, Q_j holds only KV head j's query rows (zero
+//                                        elsewhere), so one [64 × 16] fragment collects all heads
+//   softmax  online, one warp per head
+//   values   A = A·diag(scale) + P·H_v   wmma in latent space, [16 × RVP]
 template <int RKP, int RVP, int DH, int GHEADS, int NREP>
 __global__ void __launch_bounds__(kThreads) palu_decode_split(DecodeParams p) {
     using namespace nvcuda;
     constexpr int NH = GHEADS * NREP;  // query heads of the group
     static_assert(NH <= 16, "at most 16 query heads per group");
-    static_assert(RKP % 16 == 0 && RVP % 32 == 0 && DH % 16 == 0, "padded ranks");
+    static_assert(RKP % 16 == 0 && RVP % 64 == 0 && DH % 64 == 0, "padded ranks");
     using S = SplitSmem<RKP, RVP, DH, GHEADS>;
-    extern __shared__ __align__(16) unsigned char smem[];
-    half* sB = reinterpret_cast<half*>(smem);
-    half* sHk = reinterpret_cast<half*>(smem + S::b);
-    half* sHv = reinterpret_cast<half*>(smem + S::b + S::hk);
-    float* sK = reinterpret_cast<float*>(smem + S::b + S::hk + S::hv);
-    float2* sRot = reinterpret_cast<float2*>(smem + S::b + S::hk + S::hv + S::k);
-    float2* sBase = reinterpret_cast<float2*>(smem + S::b + S::hk + S::hv + S::k + S::rot);
-    float* sS = reinterpret_cast<float*>(smem + S::b + S::hk + S::hv + S::k + S::rot + S::base);
+    extern __shared__ __align__(128) unsigned char smem[];
+    unsigned char* ptr = smem;
+    auto take = [&](int bytes) { unsigned char* r = ptr; ptr += bytes; return r; };
+    half* sB = reinterpret_cast<half*>(take(S::b));
+    half* sHk = reinterpret_cast<half*>(take(S::hk));
+    half* sHv = reinterpret_cast<half*>(take(S::hv));
+    float* sK = reinterpret_cast<float*>(take(S::k));
+    half* sKh = reinterpret_cast<half*>(take(S::kh));
+    half* sQ = reinterpret_cast<half*>(take(S::q));
+    float4* sBase = reinterpret_cast<float4*>(take(S::base));
+    float2* sRows = reinterpret_cast<float2*>(take(S::rows));
+    float* sS = reinterpret_cast<float*>(take(S::s));
+    half* sP = reinterpret_cast<half*>(take(S::pr));
+    float* sAcc = reinterpret_cast<float*>(take(S::acc));
+    float* sScale = reinterpret_cast<float*>(take(S::sc));
 
     const int split = blockIdx.x, grp = blockIdx.y, b = blockIdx.z;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int L = p.lens[b];
     const int s0 = split * p.split_len;
     const int s1 = min(L, s0 + p.split_len);
+    const float qscale = rsqrtf((float)DH);
 
-    // B_k of the group, zero-padded to RKP columns.
     const half* bk = p.bk + (size_t)grp * GHEADS * DH * p.rk;
     for (int i = tid; i < GHEADS * DH * RKP; i += kThreads) {
         int row = i / RKP, c = i % RKP;
         sB[i] = c < p.rk ? bk[(size_t)row * p.rk + c] : __float2half(0.f);
     }
-    // Offsets of the rotation within a tile, in double for accuracy at long contexts.
-    for (int i = tid; i < kTile * (DH / 2); i += kThreads) {
-        int m = i / (DH / 2), f = i % (DH / 2);
-        double a = (double)m * (double)p.inv_freq[f];
-        sRot[i] = make_float2((float)cos(a), (float)sin(a));
+    // Q_j: rows of KV head j's query heads (scaled by 1/√dh), zero elsewhere.
+    for (int i = tid; i < GHEADS * 16 * DH; i += kThreads) {
+        int j = i / (16 * DH), h = (i / DH) % 16, d = i % DH;
+        float v = 0.f;
+        if (h < NH && h / NREP == j) {
+            int qh = (grp * GHEADS + j) * NREP + h % NREP;
+            v = __half2float(p.q[((size_t)b * p.H + qh) * DH + d]) * qscale;
+        }
+        sQ[i] = __float2half(v);
     }
-    // Per-thread state: warp w < NH owns query head w (NH ≤ 4 with 4 warps; more loop).
-    float m_run[4], l_run[4], acc[4][RVP / 32];
-    float q_reg[4][DH / 32];  // lane-strided query of owned heads (for scores)
+    for (int i = tid; i < 16 * RVP; i += kThreads) sAcc[i] = 0.f;
+    for (int i = tid; i < 4 * (DH / 2); i += kThreads) {
+        double a = (double)(16 * (i / (DH / 2))) * (double)p.inv_freq[i % (DH / 2)];
+        sRows[i] = make_float2((float)cos(a), (float)sin(a));
+    }
+    float m_run[4], l_run[4];
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
         m_run[u] = -INFINITY;
         l_run[u] = 0.f;
-#pragma unroll
-        for (int c = 0; c < RVP / 32; ++c) acc[u][c] = 0.f;
-        int h = warp + 4 * u;
-        if (h < NH) {
-            int kv = grp * GHEADS + h / NREP;
-            int qh = kv * NREP + h % NREP;
-#pragma unroll
-            for (int d = 0; d < DH / 32; ++d)
-                q_reg[u][d] = __half2float(p.q[((size_t)b * p.H + qh) * DH + lane + 32 * d]) * rsqrtf((float)DH);
-        }
     }
     __syncthreads();
 
@@ -111,21 +154,16 @@ __global__ void __launch_bounds__(kThreads) palu_decode_split(DecodeParams p) {
     const half* hv = p.hv + ((size_t)b * p.G + grp) * p.Lmax * p.ldv;
     for (int t0 = s0; t0 < s1; t0 += kTile) {
         const int nt = min(kTile, s1 - t0);
-        for (int i = tid; i < kTile * RKP; i += kThreads) {
-            int t = i / RKP, c = i % RKP;
-            sHk[i] = (t < nt && c < p.rk) ? hk[(size_t)(t0 + t) * p.ldk + c] : __float2half(0.f);
-        }
-        for (int i = tid; i < kTile * RVP; i += kThreads) {
-            int t = i / RVP, c = i % RVP;
-            sHv[i] = (t < nt && c < p.rv) ? hv[(size_t)(t0 + t) * p.ldv + c] : __float2half(0.f);
-        }
+        load_tile<RKP>(sHk, hk, t0, nt, p.ldk, p.rk, tid);
+        load_tile<RVP>(sHv, hv, t0, nt, p.ldv, p.rv, tid);
         for (int f = tid; f < DH / 2; f += kThreads) {
-            double a = (double)t0 * (double)p.inv_freq[f];
-            sBase[f] = make_float2((float)cos(a), (float)sin(a));
+            double th = (double)p.inv_freq[f], a = (double)t0 * th;
+            sBase[f] = make_float4((float)cos(a), (float)sin(a), (float)cos(th), (float)sin(th));
         }
         __syncthreads();
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> sc;
+        wmma::fill_fragment(sc, 0.f);
         for (int j = 0; j < GHEADS; ++j) {
-            // Rebuild K_j = H_k · B_kjᵀ for this tile: warp rows 16·warp.., all DH columns.
 #pragma unroll
             for (int n0 = 0; n0 < DH; n0 += 16) {
                 wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
@@ -140,60 +178,90 @@ __global__ void __launch_bounds__(kThreads) palu_decode_split(DecodeParams p) {
                 }
                 wmma::store_matrix_sync(sK + warp * 16 * DH + n0, c, DH, wmma::mem_row_major);
             }
-            __syncthreads();
-            // Scores of the NREP query heads of KV head j: s = q · RoPE_{t0+t}(k_t).
-            for (int u = 0; u < 4; ++u) {
-                int h = warp + 4 * u;
-                if (h >= NH || h / NREP != j) continue;
-                for (int t = 0; t < kTile; ++t) {
-                    float part = 0.f;
+            __syncwarp();
+            // RoPE on this warp's 16 rows: lane owns pairs f = lane, lane + 32 (DH/2 = 64),
+            // stepping the angle token by token by the rotation of θ_f.
 #pragma unroll
-                    for (int d = 0; d < DH / 32; ++d) {
-                        int i = lane + 32 * d;
-                        int f = i % (DH / 2);
-                        float2 r = sRot[t * (DH / 2) + f], bs = sBase[f];
-                        float cs = bs.x * r.x - bs.y * r.y, sn = bs.y * r.x + bs.x * r.y;
-                        float k = sK[t * DH + i];
-                        float kp = sK[t * DH + (i < DH / 2 ? i + DH / 2 : i - DH / 2)];
-                        float rot = i < DH / 2 ? k * cs - kp * sn : k * cs + kp * sn;
-                        part += q_reg[u][d] * rot;
-                    }
-#pragma unroll
-                    for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-                    if (lane == 0) sS[h * kTile + t] = t < nt ? part : -INFINITY;
+            for (int fi = 0; fi < DH / 64; ++fi) {
+                int f = lane + 32 * fi;
+                float4 bs = sBase[f];
+                int tr = warp * 16;
+                // cos/sin((t0 + tr)·θ) from the tile base by angle addition, then step.
+                float2 rw = sRows[warp * (DH / 2) + f];
+                float cr = rw.x, sr = rw.y;
+                float cs = bs.x * cr - bs.y * sr, sn = bs.y * cr + bs.x * sr;
+                for (int t = tr; t < tr + 16; ++t) {
+                    float k1 = sK[t * DH + f], k2 = sK[t * DH + f + DH / 2];
+                    sKh[t * DH + f] = __float2half(k1 * cs - k2 * sn);
+                    sKh[t * DH + f + DH / 2] = __float2half(k2 * cs + k1 * sn);
+                    float c2 = cs * bs.z - sn * bs.w;
+                    sn = sn * bs.z + cs * bs.w;
+                    cs = c2;
                 }
             }
-            __syncthreads();
-        }
-        // Online softmax and latent values, one warp per owned head.
-        for (int u = 0; u < 4; ++u) {
-            int h = warp + 4 * u;
-            if (h >= NH) continue;
-            float s_a = sS[h * kTile + lane], s_b = sS[h * kTile + lane + 32];
-            float mx = fmaxf(s_a, s_b);
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            float m_new = fmaxf(m_run[u], mx);
-            float pa = __expf(s_a - m_new), pb = __expf(s_b - m_new);
-            float sum = pa + pb;
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-            float scale = __expf(m_run[u] - m_new);
-            l_run[u] = l_run[u] * scale + sum;
-            m_run[u] = m_new;
-            sS[h * kTile + lane] = pa;
-            sS[h * kTile + lane + 32] = pb;
             __syncwarp();
 #pragma unroll
-            for (int c = 0; c < RVP / 32; ++c) {
-                float a = acc[u][c] * scale;
-                for (int t = 0; t < nt; ++t) a += sS[h * kTile + t] * __half2float(sHv[t * RVP + lane + 32 * c]);
-                acc[u][c] = a;
+            for (int d0 = 0; d0 < DH; d0 += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> qm;
+                wmma::load_matrix_sync(a, sKh + warp * 16 * DH + d0, DH);
+                wmma::load_matrix_sync(qm, sQ + (size_t)j * 16 * DH + d0, DH);
+                wmma::mma_sync(sc, a, qm, sc);
             }
+        }
+        wmma::store_matrix_sync(sS + warp * 16 * 16, sc, 16, wmma::mem_row_major);
+        __syncthreads();
+        // Online softmax: warp w owns heads w, w + 4, ...
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            int h = warp + 4 * u;
+            if (h < NH) {
+                float s_a = lane < nt ? sS[lane * 16 + h] : -INFINITY;
+                float s_b = lane + 32 < nt ? sS[(lane + 32) * 16 + h] : -INFINITY;
+                float mx = fmaxf(s_a, s_b);
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+                float m_new = fmaxf(m_run[u], mx);
+                float pa = __expf(s_a - m_new), pb = __expf(s_b - m_new);
+                float sum = pa + pb;
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+                float scale = __expf(m_run[u] - m_new);
+                l_run[u] = l_run[u] * scale + sum;
+                m_run[u] = m_new;
+                sP[h * kTile + lane] = __float2half(pa);
+                sP[h * kTile + lane + 32] = __float2half(pb);
+                if (lane == 0) sScale[h] = scale;
+            } else if (h < 16) {
+                sP[h * kTile + lane] = __float2half(0.f);
+                sP[h * kTile + lane + 32] = __float2half(0.f);
+                if (lane == 0) sScale[h] = 0.f;
+            }
+        }
+        __syncthreads();
+        // A ← A·diag(scale) + P·H_v: warps split the RVP columns.
+        for (int n0 = warp * 16; n0 < RVP; n0 += 64) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            for (int e = lane; e < 16 * 16; e += 32) {
+                int h = e / 16, c = n0 + e % 16;
+                sAcc[h * RVP + c] *= sScale[h];
+            }
+            __syncwarp();
+            wmma::load_matrix_sync(acc, sAcc + n0, RVP, wmma::mem_row_major);
+#pragma unroll
+            for (int k0 = 0; k0 < kTile; k0 += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::row_major> bm;
+                wmma::load_matrix_sync(a, sP + k0, kTile);
+                wmma::load_matrix_sync(bm, sHv + k0 * RVP + n0, RVP);
+                wmma::mma_sync(acc, a, bm, acc);
+            }
+            wmma::store_matrix_sync(sAcc + n0, acc, RVP, wmma::mem_row_major);
         }
         __syncthreads();
     }
     // Partials: (m, l, acc[RVP]) per head and split.
+#pragma unroll
     for (int u = 0; u < 4; ++u) {
         int h = warp + 4 * u;
         if (h >= NH) continue;
@@ -202,8 +270,7 @@ __global__ void __launch_bounds__(kThreads) palu_decode_split(DecodeParams p) {
             dst[0] = m_run[u];
             dst[1] = l_run[u];
         }
-#pragma unroll
-        for (int c = 0; c < RVP / 32; ++c) dst[2 + lane + 32 * c] = acc[u][c];
+        for (int c = lane; c < RVP; c += 32) dst[2 + c] = sAcc[h * RVP + c];
     }
 }
 
