@@ -30,12 +30,21 @@ demo: build
 # the engine integration tests), with nextest.
 test: patch-engine
     cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked
+    just kernels-check
     just engine-tests
     PALU_FIXTURES={{fixtures}} cargo nextest run --workspace --no-fail-fast
 
 # The patched mistralrs-core's own unit tests, but the three that download tokenizers from huggingface.co.
 engine-tests: patch-engine
     cargo nextest run -p mistralrs-core --lib --no-fail-fast -E 'not (test(test_encode_decode_gpt2) | test(test_encode_decode_llama) | test(test_tiktoken_conversion))'
+
+# Compile every CUDA kernel with nvcc 13.0 for sm_90a (no GPU needed; installs nvcc from PyPI).
+kernels-check:
+    bash scripts/kernels-check.sh
+
+# Build the H200 decode benchmark into .gpu/ (run it there; see scripts/gpu-bench.sh).
+gpu-bench:
+    bash scripts/gpu-bench.sh
 
 # Accuracy sweep behind docs/accuracy.md (long: hours on 2 cores).
 accuracy:

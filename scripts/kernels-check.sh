@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Compile every CUDA source under kernels/ for Hopper (sm_90a) with nvcc 13.0, as the GPU build
+# does: a kernel that does not compile fails CI, which has no GPU to run it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nvcc=$(bash scripts/nvcc.sh)
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+n=0
+for f in kernels/src/*.cu kernels/bench/*.cu; do
+    "$nvcc" -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -c "$f" -o "$out/$(basename "$f").o"
+    n=$((n + 1))
+done
+echo "kernels: $n CUDA sources compile with $("$nvcc" --version | grep -o 'release [0-9.]*')"
