@@ -1,17 +1,27 @@
 // Thin dispatch API over the templates of palu_decode.cuh: picks the instantiation for the
 // group size, query heads per KV head and padded ranks, sizes the split over L, launches.
 #include "palu_decode.cuh"
+#include "palu_decode_mma.cuh"
 #include <cuda_runtime.h>
 
 namespace {
 
 template <int RKP, int DH, int G, int NREP>
 cudaError_t launch(palu::DecodeParams p, cudaStream_t stream) {
-    using S = palu::SplitSmem<RKP, RKP, DH, G>;
-    auto split = palu::palu_decode_split<RKP, RKP, DH, G, NREP>;
-    cudaError_t e = cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, S::total);
-    if (e != cudaSuccess) return e;
-    split<<<dim3(p.n_splits, p.G, p.B), palu::kThreads, S::total, stream>>>(p);
+    cudaError_t e;
+    if (p.variant == 0) {
+        using S = palu::mma4::Smem<RKP, RKP, DH, G>;
+        auto split = palu::mma4::split_kernel<RKP, RKP, DH, G, NREP>;
+        e = cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, S::total);
+        if (e != cudaSuccess) return e;
+        split<<<dim3(p.n_splits, p.G, p.B), palu::mma4::kWarps * 32, S::total, stream>>>(p);
+    } else {
+        using S = palu::SplitSmem<RKP, RKP, DH, G>;
+        auto split = palu::palu_decode_split<RKP, RKP, DH, G, NREP>;
+        e = cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, S::total);
+        if (e != cudaSuccess) return e;
+        split<<<dim3(p.n_splits, p.G, p.B), palu::kThreads, S::total, stream>>>(p);
+    }
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     palu::palu_decode_combine<RKP, DH, G, NREP><<<dim3(p.H, p.B), DH, 0, stream>>>(p);

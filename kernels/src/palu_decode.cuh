@@ -39,6 +39,7 @@ struct DecodeParams {
     float* partial;   // [B, G, g·n_rep, n_splits, 2 + RVP]
     float* out;       // [B, H, dh]
     int B, H, dh, G, g, n_rep, Lmax, ldk, ldv, rk, rv, n_splits, split_len;
+    int variant;      // 0: register pipeline (palu_decode_mma.cuh), 1: shared-memory pipeline
 };
 
 // Copy `nt` latent rows (row stride `ld` halves, a multiple of 8; `r` used columns) into a

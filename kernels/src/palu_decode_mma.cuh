@@ -1,0 +1,320 @@
+// Palu decode attention, register pipeline (v4): the same function as palu_decode_split in
+// palu_decode.cuh, organised as FlashAttention-2 organises its inner loop.
+//
+// Each warp streams its own 16-token chunks (cp.async, double-buffered) and keeps everything
+// between the stages in registers:
+//   K = H_k·B_kᵀ          mma.m16n8k16, [16 tokens × dh] accumulators (B_k shared in smem)
+//   RoPE                  in registers: rotate-half partners (d, d + dh/2) sit in the same
+//                         thread's accumulators of n-tiles n and n + dh/16; per-thread angle
+//                         state advances by a fixed rotation per chunk (re-seeded in double)
+//   Sᵀ = Q·Kᵀ             the rotated accumulators are the B operand as they lie; Q (zero rows
+//                         for heads of other KV heads of the group) comes from smem
+//   online softmax        on Sᵀ's accumulators (quad shuffles), per warp
+//   A += P·H_v            P re-packed from Sᵀ's accumulators as the A operand; H_v via
+//                         ldmatrix.trans
+// The four warps' (m, l, A) are merged in smem at the end of the split; the combine kernel of
+// palu_decode.cuh merges splits and applies B_v.
+#pragma once
+#include "palu_decode.cuh"
+
+namespace palu {
+namespace mma4 {
+
+constexpr int kChunk = 16;
+constexpr int kWarps = 4;
+constexpr int kReseed = 32;  // chunks between exact (double) angle re-seeds
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void ldsm_x4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
+    half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&h);
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+template <int RKP, int RVP, int DH, int GHEADS>
+struct Smem {
+    static constexpr int ldb = RKP + 8;   // padded rows: conflict-free ldmatrix
+    static constexpr int ldk = RKP + 8;
+    static constexpr int ldv = RVP + 8;
+    static constexpr int ldq = DH + 8;
+    static constexpr int b = GHEADS * DH * ldb * 2;
+    static constexpr int q = GHEADS * 16 * ldq * 2;
+    static constexpr int chunk = kChunk * (ldk + ldv) * 2;       // one buffer of one warp
+    static constexpr int bufs = kWarps * 2 * chunk;
+    static constexpr int merge = kWarps * 16 * (RVP + 2) * 4;    // per-warp (m, l, A)
+    static constexpr int ang = 32 * kWarps * 32 * 8;             // per thread: 32 (cos, sin)
+    static constexpr int step = (DH / 2) * 8;                    // per pair: rotation by 64·θ
+    static constexpr int total = b + q + ang + step + (bufs > merge ? bufs : merge);
+};
+
+// Issue the copies of one chunk of latent rows (zero-filling rows ≥ valid and columns ≥ ld).
+template <int RP>
+__device__ __forceinline__ void load_chunk(half* dst, int ld_dst, const half* src, int ld, int t0, int valid, int lane) {
+    constexpr int per_row = RP / 8;
+#pragma unroll
+    for (int u = 0; u < kChunk * per_row / 32; ++u) {
+        int ci = lane + 32 * u, t = ci / per_row, col = ci % per_row * 8;
+        bool ok = t < valid && col < ld;
+        const half* s = ok ? src + (size_t)(t0 + t) * ld + col : src;
+        cp_async16(dst + t * ld_dst + col, s, ok);
+    }
+}
+
+// Zero the columns r..ld of a landed chunk (a row's padding may hold anything).
+__device__ __forceinline__ void mask_cols(half* buf, int ld_dst, int r, int ld, int lane) {
+    if (r == ld) return;
+    for (int i = lane; i < kChunk * (ld - r); i += 32) buf[(i / (ld - r)) * ld_dst + r + i % (ld - r)] = __float2half(0.f);
+}
+
+template <int RKP, int RVP, int DH, int GHEADS, int NREP>
+__global__ void __launch_bounds__(kWarps * 32) split_kernel(DecodeParams p) {
+    constexpr int NH = GHEADS * NREP;
+    static_assert(NH <= 16 && DH == 128 && RKP % 16 == 0 && RVP % 16 == 0, "shape");
+    constexpr int NT = DH / 8;        // rebuild n-tiles (8 dims each)
+    constexpr int NV = RVP / 8;       // value n-tiles
+    using S = Smem<RKP, RVP, DH, GHEADS>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    half* sB = reinterpret_cast<half*>(smem);
+    half* sQ = reinterpret_cast<half*>(smem + S::b);
+    float2* sAng = reinterpret_cast<float2*>(smem + S::b + S::q);
+    float2* sStep = reinterpret_cast<float2*>(smem + S::b + S::q + S::ang);
+    unsigned char* sBuf = smem + S::b + S::q + S::ang + S::step;
+
+    const int split = blockIdx.x, grp = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
+    const int L = p.lens[b];
+    const int s0 = split * p.split_len, s1 = min(L, s0 + p.split_len);
+
+    const half* bk = p.bk + (size_t)grp * GHEADS * DH * p.rk;
+    for (int i = tid; i < GHEADS * DH * RKP; i += kWarps * 32) {
+        int row = i / RKP, c = i % RKP;
+        sB[row * S::ldb + c] = c < p.rk ? bk[(size_t)row * p.rk + c] : __float2half(0.f);
+    }
+    const float qscale = rsqrtf((float)DH);
+    for (int i = tid; i < GHEADS * 16 * DH; i += kWarps * 32) {
+        int j = i / (16 * DH), h = (i / DH) % 16, d = i % DH;
+        float v = 0.f;
+        if (h < NH && h / NREP == j) {
+            int qh = (grp * GHEADS + j) * NREP + h % NREP;
+            v = __half2float(p.q[((size_t)b * p.H + qh) * DH + d]) * qscale;
+        }
+        sQ[(j * 16 + h) * S::ldq + d] = __float2half(v);
+    }
+    for (int f = tid; f < DH / 2; f += kWarps * 32) {
+        double th = 64.0 * (double)p.inv_freq[f];
+        sStep[f] = make_float2((float)cos(th), (float)sin(th));
+    }
+    // Angle state: this thread's (row, pair) entries, rows g and g+8, pairs f = 8n + 2·tig + e,
+    // entry (r·(NT/2) + n)·2 + e at sAng[entry · 128 + tid].
+    auto ang = [&](int r, int n, int e) -> float2& { return sAng[((r * (NT / 2) + n) * 2 + e) * (kWarps * 32) + tid]; };
+
+    half* myK[2];
+    half* myV[2];
+    for (int u = 0; u < 2; ++u) {
+        myK[u] = reinterpret_cast<half*>(sBuf + (warp * 2 + u) * S::chunk);
+        myV[u] = myK[u] + kChunk * S::ldk;
+    }
+    const half* hk = p.hk + ((size_t)b * p.G + grp) * p.Lmax * p.ldk;
+    const half* hv = p.hv + ((size_t)b * p.G + grp) * p.Lmax * p.ldv;
+    // This warp's chunks: t0 = s0 + 16·(warp + 4·i).
+    int t0 = s0 + kChunk * warp;
+    if (t0 < s1) {
+        load_chunk<RKP>(myK[0], S::ldk, hk, p.ldk, t0, s1 - t0, lane);
+        load_chunk<RVP>(myV[0], S::ldv, hv, p.ldv, t0, s1 - t0, lane);
+    }
+    cp_commit();
+    __syncthreads();  // sB, sQ ready
+
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    float acc_v[NV][4];
+#pragma unroll
+    for (int n = 0; n < NV; ++n) acc_v[n][0] = acc_v[n][1] = acc_v[n][2] = acc_v[n][3] = 0.f;
+
+    int buf = 0;
+    for (int it = 0; t0 < s1; ++it, t0 += kChunk * kWarps, buf ^= 1) {
+        const int valid = min(kChunk, s1 - t0);
+        const int t1 = t0 + kChunk * kWarps;
+        if (t1 < s1) {
+            load_chunk<RKP>(myK[buf ^ 1], S::ldk, hk, p.ldk, t1, s1 - t1, lane);
+            load_chunk<RVP>(myV[buf ^ 1], S::ldv, hv, p.ldv, t1, s1 - t1, lane);
+        }
+        cp_commit();
+        cp_wait<1>();
+        __syncwarp();
+        mask_cols(myK[buf], S::ldk, p.rk, min(p.ldk, RKP), lane);
+        mask_cols(myV[buf], S::ldv, p.rv, min(p.ldv, RVP), lane);
+        __syncwarp();
+        // Angles for positions t0 + g and t0 + g + 8.
+        if (it % kReseed == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int n = 0; n < NT / 2; ++n)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        double a = (double)(t0 + g + 8 * r) * (double)p.inv_freq[8 * n + 2 * tig + e];
+                        ang(r, n, e) = make_float2((float)cos(a), (float)sin(a));
+                    }
+        }
+        float st[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // Sᵀ: heads × tokens 0-7, 8-15
+        for (int j = 0; j < GHEADS; ++j) {
+            float k[NT][4];
+#pragma unroll
+            for (int n = 0; n < NT; ++n) k[n][0] = k[n][1] = k[n][2] = k[n][3] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < RKP / 16; ++ks) {
+                unsigned a0, a1, a2, a3;
+                ldsm_x4(a0, a1, a2, a3, myK[buf] + (lane % 16) * S::ldk + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+                for (int np = 0; np < NT / 2; ++np) {
+                    unsigned b0, b1, b2, b3;
+                    const half* bp = sB + (size_t)(j * DH + np * 16 + (lane / 16) * 8 + lane % 8) * S::ldb + ks * 16 + ((lane / 8) % 2) * 8;
+                    ldsm_x4(b0, b1, b2, b3, bp);
+                    mma16816(k[2 * np], a0, a1, a2, a3, b0, b1);
+                    mma16816(k[2 * np + 1], a0, a1, a2, a3, b2, b3);
+                }
+            }
+            // RoPE (rotate-half): n-tile n < NT/2 pairs with n + NT/2.
+#pragma unroll
+            for (int n = 0; n < NT / 2; ++n)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        float2 a = ang(r, n, e);
+                        float c = a.x, s = a.y;
+                        float k1 = k[n][2 * r + e], k2 = k[n + NT / 2][2 * r + e];
+                        k[n][2 * r + e] = k1 * c - k2 * s;
+                        k[n + NT / 2][2 * r + e] = k2 * c + k1 * s;
+                    }
+            // Sᵀ += Q_j·Kᵀ over dh in steps of 16.
+#pragma unroll
+            for (int ds = 0; ds < DH / 16; ++ds) {
+                unsigned a0, a1, a2, a3;
+                ldsm_x4(a0, a1, a2, a3, sQ + (j * 16 + lane % 16) * S::ldq + ds * 16 + (lane / 16) * 8);
+                mma16816(st[0], a0, a1, a2, a3, pack_half2(k[2 * ds][0], k[2 * ds][1]), pack_half2(k[2 * ds + 1][0], k[2 * ds + 1][1]));
+                mma16816(st[1], a0, a1, a2, a3, pack_half2(k[2 * ds][2], k[2 * ds][3]), pack_half2(k[2 * ds + 1][2], k[2 * ds + 1][3]));
+            }
+        }
+        // Online softmax over this chunk: rows g (r = 0) and g + 8 (r = 1).
+        float pr[2][4];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    int tok = nt * 8 + 2 * tig + e;
+                    float v = tok < valid ? st[nt][2 * r + e] : -INFINITY;
+                    st[nt][2 * r + e] = v;
+                    mx = fmaxf(mx, v);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float m_new = fmaxf(m_run[r], mx);
+            float scale = __expf(m_run[r] - m_new);
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float pv = __expf(st[nt][2 * r + e] - m_new);
+                    pr[nt][2 * r + e] = pv;
+                    sum += pv;
+                }
+            l_run[r] = l_run[r] * scale + sum;  // per-thread partial; quad-summed at the end
+            m_run[r] = m_new;
+#pragma unroll
+            for (int n = 0; n < NV; ++n) {
+                acc_v[n][2 * r] *= scale;
+                acc_v[n][2 * r + 1] *= scale;
+            }
+        }
+        // A += P·H_v: P from the softmax registers as the A operand (heads × 16 tokens).
+        const unsigned pa0 = pack_half2(pr[0][0], pr[0][1]), pa1 = pack_half2(pr[0][2], pr[0][3]);
+        const unsigned pa2 = pack_half2(pr[1][0], pr[1][1]), pa3 = pack_half2(pr[1][2], pr[1][3]);
+#pragma unroll
+        for (int np = 0; np < NV / 2; ++np) {
+            unsigned b0, b1, b2, b3;
+            ldsm_x4_t(b0, b1, b2, b3, myV[buf] + (lane % 16) * S::ldv + np * 16 + (lane / 16) * 8);
+            mma16816(acc_v[2 * np], pa0, pa1, pa2, pa3, b0, b1);
+            mma16816(acc_v[2 * np + 1], pa0, pa1, pa2, pa3, b2, b3);
+        }
+        // Next chunk of this warp is 64 positions later.
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int n = 0; n < NT / 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float2 a = ang(r, n, e), st2 = sStep[8 * n + 2 * tig + e];
+                    ang(r, n, e) = make_float2(a.x * st2.x - a.y * st2.y, a.y * st2.x + a.x * st2.y);
+                }
+        __syncwarp();
+    }
+    cp_wait<0>();
+    // Quad-sum l; merge the warps' (m, l, A) in smem.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+        l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+    }
+    __syncthreads();  // buffers → merge area
+    float* sM = reinterpret_cast<float*>(sBuf);
+    constexpr int W = RVP + 2;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        int h = g + 8 * r;
+        float* row = sM + (warp * 16 + h) * W;
+        if (tig == 0) {
+            row[0] = m_run[r];
+            row[1] = l_run[r];
+        }
+#pragma unroll
+        for (int n = 0; n < NV; ++n) {
+            row[2 + n * 8 + 2 * tig] = acc_v[n][2 * r];
+            row[2 + n * 8 + 2 * tig + 1] = acc_v[n][2 * r + 1];
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < NH * (RVP + 2); i += kWarps * 32) {
+        int h = i / (RVP + 2), c = i % (RVP + 2);
+        float M = -INFINITY;
+        for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sM[(w * 16 + h) * W]);
+        float v;
+        if (c == 0) {
+            v = M;
+        } else {
+            v = 0.f;
+            for (int w = 0; w < kWarps; ++w) {
+                float m = sM[(w * 16 + h) * W];
+                if (m != -INFINITY) v += sM[(w * 16 + h) * W + c] * __expf(m - M);
+            }
+        }
+        p.partial[((((size_t)b * p.G + grp) * NH + h) * p.n_splits + split) * (2 + RVP) + c] = v;
+    }
+}
+
+}  // namespace mma4
+}  // namespace palu
