@@ -280,7 +280,9 @@ impl Attention {
                     p(layer, Site::Output(KvKind::K), &kp.reconstruct(&hk)?)?;
                     p(layer, Site::Output(KvKind::V), &vp.reconstruct(&hv)?)?;
                 }
-                rebuild_kv(&hk, &hv, kp, vp, hkv, rope, grad)?
+                let out =
+                    latent_attention(&q, &hk, &hv, kp, vp, hkv, rope, start, self.window, grad)?;
+                return self.o.forward(&out);
             }
         };
         let out = grouped_attention(&q, &k, &v, start, self.window, grad)?;
@@ -300,15 +302,86 @@ pub fn rebuild_kv(
     rope: &Rope,
     grad: bool,
 ) -> Result<(Tensor, Tensor)> {
+    let (b, total, _) = hv.dims3()?;
+    let k = rebuild_k(hk, kp, n_kv, rope, grad)?;
+    let vr = vp.reconstruct(hv)?;
+    let dh = vr.dim(D::Minus1)? / n_kv;
+    Ok((k, vr.reshape((b, total, n_kv, dh))?.transpose(1, 2)?))
+}
+
+/// Rebuild K with RoPE for positions `0..T`, `[b, H_kv, T, dh]`, from key latents `[b, T, R]`.
+pub fn rebuild_k(
+    hk: &Tensor,
+    kp: &LowRankProj,
+    n_kv: usize,
+    rope: &Rope,
+    grad: bool,
+) -> Result<Tensor> {
     let (b, total, _) = hk.dims3()?;
     let kr = kp.reconstruct(hk)?;
-    let vr = vp.reconstruct(hv)?;
     let dh = kr.dim(D::Minus1)? / n_kv;
-    let to_heads =
-        |y: Tensor| -> Result<Tensor> { y.reshape((b, total, n_kv, dh))?.transpose(1, 2) };
     let (cos, sin) = rope.tables(0, total)?;
-    let k = apply_rope(&to_heads(kr)?, &cos, &sin, grad)?;
-    Ok((k, to_heads(vr)?))
+    apply_rope(
+        &kr.reshape((b, total, n_kv, dh))?.transpose(1, 2)?,
+        &cos,
+        &sin,
+        grad,
+    )
+}
+
+/// Query rows (`t` per sequence) up to which values are attended in latent space.
+pub const LATENT_VALUES_MAX_ROWS: usize = 16;
+
+/// Attention of `q` `[b, H, t, dh]` (positions `start..start+t`) over a latent cache
+/// (`hk`, `hv` `[b, T, R]`); returns `[b, t, H·dh]`. Keys are rebuilt with RoPE. Values: for a
+/// few query rows (decode) the probabilities attend to the value latents and each KV head's
+/// `B_v` block is applied to the `r`-wide result (`P·(H·Bᵀ) = (P·H)·Bᵀ`), which never builds the
+/// `[T, g·dh]` values; for many rows (prefill) rebuilding V once is cheaper.
+#[allow(clippy::too_many_arguments)]
+pub fn latent_attention(
+    q: &Tensor,
+    hk: &Tensor,
+    hv: &Tensor,
+    kp: &LowRankProj,
+    vp: &LowRankProj,
+    n_kv: usize,
+    rope: &Rope,
+    start: usize,
+    window: Option<usize>,
+    grad: bool,
+) -> Result<Tensor> {
+    let (b, h, t, dh) = q.dims4()?;
+    if t > LATENT_VALUES_MAX_ROWS {
+        let (k, v) = rebuild_kv(hk, hv, kp, vp, n_kv, rope, grad)?;
+        return grouped_attention(q, &k, &v, start, window, grad);
+    }
+    let k = rebuild_k(hk, kp, n_kv, rope, grad)?;
+    let probs = attention_probs(q, &k, start, window, grad)?; // [b, H_kv, rep·t, T]
+    let (_, _, rows, total) = probs.dims4()?;
+    let g = n_kv / vp.ranks.len();
+    let mut outs = Vec::with_capacity(vp.ranks.len());
+    let mut off = 0;
+    for (i, &r) in vp.ranks.iter().enumerate() {
+        let p = probs.narrow(1, i * g, g)?.reshape((b, g * rows, total))?;
+        let a = p
+            .matmul(&hv.narrow(2, off, r)?.contiguous()?)?
+            .reshape((b, g, rows, r))?;
+        let up = vp.ups[i]
+            .reshape((g, dh, r))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .unsqueeze(0)?;
+        outs.push(a.broadcast_matmul(&up)?); // [b, g, rep·t, dh]
+        off += r;
+    }
+    let mut out = Tensor::cat(&outs, 1)?;
+    if let Some(bias) = &vp.bias {
+        // Probabilities sum to one, so the bias of V passes through attention unchanged.
+        out = out.broadcast_add(&bias.reshape((1, n_kv, 1, dh))?)?;
+    }
+    out.reshape((b, h, t, dh))?
+        .transpose(1, 2)?
+        .reshape((b, t, h * dh))
 }
 
 /// Causal (optionally sliding-window) attention of `q` `[b, H, t, dh]` at positions
@@ -323,6 +396,22 @@ pub fn grouped_attention(
     grad: bool,
 ) -> Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
+    let probs = attention_probs(q, k, start, window, grad)?;
+    let out = probs.matmul(&v.contiguous()?)?; // [b, H_kv, rep·t, dh]
+    out.reshape((b, h, t, dh))?
+        .transpose(1, 2)?
+        .reshape((b, t, h * dh))
+}
+
+/// Softmax probabilities of [`grouped_attention`], `[b, H_kv, rep·t, T]`.
+pub fn attention_probs(
+    q: &Tensor,
+    k: &Tensor,
+    start: usize,
+    window: Option<usize>,
+    grad: bool,
+) -> Result<Tensor> {
+    let (b, h, t, dh) = q.dims4()?;
     let hkv = k.dim(1)?;
     let total = k.dim(2)?;
     let rep = h / hkv;
@@ -332,11 +421,7 @@ pub fn grouped_attention(
     let scores = scores
         .reshape((b, hkv, rep, t, total))?
         .broadcast_add(&mask)?;
-    let probs = softmax(&scores, grad)?.reshape((b, hkv, rep * t, total))?;
-    let out = probs.matmul(&v.contiguous()?)?; // [b, H_kv, rep·t, dh]
-    out.reshape((b, h, t, dh))?
-        .transpose(1, 2)?
-        .reshape((b, t, h * dh))
+    softmax(&scores, grad)?.reshape((b, hkv, rep * t, total))
 }
 
 fn append(slot: &mut Option<Tensor>, new: Tensor, dim: usize) -> Result<Tensor> {

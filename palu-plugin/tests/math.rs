@@ -229,3 +229,82 @@ fn quantization_round_trip_is_within_half_a_step() {
         assert_eq!(palu::quant::unpack(&packed, bits, 96), codes);
     }
 }
+
+#[test]
+fn values_attended_in_latent_space_equal_rebuilt_values() {
+    use candle_core::{Device, Tensor};
+    use palu::lowrank::LowRankProj;
+    let mut r = rng();
+    let dev = Device::Cpu;
+    let cfg = palu::config::ModelConfig::from_json_str(
+        r#"{"model_type":"llama","hidden_size":128,"intermediate_size":128,"num_hidden_layers":1,
+            "num_attention_heads":8,"num_key_value_heads":4,"vocab_size":32,"rms_norm_eps":1e-5,
+            "max_position_embeddings":256,"rope_theta":10000.0}"#,
+        std::path::Path::new("config.json"),
+    )
+    .unwrap();
+    let rope = palu::model::Rope::new(&cfg, &dev);
+    let t_rand = |r: &mut rand::rngs::StdRng, shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec(
+            (0..n)
+                .map(|_| r.random::<f32>() * 2.0 - 1.0)
+                .collect::<Vec<_>>(),
+            shape,
+            &dev,
+        )
+        .unwrap()
+    };
+    let (b, h, n_kv, dh, d, total) = (2, 8, 4, 16, 128, 37);
+    // Group sizes 1, 2 and 4 (M-, G-, J-LRD), uneven ranks, with and without a V bias (Qwen2).
+    for (g, with_bias) in [(1usize, false), (2, true), (4, true)] {
+        let groups = n_kv / g;
+        let ranks: Vec<usize> = (0..groups).map(|i| 5 + 3 * i + g).collect();
+        let rsum: usize = ranks.iter().sum();
+        let proj = |r: &mut rand::rngs::StdRng, bias: bool| {
+            let ups = ranks.iter().map(|&ri| t_rand(r, &[g * dh, ri])).collect();
+            LowRankProj::new(
+                t_rand(r, &[rsum, d]),
+                ups,
+                bias.then(|| t_rand(r, &[n_kv * dh])),
+            )
+            .unwrap()
+        };
+        let (kp, vp) = (proj(&mut r, false), proj(&mut r, with_bias));
+        let hk = t_rand(&mut r, &[b, total, rsum]);
+        let hv = t_rand(&mut r, &[b, total, rsum]);
+        for t in [1usize, 3] {
+            let q = t_rand(&mut r, &[b, h, t, dh]);
+            let start = total - t;
+            let latent = palu::model::latent_attention(
+                &q, &hk, &hv, &kp, &vp, n_kv, &rope, start, None, false,
+            )
+            .unwrap();
+            let (k, v) = palu::model::rebuild_kv(&hk, &hv, &kp, &vp, n_kv, &rope, false).unwrap();
+            let dense = palu::model::grouped_attention(&q, &k, &v, start, None, false).unwrap();
+            let diff: f32 = (&latent - &dense)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let scale: f32 = dense
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "g={g} t={t}: max |Δ| {diff} (scale {scale})"
+            );
+        }
+    }
+}

@@ -15,7 +15,7 @@ use super::stats::{tensor_bytes, KvStats};
 use crate::config::ModelConfig;
 use crate::latent_codec::LatentCodec;
 use crate::lowrank::{KvKind, LowRankProj};
-use crate::model::{grouped_attention, rebuild_kv, Rope};
+use crate::model::{latent_attention, Rope};
 use crate::quant::ZeroPoint;
 
 /// The cache geometry the engine sees: one "KV head" per layer whose K width is `R_k[l]` and
@@ -169,16 +169,18 @@ impl Attention {
                 hk.dim(2)?
             )
         }
-        let (k, v) = rebuild_kv(
+        let y = latent_attention(
+            &q,
             &hk.squeeze(1)?,
             &hv.squeeze(1)?,
             &self.k,
             &self.v,
             self.n_kv,
             &self.rope,
+            start,
+            self.window,
             false,
         )?;
-        let y = grouped_attention(&q, &k, &v, start, self.window, false)?;
         qmatmul(&y, &*self.o)
     }
 }
