@@ -209,3 +209,40 @@ async fn smollm2_palu50_answers_over_http_and_live_kv_bytes_meet_the_targets() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_authors_dump_perplexity_through_the_engine_matches_palu_eval() {
+    // The fixtures README's TinyStories protocol (BOS per story, windows of 256) on the authors'
+    // stories260K dump, loaded unchanged: the engine's forward against `palu eval ppl`.
+    let dir = fixtures().join("palu-reference/stories260K-g1-r50");
+    let model = palu::model::Model::load(&dir, &Device::Cpu).unwrap();
+    let tok = palu::tokenizer::load(&dir).unwrap();
+    let text = std::fs::read_to_string(fixtures().join("text/tinystories-sample.txt")).unwrap();
+    let ids = palu::eval::eval_tokens(
+        &tok,
+        &text,
+        palu::eval::Protocol::Stories,
+        model.cfg.bos_token_id,
+    )
+    .unwrap();
+    let want = palu::eval::perplexity(&model, &ids, 256, None).unwrap();
+    let served = serve_uncached(&dir, KvCacheKind::Palu, None).await;
+    let (mut sum, mut count) = (0f64, 0usize);
+    for w in ids.chunks_exact(256) {
+        let logits = engine_logits(&served.engine, w.to_vec()).await.unwrap();
+        assert_eq!(logits.dim(0).unwrap(), w.len());
+        let n = nll(&logits, w).unwrap();
+        sum += n.iter().sum::<f64>();
+        count += n.len();
+    }
+    let got = (sum / count as f64).exp();
+    eprintln!(
+        "authors' dump: engine {got:.4}, palu eval {:.4} over {} windows",
+        want.perplexity, want.windows
+    );
+    assert!(
+        (got / want.perplexity - 1.0).abs() <= 0.005,
+        "engine {got} vs palu eval {}",
+        want.perplexity
+    );
+}

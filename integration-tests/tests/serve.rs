@@ -141,18 +141,6 @@ async fn full_rank_palu_equals_the_stock_engine_token_for_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plain_model_with_kv_cache_palu_is_a_clear_startup_error() {
-    let err = serve(&fixtures().join("models/stories260K"), KvCacheKind::Palu)
-        .await
-        .unwrap_err();
-    let msg = format!("{err:#}").replace(&fixtures().display().to_string(), "[FIXTURES]");
-    assert_eq!(
-        msg,
-        "[FIXTURES]/models/stories260K/config.json: model_type `llama` is not a Palu checkpoint; compress it with `palu compress` first, or serve it with --kv-cache default"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prompt_longer_than_the_context_is_a_4xx_and_the_server_keeps_serving() {
     let dir = fixtures().join("palu-reference/stories260K-g1-r50");
     let addr = serve(&dir, KvCacheKind::Palu).await.unwrap();
@@ -165,64 +153,6 @@ async fn a_prompt_longer_than_the_context_is_a_4xx_and_the_server_keeps_serving(
     .await;
     assert!((400..500).contains(&status), "status {status}: {body}");
     assert!(!complete(addr, "Once upon a time", 8).await.is_empty());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_checkpoint_whose_ranks_disagree_with_its_tensors_is_a_clear_startup_error() {
-    let src = fixtures().join("palu-reference/stories260K-g1-r50");
-    let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-    }
-    let p = tmp.path().join("config.json");
-    let mut c: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    c["head_wise_ranks"]["model.layers.4.self_attn.k_proj"] = serde_json::json!([1, 1, 2, 1]);
-    std::fs::write(&p, c.to_string()).unwrap();
-    let err = serve(tmp.path(), KvCacheKind::Palu).await.unwrap_err();
-    let msg = format!("{err:#}").replace(&tmp.path().display().to_string(), "[DIR]");
-    assert!(msg.contains("tensor `model.layers.4.self_attn.k_proj.VT.weight` has shape [4, 64], expected [5, 64]"), "{msg}");
-}
-
-/// Resident memory of this process (the server runs in it), bytes, after the allocator has
-/// returned its free pages to the system.
-fn rss() -> u64 {
-    unsafe { libc::malloc_trim(0) };
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    statm
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 4096
-}
-
-async fn burst(addr: std::net::SocketAddr) {
-    let prompts = [
-        "Once upon a time",
-        "The little dog",
-        "Tom and Sue went to the park. They",
-        "Lily",
-    ];
-    let mut tasks = Vec::new();
-    for i in 0..32 {
-        let p = prompts[i % prompts.len()];
-        tasks.push(tokio::spawn(async move {
-            (p, complete(addr, p, 12 + (i % 3) * 10).await)
-        }));
-    }
-    let mut by_prompt: std::collections::HashMap<(&str, usize), String> = Default::default();
-    for (i, t) in tasks.into_iter().enumerate() {
-        let (p, text) = t.await.unwrap();
-        assert!(!text.is_empty());
-        let key = (p, 12 + (i % 3) * 10);
-        if let Some(prev) = by_prompt.get(&key) {
-            assert_eq!(prev, &text, "equal prompts gave different outputs");
-        }
-        by_prompt.insert(key, text);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -553,4 +483,117 @@ async fn serve_served(
         axum::serve(listener, app).await.unwrap();
     });
     (addr, served.kv_stats)
+}
+
+/// A startup error as users read it: the anyhow chain, paths of this machine replaced.
+fn startup_error(err: anyhow::Error, dirs: &[(&Path, &str)]) -> String {
+    let mut msg = format!("{err:#}");
+    for (d, name) in dirs {
+        msg = msg.replace(&d.display().to_string(), name);
+    }
+    msg.replace(&fixtures().display().to_string(), "[FIXTURES]")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_palu_toml_for_another_model_is_a_clear_startup_error() {
+    // The SmolLM2 allocation applied to stories260K at load time.
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/smollm2-135m-g3-r50.toml");
+    let err = serve_with(
+        &fixtures().join("models/stories260K"),
+        KvCacheKind::Palu,
+        Some(config.clone()),
+    )
+    .await
+    .unwrap_err();
+    let cfgs = config.parent().unwrap().canonicalize().unwrap();
+    let msg = startup_error(
+        err,
+        &[
+            (config.parent().unwrap(), "[CONFIGS]"),
+            (&cfgs, "[CONFIGS]"),
+        ],
+    );
+    insta::assert_snapshot!("palu_toml_for_another_model", msg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latent_bits_outside_the_supported_set_are_a_clear_startup_error() {
+    let dir = fixtures().join("palu-reference/stories260K-g1-r50");
+    let mut opts = EngineOptions {
+        model_dir: dir,
+        palu_config: None,
+        palu_calib: None,
+        kv_cache: KvCacheKind::Palu,
+        latent_bits: Some(5),
+        max_seqs: 4,
+        no_prefix_cache: false,
+        isq: None,
+        cpu: true,
+        dtype: ModelDType::F32,
+    };
+    let err = serve_opts(opts.clone()).await.unwrap_err();
+    insta::assert_snapshot!("latent_bits_5", startup_error(err, &[]));
+    // The same value in a server TOML names the field.
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("s.toml");
+    std::fs::write(
+        &p,
+        "[model]\ndir = \"m\"\n[kv_cache]\nkind = \"palu\"\ncheckpoint = \"c\"\nlatent_bits = 6\n",
+    )
+    .unwrap();
+    let e = palu::engine::server_config::ServerConfig::from_file(&p)
+        .and_then(|c| c.engine_options(&p).map(|_| ()))
+        .unwrap_err();
+    insta::assert_snapshot!(
+        "latent_bits_6_in_toml",
+        e.to_string()
+            .replace(&d.path().display().to_string(), "[DIR]")
+    );
+    opts.latent_bits = Some(4);
+    assert!(serve_opts(opts).await.is_ok(), "4 bits is supported");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_cache_palu_with_an_unsupported_architecture_is_a_clear_startup_error() {
+    // The authors' dump relabelled as a Gemma checkpoint.
+    let src = fixtures().join("palu-reference/stories260K-g1-r50");
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    let p = tmp.path().join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    c["model_type"] = serde_json::json!("gemma2");
+    std::fs::write(&p, c.to_string()).unwrap();
+    let err = serve(tmp.path(), KvCacheKind::Palu).await.unwrap_err();
+    insta::assert_snapshot!(
+        "unsupported_architecture",
+        startup_error(err, &[(tmp.path(), "[DIR]")])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_model_or_ranks_that_disagree_with_the_tensors_are_clear_startup_errors() {
+    let err = serve(&fixtures().join("models/stories260K"), KvCacheKind::Palu)
+        .await
+        .unwrap_err();
+    insta::assert_snapshot!("plain_model_with_kv_cache_palu", startup_error(err, &[]));
+    let src = fixtures().join("palu-reference/stories260K-g1-r50");
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    let p = tmp.path().join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    c["head_wise_ranks"]["model.layers.4.self_attn.k_proj"] = serde_json::json!([1, 1, 2, 1]);
+    std::fs::write(&p, c.to_string()).unwrap();
+    let err = serve(tmp.path(), KvCacheKind::Palu).await.unwrap_err();
+    insta::assert_snapshot!(
+        "ranks_disagree_with_tensors",
+        startup_error(err, &[(tmp.path(), "[DIR]")])
+    );
 }

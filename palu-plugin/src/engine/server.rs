@@ -74,7 +74,10 @@ pub fn kv_summary(dir: &Path, latent_bits: u8) -> Result<String> {
 /// `palu.toml`, else 16.
 pub fn resolve_latent_bits(o: &EngineOptions) -> Result<u8> {
     let bits = match (o.latent_bits, &o.palu_config) {
-        (Some(b), _) => b,
+        (Some(b), _) => {
+            crate::quant::check_bits(b).map_err(|e| anyhow::anyhow!("--palu-latent-bits: {e}"))?;
+            b
+        }
         (None, Some(cfg)) => {
             crate::alloc_config::AllocConfig::from_file(cfg)?
                 .compression
