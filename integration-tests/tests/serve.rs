@@ -155,6 +155,46 @@ async fn a_prompt_longer_than_the_context_is_a_4xx_and_the_server_keeps_serving(
     assert!(!complete(addr, "Once upon a time", 8).await.is_empty());
 }
 
+/// Resident memory of this process (the server runs in it), bytes, after the allocator has
+/// returned its free pages to the system.
+fn rss() -> u64 {
+    unsafe { libc::malloc_trim(0) };
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 4096
+}
+
+async fn burst(addr: std::net::SocketAddr) {
+    let prompts = [
+        "Once upon a time",
+        "The little dog",
+        "Tom and Sue went to the park. They",
+        "Lily",
+    ];
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let p = prompts[i % prompts.len()];
+        tasks.push(tokio::spawn(async move {
+            (p, complete(addr, p, 12 + (i % 3) * 10).await)
+        }));
+    }
+    let mut by_prompt: std::collections::HashMap<(&str, usize), String> = Default::default();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (p, text) = t.await.unwrap();
+        assert!(!text.is_empty());
+        let key = (p, 12 + (i % 3) * 10);
+        if let Some(prev) = by_prompt.get(&key) {
+            assert_eq!(prev, &text, "equal prompts gave different outputs");
+        }
+        by_prompt.insert(key, text);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn thirty_two_concurrent_requests_of_mixed_lengths_are_all_answered_and_memory_returns_to_idle(
 ) {
