@@ -74,9 +74,49 @@ struct Args {
     /// Activation dtype: auto, f32, f16, bf16 (the `plain` subcommand's -d takes precedence).
     #[arg(long, default_value = "auto")]
     dtype: String,
-    /// Seed for the engine's sampler (stock path).
+    /// Seed for the engine's sampler.
     #[arg(long)]
     seed: Option<u64>,
+    // Upstream mistralrs-server's engine flags (the stock path, with a model subcommand).
+    /// Log all responses and requests to this file.
+    #[arg(long)]
+    log: Option<String>,
+    /// Disable the KV cache entirely (stock path).
+    #[arg(long)]
+    no_kv_cache: bool,
+    /// Chat template file (JINJA or a tokenizer_config.json with `chat_template`).
+    #[arg(short = 'c', long)]
+    chat_template: Option<String>,
+    /// Explicit JINJA chat template file, overriding everything else.
+    #[arg(short = 'j', long)]
+    jinja_explicit: Option<String>,
+    /// Source of the Hugging Face token: `literal:<t>`, `env:<var>`, `path:<file>`, `cache`, `none`.
+    #[arg(long, default_value = "cache")]
+    token_source: String,
+    /// Number of prefix caches to hold on the device (0 disables prefix caching).
+    #[arg(long, default_value_t = 16)]
+    prefix_cache_n: usize,
+    /// Layers per device, e.g. `0:16;1:16` (see mistral.rs's device mapping).
+    #[arg(short = 'n', long, value_delimiter = ';')]
+    num_device_layers: Option<Vec<String>>,
+    /// PagedAttention: GPU memory to reserve for the KV cache, in MB.
+    #[arg(long = "pa-gpu-mem")]
+    paged_attn_gpu_mem: Option<usize>,
+    /// PagedAttention: fraction of GPU memory to use for the KV cache (0..1).
+    #[arg(long = "pa-gpu-mem-usage")]
+    paged_attn_gpu_mem_usage: Option<f32>,
+    /// PagedAttention: total context length to allocate the KV cache for.
+    #[arg(long = "pa-ctxt-len")]
+    paged_ctxt_len: Option<usize>,
+    /// PagedAttention: block size in tokens.
+    #[arg(long = "pa-blk-size")]
+    paged_attn_block_size: Option<usize>,
+    /// PagedAttention: cache dtype, `auto` or `f8e4m3`.
+    #[arg(long = "pa-cache-type")]
+    cache_type: Option<String>,
+    /// PagedAttention on (`true`) or off (`false`); default: on for CUDA, off elsewhere.
+    #[arg(long = "paged-attn")]
+    paged_attn: Option<bool>,
     /// The model, as upstream's mistralrs-server selects it.
     #[command(subcommand)]
     model_selected: Option<ModelSelected>,
@@ -140,14 +180,37 @@ async fn main() -> Result<()> {
     if args.kv_cache == KvCacheKind::Default && args.config.is_none() {
         if let Some(model) = args.model_selected.clone() {
             // The stock path: exactly what upstream's server builds from a model subcommand.
+            let token_source: mistralrs_core::TokenSource = args
+                .token_source
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--token-source {}: {e}", args.token_source))?;
             let mut b = MistralRsForServerBuilder::new()
                 .with_model(model)
                 .with_max_seqs(args.max_seqs)
                 .with_cpu(args.cpu)
                 .with_seed_optional(args.seed)
-                .with_in_situ_quant_optional(args.isq.clone());
-            if args.no_prefix_cache {
-                b = b.with_prefix_cache_n(0);
+                .with_log_optional(args.log.clone())
+                .with_no_kv_cache(args.no_kv_cache)
+                .with_chat_template_optional(args.chat_template.clone())
+                .with_jinja_explicit_optional(args.jinja_explicit.clone())
+                .with_token_source(token_source)
+                .with_prefix_cache_n(if args.no_prefix_cache {
+                    0
+                } else {
+                    args.prefix_cache_n
+                })
+                .with_num_device_layers_optional(args.num_device_layers.clone())
+                .with_in_situ_quant_optional(args.isq.clone())
+                .with_paged_attn_gpu_mem_optional(args.paged_attn_gpu_mem)
+                .with_paged_attn_gpu_mem_usage_optional(args.paged_attn_gpu_mem_usage)
+                .with_paged_ctxt_len_optional(args.paged_ctxt_len)
+                .with_paged_attn_block_size_optional(args.paged_attn_block_size)
+                .set_paged_attn(args.paged_attn);
+            if let Some(t) = &args.cache_type {
+                let t: mistralrs_core::PagedCacheType = t
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--pa-cache-type {t}: {e}"))?;
+                b = b.with_paged_attn_cache_type(t);
             }
             let engine = b.build().await?;
             return serve(
@@ -173,7 +236,12 @@ async fn main() -> Result<()> {
             )
             .await;
         }
-        None if args.kv_cache == KvCacheKind::Palu => palu_options(&args)?,
+        None if args.kv_cache == KvCacheKind::Palu => {
+            if args.paged_attn == Some(true) {
+                bail!("--paged-attn true: paged attention over Palu latents is not available yet (the CUDA work); run the Palu cache without it");
+            }
+            palu_options(&args)?
+        }
         None => {
             let Some(m) = args.model.clone() else {
                 bail!("give a model: a subcommand (`plain -m DIR`, `gguf ...`, see --help), -m DIR, or --config server.toml")
