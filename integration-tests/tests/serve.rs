@@ -525,6 +525,22 @@ async fn serve_served(
     (addr, served.kv_stats)
 }
 
+/// A copy of the authors' stories260K dump whose config.json `edit` changes.
+fn edited_authors_dump(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let src = fixtures().join("palu-reference/stories260K-g1-r50");
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    let p = tmp.path().join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut c);
+    std::fs::write(&p, c.to_string()).unwrap();
+    tmp
+}
+
 /// A startup error as users read it: the anyhow chain, paths of this machine replaced.
 fn startup_error(err: anyhow::Error, dirs: &[(&Path, &str)]) -> String {
     let mut msg = format!("{err:#}");
@@ -596,17 +612,7 @@ async fn latent_bits_outside_the_supported_set_are_a_clear_startup_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_cache_palu_with_an_unsupported_architecture_is_a_clear_startup_error() {
     // The authors' dump relabelled as a Gemma checkpoint.
-    let src = fixtures().join("palu-reference/stories260K-g1-r50");
-    let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-    }
-    let p = tmp.path().join("config.json");
-    let mut c: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    c["model_type"] = serde_json::json!("gemma2");
-    std::fs::write(&p, c.to_string()).unwrap();
+    let tmp = edited_authors_dump(|c| c["model_type"] = serde_json::json!("gemma2"));
     let err = serve(tmp.path(), KvCacheKind::Palu).await.unwrap_err();
     insta::assert_snapshot!(
         "unsupported_architecture",
@@ -620,17 +626,9 @@ async fn a_plain_model_or_ranks_that_disagree_with_the_tensors_are_clear_startup
         .await
         .unwrap_err();
     insta::assert_snapshot!("plain_model_with_kv_cache_palu", startup_error(err, &[]));
-    let src = fixtures().join("palu-reference/stories260K-g1-r50");
-    let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-    }
-    let p = tmp.path().join("config.json");
-    let mut c: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    c["head_wise_ranks"]["model.layers.4.self_attn.k_proj"] = serde_json::json!([1, 1, 2, 1]);
-    std::fs::write(&p, c.to_string()).unwrap();
+    let tmp = edited_authors_dump(|c| {
+        c["head_wise_ranks"]["model.layers.4.self_attn.k_proj"] = serde_json::json!([1, 1, 2, 1])
+    });
     let err = serve(tmp.path(), KvCacheKind::Palu).await.unwrap_err();
     insta::assert_snapshot!(
         "ranks_disagree_with_tensors",
