@@ -16,6 +16,7 @@
 //! - [`checkpoint`]: reading and writing Palu checkpoints in the authors' layout.
 //! - [`gguf`]: GGUF (llama.cpp) to Hugging Face conversion.
 //! - [`calib`], [`eval`]: calibration data and perplexity.
+//! - [`synth`]: random-weight checkpoints in the Hugging Face layouts (tests, speed runs).
 //! - [`compress`]: the pipeline that ties them together.
 pub mod alloc_config;
 pub mod calib;
@@ -36,6 +37,7 @@ pub mod model;
 pub mod progress;
 pub mod quant;
 pub mod ranks;
+pub mod synth;
 pub mod tokenizer;
 
 pub use error::PaluError;

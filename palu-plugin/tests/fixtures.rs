@@ -271,92 +271,19 @@ fn compressed_checkpoint_round_trips_and_config_reapplies() {
     assert!((ac.compression.achieved_kv_reduction - (1.0 - kept as f64 / 320.0)).abs() < 1e-4);
 }
 
-/// A random-weight checkpoint in the exact Hugging Face layout of `model_type`.
+/// A random-weight checkpoint in the exact Hugging Face layout of `model_type` (`extra` may set
+/// `num_key_value_heads`, `head_dim` and any other config.json field).
 fn synthetic(model_type: &str, extra: serde_json::Value) -> tempfile::TempDir {
-    use rand::{Rng, SeedableRng};
     let d = tempfile::tempdir().unwrap();
-    let kv = extra
-        .get("num_key_value_heads")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(4) as usize;
-    let dh = extra.get("head_dim").and_then(|v| v.as_u64()).unwrap_or(8) as usize;
-    let (hidden, heads, ff, layers, vocab) = (64usize, 8usize, 96usize, 2usize, 512usize);
-    let mut cfg = serde_json::json!({
-        "model_type": model_type, "hidden_size": hidden, "intermediate_size": ff, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": dh, "vocab_size": vocab, "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": false, "hidden_act": "silu",
-        "bos_token_id": 1, "eos_token_id": 2
-    });
-    for (k, v) in extra.as_object().unwrap() {
-        cfg[k] = v.clone();
+    let mut spec = palu::synth::SynthSpec::tiny(model_type, common::fresh_seed());
+    if let Some(kv) = extra.get("num_key_value_heads").and_then(|v| v.as_u64()) {
+        spec.kv_heads = kv as usize;
     }
-    std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();
-    std::fs::copy(
-        common::stories_dir().join("tokenizer.json"),
-        d.path().join("tokenizer.json"),
-    )
-    .unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(common::fresh_seed());
-    let mut t = HashMap::new();
-    let mut rand_t = |shape: &[usize], scale: f32| {
-        let n: usize = shape.iter().product();
-        Tensor::from_vec(
-            (0..n)
-                .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
-                .collect::<Vec<_>>(),
-            shape,
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
-    t.insert(
-        "model.embed_tokens.weight".to_string(),
-        rand_t(&[vocab, hidden], 1.0),
-    );
-    t.insert("lm_head.weight".to_string(), rand_t(&[vocab, hidden], 0.2));
-    t.insert(
-        "model.norm.weight".to_string(),
-        rand_t(&[hidden], 0.1).affine(1.0, 1.0).unwrap(),
-    );
-    let qkv_bias = model_type == "qwen2";
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for (n, o, i) in [
-            ("self_attn.q_proj", heads * dh, hidden),
-            ("self_attn.k_proj", kv * dh, hidden),
-            ("self_attn.v_proj", kv * dh, hidden),
-        ] {
-            t.insert(format!("{p}.{n}.weight"), rand_t(&[o, i], 0.25));
-            if qkv_bias {
-                t.insert(format!("{p}.{n}.bias"), rand_t(&[o], 0.5));
-            }
-        }
-        t.insert(
-            format!("{p}.self_attn.o_proj.weight"),
-            rand_t(&[hidden, heads * dh], 0.2),
-        );
-        t.insert(
-            format!("{p}.mlp.gate_proj.weight"),
-            rand_t(&[ff, hidden], 0.2),
-        );
-        t.insert(
-            format!("{p}.mlp.up_proj.weight"),
-            rand_t(&[ff, hidden], 0.2),
-        );
-        t.insert(
-            format!("{p}.mlp.down_proj.weight"),
-            rand_t(&[hidden, ff], 0.2),
-        );
-        t.insert(
-            format!("{p}.input_layernorm.weight"),
-            rand_t(&[hidden], 0.1).affine(1.0, 1.0).unwrap(),
-        );
-        t.insert(
-            format!("{p}.post_attention_layernorm.weight"),
-            rand_t(&[hidden], 0.1).affine(1.0, 1.0).unwrap(),
-        );
+    if let Some(dh) = extra.get("head_dim").and_then(|v| v.as_u64()) {
+        spec.head_dim = dh as usize;
     }
-    candle_core::safetensors::save(&t, d.path().join("model.safetensors")).unwrap();
+    spec.extra = extra;
+    palu::synth::write(&spec, d.path(), Some(&common::stories_dir())).unwrap();
     d
 }
 
