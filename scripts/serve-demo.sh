@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Serve a Palu checkpoint with `mistralrs-server --kv-cache palu` on loopback, ask one chat
-# question and one completion over the OpenAI API, then stop the server.
+# question and one completion over the OpenAI API, show the live KV-cache bytes, then stop it.
 set -euo pipefail
 ckpt=$1
 port=${PALU_DEMO_PORT:-18123}
@@ -19,4 +19,7 @@ echo
 echo "--- POST /v1/completions"
 curl -s "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
   -d '{"model":"default","prompt":"The capital of France is","max_tokens":8,"temperature":0}'
+echo
+echo "--- GET /v1/palu/kv_cache (bytes of the live latent cache, measured on its tensors)"
+curl -s "http://127.0.0.1:$port/v1/palu/kv_cache"
 echo
