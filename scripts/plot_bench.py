@@ -28,13 +28,13 @@ def rows(path):
 
 
 def main():
-    versions = {v: rows(ROOT / f"docs/bench/palu_decode_{v}.md") for v in ["v1", "v2", "v3", "v4"]}
-    v4 = versions["v4"]
+    versions = {v: rows(ROOT / f"docs/bench/palu_decode_{v}.md") for v in ["v1", "v2", "v3", "v4", "v5"]}
+    v4 = versions["v5"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, B in zip(axes, [1, 8, 32]):
         for g, style in [(1, "o-"), (2, "s-")]:
             r = [x for x in v4 if x["model"] == "llama3-8b" and x["g"] == g and x["B"] == B]
-            ax.plot([x["L"] for x in r], [x["us"] for x in r], style, label=f"Palu-50% g={g} (v4)")
+            ax.plot([x["L"] for x in r], [x["us"] for x in r], style, label=f"Palu-50% g={g} (v5)")
         r = [x for x in v4 if x["model"] == "llama3-8b" and x["g"] == 1 and x["B"] == B]
         ax.plot([x["L"] for x in r], [x["roof"] for x in r], "k--", label="roofline: bf16 K/V read once")
         ax.plot([x["L"] for x in r], [0.6 * x["roof"] for x in r], "k:", label="target 0.6× roofline")
@@ -52,7 +52,7 @@ def main():
     fig.savefig(ROOT / "docs/img/decode_latency_llama3.svg")
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for v, style in [("v1", "x-"), ("v2", "d-"), ("v3", "s-"), ("v4", "o-")]:
+    for v, style in [("v1", "x-"), ("v2", "d-"), ("v3", "s-"), ("v4", "o-"), ("v5", "*-")]:
         r = [x for x in versions[v] if x["model"] == "llama3-8b" and x["g"] == 1 and x["B"] == 8]
         # v1-v3 tables were recomputed with the same roofline; fraction = latent bytes / copy BW
         ax.plot([x["L"] for x in r], [x["frac"] for x in r], style, label=v)

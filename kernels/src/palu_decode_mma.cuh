@@ -62,9 +62,10 @@ struct Smem {
     static constexpr int chunk = kChunk * (ldk + ldv) * 2;       // one buffer of one warp
     static constexpr int bufs = kWarps * 2 * chunk;
     static constexpr int merge = kWarps * 16 * (RVP + 2) * 4;    // per-warp (m, l, A)
-    static constexpr int ang = 32 * kWarps * 32 * 8;             // per thread: 32 (cos, sin)
+    static constexpr int rowoff = kChunk * (DH / 2) * 8;         // cos/sin(row·θ), row < 16
+    static constexpr int base = kWarps * (DH / 2) * 8;           // per warp: cos/sin(t0·θ)
     static constexpr int step = (DH / 2) * 8;                    // per pair: rotation by 64·θ
-    static constexpr int total = b + q + ang + step + (bufs > merge ? bufs : merge);
+    static constexpr int total = b + q + rowoff + base + step + (bufs > merge ? bufs : merge);
 };
 
 // Issue the copies of one chunk of latent rows (zero-filling rows ≥ valid and columns ≥ ld).
@@ -86,19 +87,30 @@ __device__ __forceinline__ void mask_cols(half* buf, int ld_dst, int r, int ld, 
     for (int i = lane; i < kChunk * (ld - r); i += 32) buf[(i / (ld - r)) * ld_dst + r + i % (ld - r)] = __float2half(0.f);
 }
 
+__device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(a.x * b.x - a.y * b.y, a.y * b.x + a.x * b.y); }
+
+// The rebuild runs in quarters of dh: n-tiles {2d, 2d+1} and their rotate-half partners
+// {2d + dh/16, 2d+1 + dh/16}, so only 16 accumulators are live, RoPE applies within the quarter,
+// and each quarter feeds two k-steps of Sᵀ = Q·Kᵀ. Angles: a per-warp base cos/sin(t0·θ)
+// (advanced per chunk, re-seeded in double) times a per-row table cos/sin(row·θ).
 template <int RKP, int RVP, int DH, int GHEADS, int NREP>
-__global__ void __launch_bounds__(kWarps * 32) split_kernel(DecodeParams p) {
+__global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel(DecodeParams p) {
     constexpr int NH = GHEADS * NREP;
     static_assert(NH <= 16 && DH == 128 && RKP % 16 == 0 && RVP % 16 == 0, "shape");
     constexpr int NT = DH / 8;        // rebuild n-tiles (8 dims each)
     constexpr int NV = RVP / 8;       // value n-tiles
+    constexpr int KS = RKP / 16;      // rebuild k-steps
+    constexpr int HALF = DH / 2;
     using S = Smem<RKP, RVP, DH, GHEADS>;
     extern __shared__ __align__(128) unsigned char smem[];
-    half* sB = reinterpret_cast<half*>(smem);
-    half* sQ = reinterpret_cast<half*>(smem + S::b);
-    float2* sAng = reinterpret_cast<float2*>(smem + S::b + S::q);
-    float2* sStep = reinterpret_cast<float2*>(smem + S::b + S::q + S::ang);
-    unsigned char* sBuf = smem + S::b + S::q + S::ang + S::step;
+    unsigned char* ptr = smem;
+    auto take = [&](int bytes) { unsigned char* r = ptr; ptr += bytes; return r; };
+    half* sB = reinterpret_cast<half*>(take(S::b));
+    half* sQ = reinterpret_cast<half*>(take(S::q));
+    float2* sRow = reinterpret_cast<float2*>(take(S::rowoff));
+    float2* sBase = reinterpret_cast<float2*>(take(S::base));
+    float2* sStep = reinterpret_cast<float2*>(take(S::step));
+    unsigned char* sBuf = take(0);
 
     const int split = blockIdx.x, grp = blockIdx.y, b = blockIdx.z;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
@@ -120,13 +132,16 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(DecodeParams p) {
         }
         sQ[(j * 16 + h) * S::ldq + d] = __float2half(v);
     }
-    for (int f = tid; f < DH / 2; f += kWarps * 32) {
-        double th = 64.0 * (double)p.inv_freq[f];
+    constexpr int kStride = kChunk * kWarps;  // positions between a warp's consecutive chunks
+    for (int i = tid; i < kChunk * HALF; i += kWarps * 32) {
+        double a = (double)(i / HALF) * (double)p.inv_freq[i % HALF];
+        sRow[i] = make_float2((float)cos(a), (float)sin(a));
+    }
+    for (int f = tid; f < HALF; f += kWarps * 32) {
+        double th = (double)kStride * (double)p.inv_freq[f];
         sStep[f] = make_float2((float)cos(th), (float)sin(th));
     }
-    // Angle state: this thread's (row, pair) entries, rows g and g+8, pairs f = 8n + 2·tig + e,
-    // entry (r·(NT/2) + n)·2 + e at sAng[entry · 128 + tid].
-    auto ang = [&](int r, int n, int e) -> float2& { return sAng[((r * (NT / 2) + n) * 2 + e) * (kWarps * 32) + tid]; };
+    float2* myBase = sBase + warp * HALF;
 
     half* myK[2];
     half* myV[2];
@@ -136,14 +151,13 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(DecodeParams p) {
     }
     const half* hk = p.hk + ((size_t)b * p.G + grp) * p.Lmax * p.ldk;
     const half* hv = p.hv + ((size_t)b * p.G + grp) * p.Lmax * p.ldv;
-    // This warp's chunks: t0 = s0 + 16·(warp + 4·i).
-    int t0 = s0 + kChunk * warp;
+    int t0 = s0 + kChunk * warp;  // this warp's chunks: t0 = s0 + 16·(warp + 4·i)
     if (t0 < s1) {
         load_chunk<RKP>(myK[0], S::ldk, hk, p.ldk, t0, s1 - t0, lane);
         load_chunk<RVP>(myV[0], S::ldv, hv, p.ldv, t0, s1 - t0, lane);
     }
     cp_commit();
-    __syncthreads();  // sB, sQ ready
+    __syncthreads();  // sB, sQ, sRow, sStep ready
 
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
     float acc_v[NV][4];
@@ -151,69 +165,70 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(DecodeParams p) {
     for (int n = 0; n < NV; ++n) acc_v[n][0] = acc_v[n][1] = acc_v[n][2] = acc_v[n][3] = 0.f;
 
     int buf = 0;
-    for (int it = 0; t0 < s1; ++it, t0 += kChunk * kWarps, buf ^= 1) {
+    for (int it = 0; t0 < s1; ++it, t0 += kStride, buf ^= 1) {
         const int valid = min(kChunk, s1 - t0);
-        const int t1 = t0 + kChunk * kWarps;
+        const int t1 = t0 + kStride;
         if (t1 < s1) {
             load_chunk<RKP>(myK[buf ^ 1], S::ldk, hk, p.ldk, t1, s1 - t1, lane);
             load_chunk<RVP>(myV[buf ^ 1], S::ldv, hv, p.ldv, t1, s1 - t1, lane);
         }
         cp_commit();
+        if (it % kReseed == 0) {
+            for (int f = lane; f < HALF; f += 32) {
+                double a = (double)t0 * (double)p.inv_freq[f];
+                myBase[f] = make_float2((float)cos(a), (float)sin(a));
+            }
+        }
         cp_wait<1>();
         __syncwarp();
         mask_cols(myK[buf], S::ldk, p.rk, min(p.ldk, RKP), lane);
         mask_cols(myV[buf], S::ldv, p.rv, min(p.ldv, RVP), lane);
         __syncwarp();
-        // Angles for positions t0 + g and t0 + g + 8.
-        if (it % kReseed == 0) {
+        unsigned a[KS][4];
 #pragma unroll
-            for (int r = 0; r < 2; ++r)
-#pragma unroll
-                for (int n = 0; n < NT / 2; ++n)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        double a = (double)(t0 + g + 8 * r) * (double)p.inv_freq[8 * n + 2 * tig + e];
-                        ang(r, n, e) = make_float2((float)cos(a), (float)sin(a));
-                    }
-        }
+        for (int ks = 0; ks < KS; ++ks)
+            ldsm_x4(a[ks][0], a[ks][1], a[ks][2], a[ks][3], myK[buf] + (lane % 16) * S::ldk + ks * 16 + (lane / 16) * 8);
         float st[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // Sᵀ: heads × tokens 0-7, 8-15
         for (int j = 0; j < GHEADS; ++j) {
-            float k[NT][4];
 #pragma unroll
-            for (int n = 0; n < NT; ++n) k[n][0] = k[n][1] = k[n][2] = k[n][3] = 0.f;
+            for (int dq = 0; dq < NT / 4; ++dq) {
+                float k[4][4];
 #pragma unroll
-            for (int ks = 0; ks < RKP / 16; ++ks) {
-                unsigned a0, a1, a2, a3;
-                ldsm_x4(a0, a1, a2, a3, myK[buf] + (lane % 16) * S::ldk + ks * 16 + (lane / 16) * 8);
+                for (int i = 0; i < 16; ++i) k[i / 4][i % 4] = 0.f;
 #pragma unroll
-                for (int np = 0; np < NT / 2; ++np) {
-                    unsigned b0, b1, b2, b3;
-                    const half* bp = sB + (size_t)(j * DH + np * 16 + (lane / 16) * 8 + lane % 8) * S::ldb + ks * 16 + ((lane / 8) % 2) * 8;
-                    ldsm_x4(b0, b1, b2, b3, bp);
-                    mma16816(k[2 * np], a0, a1, a2, a3, b0, b1);
-                    mma16816(k[2 * np + 1], a0, a1, a2, a3, b2, b3);
+                for (int ks = 0; ks < KS; ++ks) {
+                    unsigned b0, b1, b2, b3, c0, c1, c2, c3;
+                    const int row = j * DH + dq * 16 + (lane / 16) * 8 + lane % 8;
+                    const int col = ks * 16 + ((lane / 8) % 2) * 8;
+                    ldsm_x4(b0, b1, b2, b3, sB + (size_t)row * S::ldb + col);
+                    ldsm_x4(c0, c1, c2, c3, sB + (size_t)(row + HALF) * S::ldb + col);
+                    mma16816(k[0], a[ks][0], a[ks][1], a[ks][2], a[ks][3], b0, b1);
+                    mma16816(k[1], a[ks][0], a[ks][1], a[ks][2], a[ks][3], b2, b3);
+                    mma16816(k[2], a[ks][0], a[ks][1], a[ks][2], a[ks][3], c0, c1);
+                    mma16816(k[3], a[ks][0], a[ks][1], a[ks][2], a[ks][3], c2, c3);
                 }
-            }
-            // RoPE (rotate-half): n-tile n < NT/2 pairs with n + NT/2.
+                // RoPE: k[t] (dims d) pairs with k[2 + t] (dims d + dh/2).
 #pragma unroll
-            for (int n = 0; n < NT / 2; ++n)
-#pragma unroll
-                for (int r = 0; r < 2; ++r)
+                for (int t = 0; t < 2; ++t)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        float2 a = ang(r, n, e);
-                        float c = a.x, s = a.y;
-                        float k1 = k[n][2 * r + e], k2 = k[n + NT / 2][2 * r + e];
-                        k[n][2 * r + e] = k1 * c - k2 * s;
-                        k[n + NT / 2][2 * r + e] = k2 * c + k1 * s;
-                    }
-            // Sᵀ += Q_j·Kᵀ over dh in steps of 16.
+                        const int f = 8 * (2 * dq + t) + 2 * tig + e;
+                        const float2 bs = myBase[f];
 #pragma unroll
-            for (int ds = 0; ds < DH / 16; ++ds) {
-                unsigned a0, a1, a2, a3;
-                ldsm_x4(a0, a1, a2, a3, sQ + (j * 16 + lane % 16) * S::ldq + ds * 16 + (lane / 16) * 8);
-                mma16816(st[0], a0, a1, a2, a3, pack_half2(k[2 * ds][0], k[2 * ds][1]), pack_half2(k[2 * ds + 1][0], k[2 * ds + 1][1]));
-                mma16816(st[1], a0, a1, a2, a3, pack_half2(k[2 * ds][2], k[2 * ds][3]), pack_half2(k[2 * ds + 1][2], k[2 * ds + 1][3]));
+                        for (int r = 0; r < 2; ++r) {
+                            const float2 an = cmul(bs, sRow[(g + 8 * r) * HALF + f]);
+                            float k1 = k[t][2 * r + e], k2 = k[2 + t][2 * r + e];
+                            k[t][2 * r + e] = k1 * an.x - k2 * an.y;
+                            k[2 + t][2 * r + e] = k2 * an.x + k1 * an.y;
+                        }
+                    }
+                unsigned q0, q1, q2, q3, w0, w1, w2, w3;
+                ldsm_x4(q0, q1, q2, q3, sQ + (j * 16 + lane % 16) * S::ldq + dq * 16 + (lane / 16) * 8);
+                ldsm_x4(w0, w1, w2, w3, sQ + (j * 16 + lane % 16) * S::ldq + HALF + dq * 16 + (lane / 16) * 8);
+                mma16816(st[0], q0, q1, q2, q3, pack_half2(k[0][0], k[0][1]), pack_half2(k[1][0], k[1][1]));
+                mma16816(st[1], q0, q1, q2, q3, pack_half2(k[0][2], k[0][3]), pack_half2(k[1][2], k[1][3]));
+                mma16816(st[0], w0, w1, w2, w3, pack_half2(k[2][0], k[2][1]), pack_half2(k[3][0], k[3][1]));
+                mma16816(st[1], w0, w1, w2, w3, pack_half2(k[2][2], k[2][3]), pack_half2(k[3][2], k[3][3]));
             }
         }
         // Online softmax over this chunk: rows g (r = 0) and g + 8 (r = 1).
@@ -261,16 +276,9 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(DecodeParams p) {
             mma16816(acc_v[2 * np], pa0, pa1, pa2, pa3, b0, b1);
             mma16816(acc_v[2 * np + 1], pa0, pa1, pa2, pa3, b2, b3);
         }
-        // Next chunk of this warp is 64 positions later.
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-            for (int n = 0; n < NT / 2; ++n)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    float2 a = ang(r, n, e), st2 = sStep[8 * n + 2 * tig + e];
-                    ang(r, n, e) = make_float2(a.x * st2.x - a.y * st2.y, a.y * st2.x + a.x * st2.y);
-                }
+        // Advance this warp's base angle to its next chunk.
+        __syncwarp();
+        for (int f = lane; f < HALF; f += 32) myBase[f] = cmul(myBase[f], sStep[f]);
         __syncwarp();
     }
     cp_wait<0>();
