@@ -11,10 +11,27 @@
 #include <random>
 #include <string>
 #include <vector>
+#include <map>
 
 #include "../src/palu_decode.cuh"
 
 extern "C" int palu_decode(palu::DecodeParams p, cudaStream_t stream);
+
+// mistral.rs 0.8.1's own decode attention (mistralrs-paged-attn, compiled from its crates.io
+// source by scripts/gpu-bench.sh), called as its Rust wrapper calls it.
+extern "C" void paged_attention_v1_bf16(void* out, void* query, void* key_cache, void* value_cache, void* alibi_slopes,
+                                        int32_t num_kv_heads, float scale, float softcapping, uint32_t* block_tables,
+                                        uint32_t* context_lens, int32_t block_size, int32_t max_context_len, int32_t num_seqs,
+                                        int32_t num_heads, int32_t head_size, int32_t max_num_blocks_per_seq, int32_t q_stride,
+                                        int32_t kv_block_stride, int32_t kv_head_stride, cudaStream_t stream,
+                                        uint32_t cache_dtype, float* k_scale, float* v_scale, const float* sinks);
+extern "C" void paged_attention_v2_bf16(void* out, float* exp_sums, float* max_logits, void* tmp_out, void* query,
+                                        void* key_cache, void* value_cache, void* alibi_slopes, int32_t num_kv_heads,
+                                        float scale, float softcapping, uint32_t* block_tables, uint32_t* context_lens,
+                                        int32_t block_size, int32_t max_context_len, int32_t num_seqs, int32_t num_heads,
+                                        int32_t head_size, int32_t max_num_blocks_per_seq, int32_t q_stride,
+                                        int32_t kv_block_stride, int32_t kv_head_stride, cudaStream_t stream,
+                                        uint32_t cache_dtype, float* k_scale, float* v_scale, const float* sinks);
 extern "C" size_t palu_decode_workspace(int B, int G, int g, int n_rep, int n_splits, int rv_pad);
 
 #define CK(x)                                                                              \
@@ -34,6 +51,90 @@ __global__ void fill_random(half* x, size_t n, unsigned long long seed, float sc
         z ^= z >> 31;
         x[i] = __float2half(((z >> 40) * (1.0f / 16777216.0f) * 2.f - 1.f) * scale);
     }
+}
+
+__global__ void fill_random_u16(unsigned short* x, size_t n, unsigned long long seed) {
+    // bf16 bit patterns of values in ±[0.25, 1): random data, never zeros, never NaN.
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        unsigned long long z = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+        z = (z ^ (z >> 31)) * 0xBF58476D1CE4E5B9ull;
+        x[i] = (unsigned short)(((z >> 32) & 0x807f) | 0x3e80);
+    }
+}
+
+// One decode step of the stock kernel on a bf16 paged cache (block 32), as mistral.rs runs it;
+// returns the median µs, or -1 when the launch fails (the error is printed).
+static float stock_us(int H, int Hkv, int dh, int L, int B, unsigned long long seed) {
+    const int block = 32, x = 8;  // x = 16 bytes / sizeof(bf16)
+    {
+        // Its single-pass (v1) kernel keeps all L logits in shared memory; past the per-block
+        // limit the launch fails inside the library, which then exits the process.
+        const int partition = 512, max_parts = (L + partition - 1) / partition;
+        const bool v1 = (max_parts == 1 || B * H > 512);
+        if (v1 && (size_t)L * 4 > 227 * 1024) return -2.f;
+    }
+    const int blocks_per_seq = (L + block - 1) / block, nblocks = blocks_per_seq * B;
+    size_t cache_elems = (size_t)nblocks * Hkv * dh * block;
+    void *q, *out, *kc, *vc, *tmp;
+    float *es, *ml;
+    uint32_t *bt, *cl;
+    CK(cudaMalloc(&q, (size_t)B * H * dh * 2));
+    CK(cudaMalloc(&out, (size_t)B * H * dh * 2));
+    CK(cudaMalloc(&kc, cache_elems * 2));
+    CK(cudaMalloc(&vc, cache_elems * 2));
+    fill_random_u16<<<4096, 256>>>((unsigned short*)q, (size_t)B * H * dh, seed + 11);
+    fill_random_u16<<<4096, 256>>>((unsigned short*)kc, cache_elems, seed + 12);
+    fill_random_u16<<<4096, 256>>>((unsigned short*)vc, cache_elems, seed + 13);
+    std::vector<uint32_t> tables((size_t)B * blocks_per_seq), lens(B, (uint32_t)L);
+    for (size_t i = 0; i < tables.size(); ++i) tables[i] = (uint32_t)i;
+    CK(cudaMalloc(&bt, tables.size() * 4));
+    CK(cudaMalloc(&cl, B * 4));
+    CK(cudaMemcpy(bt, tables.data(), tables.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(cl, lens.data(), B * 4, cudaMemcpyHostToDevice));
+    const int partition = 512, max_parts = (L + partition - 1) / partition;
+    const bool v1 = (max_parts == 1 || B * H > 512) && partition % block == 0;  // mistralrs-paged-attn's choice
+    CK(cudaMalloc(&tmp, (size_t)B * H * max_parts * dh * 2));
+    CK(cudaMalloc(&es, (size_t)B * H * max_parts * 4));
+    CK(cudaMalloc(&ml, (size_t)B * H * max_parts * 4));
+    const int kv_block_stride = Hkv * (dh / x) * block * x, kv_head_stride = (dh / x) * block * x;
+    auto launch = [&]() {
+        if (v1)
+            paged_attention_v1_bf16(out, q, kc, vc, nullptr, Hkv, 1.f / sqrtf((float)dh), 1.f, bt, cl, block, L, B, H, dh,
+                                    blocks_per_seq, H * dh, kv_block_stride, kv_head_stride, 0, 1, nullptr, nullptr, nullptr);
+        else
+            paged_attention_v2_bf16(out, es, ml, tmp, q, kc, vc, nullptr, Hkv, 1.f / sqrtf((float)dh), 1.f, bt, cl, block, L, B,
+                                    H, dh, blocks_per_seq, H * dh, kv_block_stride, kv_head_stride, 0, 1, nullptr, nullptr,
+                                    nullptr);
+    };
+    float result = -1.f;
+    launch();
+    cudaError_t e = cudaDeviceSynchronize();
+    if (e != cudaSuccess) {
+        fprintf(stderr, "stock paged attention (%s) at L=%d B=%d: %s\n", v1 ? "v1" : "v2", L, B, cudaGetErrorString(e));
+        cudaGetLastError();
+    } else {
+        cudaEvent_t a, b;
+        CK(cudaEventCreate(&a));
+        CK(cudaEventCreate(&b));
+        std::vector<float> t;
+        for (int i = 0; i < 23; ++i) {
+            CK(cudaEventRecord(a));
+            launch();
+            CK(cudaEventRecord(b));
+            CK(cudaEventSynchronize(b));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, a, b));
+            if (i >= 3) t.push_back(ms * 1000.f);
+        }
+        std::sort(t.begin(), t.end());
+        result = t[t.size() / 2];
+    }
+    for (void* p : {q, out, kc, vc, tmp}) cudaFree(p);
+    cudaFree(es);
+    cudaFree(ml);
+    cudaFree(bt);
+    cudaFree(cl);
+    return result;
 }
 
 struct Shape {
@@ -212,12 +313,13 @@ static double copy_bw() {
 }
 
 int main(int argc, char** argv) {
-    bool quick = false, llama3_only = false;
+    bool quick = false, llama3_only = false, with_stock = true;
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
         if (a == "--quick") quick = true;
         if (a == "--llama3") llama3_only = true;
         if (a == "--target" && i + 1 < argc) g_target = atoi(argv[++i]);
+        if (a == "--no-stock") with_stock = false;
     }
     printf("split target: %d blocks\n", g_target);
     unsigned long long seed = std::chrono::high_resolution_clock::now().time_since_epoch().count();
@@ -260,13 +362,9 @@ int main(int argc, char** argv) {
     }
     double bw = copy_bw();
     printf("device-to-device copy: %.2f TB/s (read + write)\n", bw / 1e12);
-    // Stock mistral.rs 0.8.1 paged attention on this GPU type (DESIGN.md §4, one layer, bf16,
-    // block 32), for the rows it was measured at; not re-run here.
-    struct Stock { const char* m; int L, B; double us; };
-    Stock stock[] = {{"llama3-8b", 4096, 1, 27}, {"llama3-8b", 4096, 8, 137}, {"llama3-8b", 16384, 1, 101},
-                     {"llama3-8b", 16384, 8, 401}, {"llama3-8b", 16384, 32, 3381}, {"llama3-8b", 65536, 1, 247},
-                     {"llama3-8b", 65536, 8, 1488}, {"llama3-8b", 131072, 1, 434}};
     std::vector<std::string> rows;
+    std::map<std::string, float> stock_cache;
+    auto stock_us_fn = stock_us;
     std::vector<int> Ls = quick ? std::vector<int>{16384} : std::vector<int>{4096, 16384, 65536, 131072};
     std::vector<int> Bs = quick ? std::vector<int>{8} : std::vector<int>{1, 8, 32};
     for (const char* model : {"llama3-8b", "llama2-7b"})
@@ -285,16 +383,20 @@ int main(int argc, char** argv) {
                     float us = time_us(pr.p, 20);
                     double roof_us = full_kv / bw * 1e6;  // one read of K and V at the copy's HBM rate
                     double stock_us = 0;
-                    for (auto& st : stock)
-                        if (std::string(st.m) == model && st.L == L && st.B == B) stock_us = st.us;
+                    if (with_stock && full_kv < 40e9) {
+                        std::string key = std::string(model) + "/" + std::to_string(L) + "/" + std::to_string(B);
+                        if (!stock_cache.count(key)) stock_cache[key] = stock_us_fn(s.H, s.Hkv, s.dh, L, B, seed++);
+                        stock_us = stock_cache[key];
+                    }
                     char line[256];
                     snprintf(line, sizeof line, "| %s | %d | %dK | %d | %.1f | %.1f | %.2f | %.0f%% | %s |", model, g, L / 1024, B, us,
                              roof_us, us / roof_us, 100.0 * (lat / (us * 1e-6)) / bw,
-                             stock_us > 0 ? (std::to_string((int)stock_us) + " (" + std::to_string(stock_us / us).substr(0, 4) + "×)").c_str() : "–");
+                             stock_us > 0 ? (std::to_string((int)stock_us) + " (" + std::to_string(stock_us / us).substr(0, 4) + "×)").c_str()
+                             : stock_us == -2 ? "aborts (v1 smem)" : stock_us < 0 ? "fails" : "–");
                     rows.push_back(line);
                     fprintf(stderr, "%s\n", line);
                 }
-    printf("\n| shape | g | L | batch | Palu-50%% fp16 µs (v4) | roofline bf16 K/V µs | × roofline | latent bytes/s ÷ copy BW | stock paged attn µs (DESIGN.md; speed-up) |\n");
+    printf("\n| shape | g | L | batch | Palu-50%% fp16 µs | roofline bf16 K/V µs | × roofline | latent bytes/s ÷ copy BW | stock paged attn bf16 µs, same run (speed-up) |\n");
     printf("|---|---|---|---|---|---|---|---|---|\n");
     for (auto& r : rows) printf("%s\n", r.c_str());
     printf("\ncorrectness failures: %d\n", failures);
