@@ -78,11 +78,14 @@ impl Cache {
     }
 }
 
-/// Rotary tables from the model's own configuration (theta, Llama-3 scaling).
+/// Rotary tables from the model's own configuration (theta, Llama-3 scaling). The cos/sin
+/// tables are computed once for the positions seen so far and grown by doubling: decode steps
+/// rebuild every cached key each step, in every layer, and would otherwise redo the trig.
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
     dev: Device,
+    cached: std::sync::Arc<std::sync::Mutex<Option<(Tensor, Tensor)>>>,
 }
 
 impl Rope {
@@ -97,20 +100,32 @@ impl Rope {
         Rope {
             inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
             dev: dev.clone(),
+            cached: Default::default(),
         }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.dev
     }
 
     /// cos and sin, `[t, dh/2]`, for positions `start .. start + t`.
     pub fn tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut ang = Vec::with_capacity(t * half);
-        for p in start..start + t {
-            for &f in &self.inv_freq {
-                ang.push(p as f32 * f);
+        let end = start + t;
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.as_ref().is_none_or(|(c, _)| c.dim(0).is_ok_and(|n| n < end)) {
+            let n = end.next_power_of_two().max(64);
+            let half = self.inv_freq.len();
+            let mut ang = Vec::with_capacity(n * half);
+            for p in 0..n {
+                for &f in &self.inv_freq {
+                    ang.push(p as f32 * f);
+                }
             }
+            let ang = Tensor::from_vec(ang, (n, half), &self.dev)?;
+            *cached = Some((ang.cos()?, ang.sin()?));
         }
-        let ang = Tensor::from_vec(ang, (t, half), &self.dev)?;
-        Ok((ang.cos()?, ang.sin()?))
+        let (cos, sin) = cached.as_ref().expect("filled above");
+        Ok((cos.narrow(0, start, t)?, sin.narrow(0, start, t)?))
     }
 }
 

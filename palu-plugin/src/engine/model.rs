@@ -278,12 +278,20 @@ impl PaluTextModel {
             mapper.set_nm_device(vb_m.pp("norm"), false),
         )?;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
+        // One RoPE table per device, shared by the layers mapped there.
+        let mut ropes: Vec<Arc<Rope>> = Vec::new();
         for l in 0..cfg.num_layers {
             let device = mapper
                 .device_for(l, false)
                 .unwrap_or(&meta.real_device)
                 .clone();
-            let rope = Arc::new(Rope::new(cfg, &device));
+            let rope = match ropes.iter().find(|r| r.device().same_device(&device)) {
+                Some(r) => Arc::clone(r),
+                None => {
+                    ropes.push(Arc::new(Rope::new(cfg, &device)));
+                    Arc::clone(ropes.last().unwrap())
+                }
+            };
             let vb_l = vb_m.pp(format!("layers.{l}"));
             let vb_a = mapper.set_device(l, vb_l.pp("self_attn"), meta.loading_isq);
             let vb_f = mapper.set_device(l, vb_l.pp("self_attn"), false);
