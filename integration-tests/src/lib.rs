@@ -6,6 +6,8 @@ use candle_core::{DType, Tensor};
 use mistralrs_core::{
     Constraint, MistralRs, NormalRequest, Request, RequestMessage, Response, SamplingParams,
 };
+use palu::engine::server::{router_for, start, EngineOptions, Served};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub fn fixtures() -> PathBuf {
     std::env::var_os("PALU_FIXTURES")
@@ -141,4 +143,132 @@ pub fn nll(logits: &Tensor, tokens: &[u32]) -> Result<Vec<f64>> {
             lse - row[next as usize] as f64
         })
         .collect())
+}
+
+/// A full-rank (ratio 1.0) Palu checkpoint of `base` in `out`, whitened on the C4 sample.
+pub fn full_rank_checkpoint(base: &Path, group_size: usize, calib_seq_len: usize, out: &Path) {
+    let opts = palu::compress::CompressOptions {
+        ratio: 1.0,
+        group_size,
+        rank_search: palu::ranks::RankSearch::Uniform,
+        rank_multiple: 1,
+        calib: Some(fixtures().join("text/c4-train-00000-first800.jsonl")),
+        calib_samples: 4,
+        calib_seq_len,
+        ..Default::default()
+    };
+    palu::compress::compress_to_dir(base, out, &opts).unwrap();
+}
+
+/// Start the engine and serve its OpenAI router (plus `/v1/palu/kv_cache`) on an ephemeral
+/// loopback port.
+pub async fn serve_http(opts: &EngineOptions) -> Result<(std::net::SocketAddr, Served)> {
+    let served = start(opts).await?;
+    let app = router_for(&served).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Ok((addr, served))
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns (status, body) with chunked transfer
+/// encoding undone.
+async fn request(addr: std::net::SocketAddr, head: String, body: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("{head}Host: {addr}\r\nConnection: close\r\n\r\n{body}").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status: u16 = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    let body = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body.split("\r\n")
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 1)
+            .map(|(_, l)| l)
+            .collect::<String>()
+    } else {
+        body
+    };
+    (status, body)
+}
+
+/// POST JSON; returns (status, body).
+pub async fn post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, String) {
+    let body = body.to_string();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    request(addr, head, &body).await
+}
+
+/// GET a JSON document (status 200 asserted).
+pub async fn get_json(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    let (status, body) = request(addr, format!("GET {path} HTTP/1.1\r\n"), "").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Greedy `/v1/completions` text.
+pub async fn complete(addr: std::net::SocketAddr, prompt: &str, n: usize) -> String {
+    let (status, body) = post(
+        addr,
+        "/v1/completions",
+        &serde_json::json!({"model": "default", "prompt": prompt, "max_tokens": n, "temperature": 0.0}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+/// Concatenated text of an SSE stream (`"stream": true`) from /v1/chat/completions or /v1/completions.
+pub fn sse_text(body: &str) -> String {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| d.trim() != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .map(|v| {
+            let c = &v["choices"][0];
+            c["delta"]["content"]
+                .as_str()
+                .or(c["text"].as_str())
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+/// Greedy `/v1/chat/completions` answer to one user message, streamed or not.
+pub async fn chat(addr: std::net::SocketAddr, q: &str, n: usize, stream: bool) -> String {
+    let (status, body) = post(
+        addr,
+        "/v1/chat/completions",
+        &serde_json::json!({"model": "default", "messages": [{"role": "user", "content": q}],
+                            "max_tokens": n, "temperature": 0.0, "stream": stream}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    if stream {
+        sse_text(&body)
+    } else {
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
 }

@@ -2,12 +2,14 @@
 //! exactness at full rank against the stock engine, perplexity of Palu-50 % against
 //! `palu eval ppl`, and the KV bytes of live cache tensors.
 use std::path::Path;
-use std::sync::Arc;
 
 use candle_core::Device;
 use mistralrs_core::ModelDType;
 use palu::engine::server::{start, EngineOptions, KvCacheKind, Served};
-use palu_integration_tests::{engine_logits, fixtures, nll, smollm2, smollm2_palu50};
+use palu_integration_tests::{
+    chat, engine_logits, fixtures, full_rank_checkpoint, get_json, nll, serve_http, smollm2,
+    smollm2_palu50,
+};
 
 fn options(model_dir: &Path, kv: KvCacheKind, latent_bits: Option<u8>) -> EngineOptions {
     EngineOptions {
@@ -24,10 +26,6 @@ fn options(model_dir: &Path, kv: KvCacheKind, latent_bits: Option<u8>) -> Engine
     }
 }
 
-async fn serve(model_dir: &Path, kv: KvCacheKind, latent_bits: Option<u8>) -> Served {
-    start(&options(model_dir, kv, latent_bits)).await.unwrap()
-}
-
 /// Without the prefix cache, so that raw logits cover every prompt position (a hit, e.g. on the
 /// BOS of an earlier request, returns only the positions it feeds).
 async fn serve_uncached(model_dir: &Path, kv: KvCacheKind, latent_bits: Option<u8>) -> Served {
@@ -37,20 +35,6 @@ async fn serve_uncached(model_dir: &Path, kv: KvCacheKind, latent_bits: Option<u
     })
     .await
     .unwrap()
-}
-
-fn full_rank(base: &Path, group_size: usize, out: &Path) {
-    let opts = palu::compress::CompressOptions {
-        ratio: 1.0,
-        group_size,
-        rank_search: palu::ranks::RankSearch::Uniform,
-        rank_multiple: 1,
-        calib: Some(fixtures().join("text/c4-train-00000-first800.jsonl")),
-        calib_samples: 4,
-        calib_seq_len: 256,
-        ..Default::default()
-    };
-    palu::compress::compress_to_dir(base, out, &opts).unwrap();
 }
 
 fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
@@ -87,7 +71,7 @@ async fn full_rank_palu_logits_equal_the_stock_engine_within_1e_3() {
     ];
     for (base, g, name) in cases {
         let ckpt = tmp.path().join(name);
-        full_rank(&base, g, &ckpt);
+        full_rank_checkpoint(&base, g, 256, &ckpt);
         let tok = palu::tokenizer::load(&base).unwrap();
         let text = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her dog.";
         let mut ids = vec![1u32];
@@ -138,45 +122,6 @@ async fn smollm2_palu50_engine_perplexity_matches_palu_eval_with_and_without_4_b
     }
 }
 
-async fn get_json(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap()
-}
-
-async fn chat(addr: std::net::SocketAddr, q: &str, n: usize) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = serde_json::json!({"model": "default", "messages": [{"role": "user", "content": q}],
-                                  "max_tokens": n, "temperature": 0.0})
-    .to_string();
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    let v: serde_json::Value = serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap();
-    v["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smollm2_palu50_answers_over_http_and_live_kv_bytes_meet_the_targets() {
     let ckpt = smollm2_palu50();
@@ -186,16 +131,10 @@ async fn smollm2_palu50_answers_over_http_and_live_kv_bytes_meet_the_targets() {
     let default_16 = (cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2) as f64;
     let default_f32 = 2.0 * default_16;
     for (bits, limit, against) in [(16u8, 0.5, default_f32), (4, 0.16, default_16)] {
-        let served = serve(&ckpt, KvCacheKind::Palu, Some(bits)).await;
-        let app = palu::engine::server::router_for(&served).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let engine = Arc::clone(&served.engine);
-        tokio::spawn(async move {
-            let _keep = engine;
-            axum::serve(listener, app).await.unwrap();
-        });
-        let a = chat(addr, "What is the capital of France?", 24).await;
+        let (addr, _served) = serve_http(&options(&ckpt, KvCacheKind::Palu, Some(bits)))
+            .await
+            .unwrap();
+        let a = chat(addr, "What is the capital of France?", 24, false).await;
         eprintln!("{bits}-bit latents: {a:?}");
         assert!(a.contains("Paris"), "{bits}-bit latents answered {a:?}");
         let r = get_json(addr, "/v1/palu/kv_cache").await;
@@ -269,17 +208,7 @@ async fn full_rank_mistral_and_qwen2_logits_equal_the_stock_engine_within_1e_3()
         spec.extra = extra;
         palu::synth::write(&spec, &base, Some(&stories)).unwrap();
         let ckpt = tmp.path().join(format!("{arch}-palu"));
-        let opts = palu::compress::CompressOptions {
-            ratio: 1.0,
-            group_size: 2,
-            rank_search: palu::ranks::RankSearch::Uniform,
-            rank_multiple: 1,
-            calib: Some(fixtures().join("text/c4-train-00000-first800.jsonl")),
-            calib_samples: 4,
-            calib_seq_len: 128,
-            ..Default::default()
-        };
-        palu::compress::compress_to_dir(&base, &ckpt, &opts).unwrap();
+        full_rank_checkpoint(&base, 2, 128, &ckpt);
         let ids: Vec<u32> = (0..40).map(|i| (i * 37 % 500 + 3) as u32).collect();
         let stock = serve_uncached(&base, KvCacheKind::Default, None).await;
         let a = engine_logits(&stock.engine, ids.clone()).await.unwrap();

@@ -3,14 +3,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mistralrs_core::ModelDType;
-use palu::engine::server::{build_engine, router, EngineOptions, KvCacheKind};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("PALU_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"))
-}
+use palu::engine::server::{build_engine, EngineOptions, KvCacheKind};
+use palu_integration_tests::{
+    chat, complete, fixtures, full_rank_checkpoint, post, serve_http, smollm2,
+};
 
 /// Start a server on an ephemeral loopback port; returns its address.
 async fn serve(model_dir: &Path, kv: KvCacheKind) -> anyhow::Result<std::net::SocketAddr> {
@@ -40,60 +36,7 @@ async fn serve_with(
 }
 
 async fn serve_opts(opts: EngineOptions) -> anyhow::Result<std::net::SocketAddr> {
-    let engine = build_engine(&opts).await?;
-    let app = router(Arc::clone(&engine)).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        let _keep = engine;
-        axum::serve(listener, app).await.unwrap();
-    });
-    Ok(addr)
-}
-
-/// POST JSON over HTTP/1.1 and return (status, body).
-async fn post(addr: std::net::SocketAddr, path: &str, body: &serde_json::Value) -> (u16, String) {
-    let body = body.to_string();
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status: u16 = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    // Chunked transfer encoding: keep the payload lines only.
-    let body = if text
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body.split("\r\n")
-            .enumerate()
-            .filter(|(i, _)| i % 2 == 1)
-            .map(|(_, l)| l)
-            .collect::<String>()
-    } else {
-        body
-    };
-    (status, body)
-}
-
-async fn complete(addr: std::net::SocketAddr, prompt: &str, n: usize) -> String {
-    let (status, body) = post(
-        addr,
-        "/v1/completions",
-        &serde_json::json!({"model": "default", "prompt": prompt, "max_tokens": n, "temperature": 0.0}),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["choices"][0]["text"].as_str().unwrap().to_string()
+    Ok(serve_http(&opts).await?.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,16 +60,12 @@ async fn full_rank_palu_equals_the_stock_engine_token_for_token() {
     let base = fixtures().join("models/stories260K");
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = tmp.path().join("full");
-    let opts = palu::compress::CompressOptions {
-        ratio: 1.0,
-        rank_search: palu::ranks::RankSearch::Uniform,
-        rank_multiple: 1,
-        calib: Some(fixtures().join("text/c4-train-00000-first800.jsonl")),
-        calib_samples: 8,
-        calib_seq_len: 256,
-        ..Default::default()
-    };
-    palu::compress::compress_to_dir(&base, &ckpt, &opts).unwrap();
+    full_rank_checkpoint(
+        &base,
+        palu::compress::CompressOptions::default().group_size,
+        256,
+        &ckpt,
+    );
     let stock = serve(&base, KvCacheKind::Default).await.unwrap();
     let palu = serve(&ckpt, KvCacheKind::Palu).await.unwrap();
     for prompt in [
@@ -330,69 +269,12 @@ fn bad_server_tomls_name_the_field() {
     assert!(check("[model]\ndirr = \"m\"\n").contains("unknown field `dirr`"));
 }
 
-/// Concatenated text of an SSE stream (`"stream": true`) from /v1/chat/completions or /v1/completions.
-fn sse_text(body: &str) -> String {
-    body.lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| d.trim() != "[DONE]")
-        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-        .map(|v| {
-            let c = &v["choices"][0];
-            c["delta"]["content"]
-                .as_str()
-                .or(c["text"].as_str())
-                .unwrap_or("")
-                .to_string()
-        })
-        .collect()
-}
-
-async fn chat(addr: std::net::SocketAddr, q: &str, n: usize, stream: bool) -> String {
-    let (status, body) = post(
-        addr,
-        "/v1/chat/completions",
-        &serde_json::json!({"model": "default", "messages": [{"role": "user", "content": q}],
-                            "max_tokens": n, "temperature": 0.0, "stream": stream}),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    if stream {
-        sse_text(&body)
-    } else {
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        v["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smollm2_full_rank_palu_equals_the_stock_engine_on_chat_completion_and_streaming() {
-    // SmolLM2 converted from its GGUF fixture (shared with palu-plugin's tests when present).
-    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-fixtures/smollm2");
-    if !base.join("config.json").exists() {
-        let r = palu::gguf::convert(
-            &fixtures().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-            &base,
-        );
-        if let Err(e) = r {
-            assert!(base.join("config.json").exists(), "conversion failed: {e}");
-        }
-    }
+    let base = smollm2();
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = tmp.path().join("full");
-    let opts = palu::compress::CompressOptions {
-        ratio: 1.0,
-        group_size: 3,
-        rank_search: palu::ranks::RankSearch::Uniform,
-        rank_multiple: 1,
-        calib: Some(fixtures().join("text/c4-train-00000-first800.jsonl")),
-        calib_samples: 4,
-        calib_seq_len: 512,
-        ..Default::default()
-    };
-    palu::compress::compress_to_dir(&base, &ckpt, &opts).unwrap();
+    full_rank_checkpoint(&base, 3, 512, &ckpt);
     let stock = serve(&base, KvCacheKind::Default).await.unwrap();
     let palu = serve(&ckpt, KvCacheKind::Palu).await.unwrap();
     let q = "What is the capital of France?";
@@ -513,15 +395,7 @@ async fn prefix_cache_case(dir: PathBuf, kv: KvCacheKind, latent_bits: Option<u8
 async fn serve_served(
     opts: EngineOptions,
 ) -> (std::net::SocketAddr, Option<Arc<palu::engine::KvStats>>) {
-    let served = palu::engine::server::start(&opts).await.unwrap();
-    let app = palu::engine::server::router_for(&served).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let engine = Arc::clone(&served.engine);
-    tokio::spawn(async move {
-        let _keep = engine;
-        axum::serve(listener, app).await.unwrap();
-    });
+    let (addr, served) = serve_http(&opts).await.unwrap();
     (addr, served.kv_stats)
 }
 

@@ -62,6 +62,28 @@ __global__ void fill_random_u16(unsigned short* x, size_t n, unsigned long long 
     }
 }
 
+// Median µs of `reps` event-timed runs of `launch` after 3 warm-up runs.
+template <typename F>
+static float median_us(F launch, int reps) {
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    std::vector<float> t;
+    for (int i = 0; i < reps + 3; ++i) {
+        CK(cudaEventRecord(a));
+        launch();
+        CK(cudaEventRecord(b));
+        CK(cudaEventSynchronize(b));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, a, b));
+        if (i >= 3) t.push_back(ms * 1000.f);
+    }
+    CK(cudaEventDestroy(a));
+    CK(cudaEventDestroy(b));
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
+
 // One decode step of the stock kernel on a bf16 paged cache (block 32), as mistral.rs runs it;
 // returns the median µs, or -1 when the launch fails (the error is printed).
 static float stock_us(int H, int Hkv, int dh, int L, int B, unsigned long long seed) {
@@ -113,21 +135,7 @@ static float stock_us(int H, int Hkv, int dh, int L, int B, unsigned long long s
         fprintf(stderr, "stock paged attention (%s) at L=%d B=%d: %s\n", v1 ? "v1" : "v2", L, B, cudaGetErrorString(e));
         cudaGetLastError();
     } else {
-        cudaEvent_t a, b;
-        CK(cudaEventCreate(&a));
-        CK(cudaEventCreate(&b));
-        std::vector<float> t;
-        for (int i = 0; i < 23; ++i) {
-            CK(cudaEventRecord(a));
-            launch();
-            CK(cudaEventRecord(b));
-            CK(cudaEventSynchronize(b));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, a, b));
-            if (i >= 3) t.push_back(ms * 1000.f);
-        }
-        std::sort(t.begin(), t.end());
-        result = t[t.size() / 2];
+        result = median_us(launch, 20);
     }
     for (void* p : {q, out, kc, vc, tmp}) cudaFree(p);
     cudaFree(es);
@@ -268,22 +276,15 @@ static double check(const Problem& pr) {
 }
 
 static float time_us(const palu::DecodeParams& p, int reps) {
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    std::vector<float> t;
-    for (int i = 0; i < reps + 3; ++i) {
-        CK(cudaEventRecord(a));
-        int e = palu_decode(p, 0);
-        if (e) { fprintf(stderr, "palu_decode: %s\n", cudaGetErrorString((cudaError_t)e)); exit(1); }
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        if (i >= 3) t.push_back(ms * 1000.f);
-    }
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
+    return median_us(
+        [&] {
+            int e = palu_decode(p, 0);
+            if (e) {
+                fprintf(stderr, "palu_decode: %s\n", cudaGetErrorString((cudaError_t)e));
+                exit(1);
+            }
+        },
+        reps);
 }
 
 // Device-to-device copy bandwidth (bytes read + written per second), 4 GiB.

@@ -112,7 +112,10 @@ impl Rope {
     pub fn tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let end = start + t;
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if cached.as_ref().is_none_or(|(c, _)| c.dim(0).is_ok_and(|n| n < end)) {
+        if cached
+            .as_ref()
+            .is_none_or(|(c, _)| c.dim(0).is_ok_and(|n| n < end))
+        {
             let n = end.next_power_of_two().max(64);
             let half = self.inv_freq.len();
             let mut ang = Vec::with_capacity(n * half);
