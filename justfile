@@ -42,9 +42,14 @@ engine-tests: patch-engine
 kernels-check:
     bash scripts/kernels-check.sh
 
-# Build the H200 decode benchmark into .gpu/ (run it there; see scripts/gpu-bench.sh).
+# Build the H200 decode benchmark into .gpu/ (run it there: ./.gpu/palu_decode_bench).
 gpu-bench:
     bash scripts/gpu-bench.sh
+
+# Build the GPU tests (CUDA kernels vs their CPU twins) and the benchmark into .gpu/; on the H200
+# run `bash .gpu/run.sh` (tests, then the benchmark table). Needs the CUDA 13.0 toolkit, no GPU.
+gpu-test:
+    bash scripts/gpu-test.sh
 
 # Accuracy sweep behind docs/accuracy.md (long: hours on 2 cores).
 accuracy:

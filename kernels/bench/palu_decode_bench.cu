@@ -33,6 +33,7 @@ extern "C" void paged_attention_v2_bf16(void* out, float* exp_sums, float* max_l
                                         int32_t kv_block_stride, int32_t kv_head_stride, cudaStream_t stream,
                                         uint32_t cache_dtype, float* k_scale, float* v_scale, const float* sinks);
 extern "C" size_t palu_decode_workspace(int B, int G, int g, int n_rep, int n_splits, int rv_pad);
+extern "C" void palu_decode_plan(int B, int G, int Lmax, int target_blocks, int* n_splits, int* split_len);
 
 #define CK(x)                                                                              \
     do {                                                                                   \
@@ -150,14 +151,8 @@ struct Shape {
     int H, Hkv, dh, g, L, B;
 };
 
-// Splits over L: enough blocks to fill the chip `g_target` blocks deep, splits of ≥ 256 tokens.
-static int g_target = 264;
-static int pick_splits(int L, int G, int B) {
-    int blocks = G * B;
-    int want = std::max(1, (g_target + blocks - 1) / blocks);
-    int max_split = std::max(1, (L + 255) / 256);
-    return std::min(want, max_split);
-}
+// Blocks to fill the chip with (--target N; 0: the dispatch API's default, two per SM).
+static int g_target = 0;
 
 struct Problem {
     palu::DecodeParams p{};
@@ -175,17 +170,25 @@ static void* dalloc(Problem& pr, size_t bytes) {
     return d;
 }
 
-// Random problem on the device; lens per sequence; rank r per group (= ratio·g·dh).
-static void setup(Problem& pr, const Shape& s, const std::vector<int>& lens, int r, unsigned long long seed) {
+// Random problem on the device; lens per sequence; rank r per group (= ratio·g·dh). Latents in
+// the benchmark's [B, G, Lmax, round8(r)] layout, or with `model_layout` in the model cache's
+// [B, Lmax, G·r] (r a multiple of 8).
+static void setup(Problem& pr, const Shape& s, const std::vector<int>& lens, int r, unsigned long long seed,
+                  bool model_layout = false) {
     auto& p = pr.p;
     p.B = s.B; p.H = s.H; p.dh = s.dh; p.g = s.g; p.G = s.Hkv / s.g; p.n_rep = s.H / s.Hkv;
     p.Lmax = *std::max_element(lens.begin(), lens.end());
     p.rk = p.rv = r; p.ldk = p.ldv = (r + 7) / 8 * 8;  // padded row stride; pads hold garbage
     int rpad = r <= 64 ? 64 : 128;
-    p.n_splits = pick_splits(p.Lmax, p.G, p.B);
-    p.split_len = ((p.Lmax + p.n_splits - 1) / p.n_splits + palu::kTile - 1) / palu::kTile * palu::kTile;
-    p.n_splits = (p.Lmax + p.split_len - 1) / p.split_len;
-    size_t nq = (size_t)p.B * p.H * p.dh, nh = (size_t)p.B * p.G * p.Lmax * p.ldk, nb = (size_t)p.G * p.g * p.dh * r;
+    p.hk_sb = p.hv_sb = (long long)p.G * p.Lmax * p.ldk;
+    p.hk_sg = p.hv_sg = (long long)p.Lmax * p.ldk;
+    if (model_layout) {
+        p.ldk = p.ldv = p.G * r;
+        p.hk_sb = p.hv_sb = (long long)p.Lmax * p.G * r;
+        p.hk_sg = p.hv_sg = r;
+    }
+    palu_decode_plan(p.B, p.G, p.Lmax, g_target, &p.n_splits, &p.split_len);
+    size_t nq = (size_t)p.B * p.H * p.dh, nh = (size_t)p.B * p.hk_sb, nb = (size_t)p.G * p.g * p.dh * r;
     half* q = (half*)dalloc(pr, nq * 2);
     half* hk = (half*)dalloc(pr, nh * 2);
     half* hv = (half*)dalloc(pr, nh * 2);
@@ -225,8 +228,8 @@ static double check(const Problem& pr) {
     std::vector<int> lens(p.B);
     CK(cudaMemcpy(lens.data(), p.lens, p.B * 4, cudaMemcpyDeviceToHost));
     auto q = d2h_half(p.q, (size_t)p.B * p.H * p.dh);
-    auto hk = d2h_half(p.hk, (size_t)p.B * p.G * p.Lmax * p.ldk);
-    auto hv = d2h_half(p.hv, (size_t)p.B * p.G * p.Lmax * p.ldv);
+    auto hk = d2h_half(p.hk, (size_t)p.B * p.hk_sb);
+    auto hv = d2h_half(p.hv, (size_t)p.B * p.hv_sb);
     auto bk = d2h_half(p.bk, (size_t)p.G * p.g * p.dh * p.rk);
     auto bv = d2h_half(p.bv, (size_t)p.G * p.g * p.dh * p.rv);
     std::vector<float> inv(p.dh / 2), out((size_t)p.B * p.H * p.dh);
@@ -240,7 +243,7 @@ static double check(const Problem& pr) {
             std::vector<double> sc(L), k(p.dh), av(p.rv, 0.0);
             double mx = -1e300;
             for (int t = 0; t < L; ++t) {
-                const float* h = &hk[(((size_t)b * p.G + grp) * p.Lmax + t) * p.ldk];
+                const float* h = &hk[b * p.hk_sb + grp * p.hk_sg + (size_t)t * p.ldk];
                 for (int d = 0; d < p.dh; ++d) {
                     const float* row = &bk[((size_t)grp * p.g * p.dh + j * p.dh + d) * p.rk];
                     double a = 0;
@@ -260,7 +263,7 @@ static double check(const Problem& pr) {
             for (int t = 0; t < L; ++t) {
                 double e = exp(sc[t] - mx);
                 l += e;
-                const float* h = &hv[(((size_t)b * p.G + grp) * p.Lmax + t) * p.ldv];
+                const float* h = &hv[b * p.hv_sb + grp * p.hv_sg + (size_t)t * p.ldv];
                 for (int c = 0; c < p.rv; ++c) av[c] += e * h[c];
             }
             for (int d = 0; d < p.dh; ++d) {
@@ -344,6 +347,20 @@ int main(int argc, char** argv) {
             failures += !ok;
             printf("check v%d %-10s g=%d r=%d lens=%d,%d%s splits=%d: rel L2 error %.2e %s\n", variant == 0 ? 4 : 3, s.model, s.g, r,
                    lens[0], lens[1], s.B == 3 ? ",77" : "", pr.p.n_splits, err, ok ? "ok" : "FAIL");
+        }
+    // The model cache's layout: groups side by side in a row (r = 40: a multiple of 8, not of 16).
+    for (int variant : {0, 1})
+        for (int g : {1, 2}) {
+            Problem pr;
+            setup(pr, Shape{"llama3-8b", 32, 8, 128, g, 0, 2}, std::vector<int>{700, 333}, 40 * g, seed++, true);
+            pr.p.variant = variant;
+            CK((cudaError_t)palu_decode(pr.p, 0));
+            CK(cudaDeviceSynchronize());
+            double err = check(pr);
+            bool ok = err < 2e-3 && std::isfinite(err);
+            failures += !ok;
+            printf("check v%d llama3-8b  g=%d r=%d lens=700,333 model layout: rel L2 error %.2e %s\n", variant == 0 ? 4 : 3, g,
+                   40 * g, err, ok ? "ok" : "FAIL");
         }
     // A long context exercises the angle recurrence and its re-seeding.
     {

@@ -37,16 +37,39 @@ size_t palu_decode_workspace(int B, int G, int g, int n_rep, int n_splits, int r
     return (size_t)B * G * g * n_rep * n_splits * (2 + rv_pad);
 }
 
+// Splits over L for a batch: enough blocks to fill the device `target_blocks` deep (0: two per
+// SM of the current device), splits of ≥ 256 tokens, each a whole number of 64-token tiles.
+void palu_decode_plan(int B, int G, int Lmax, int target_blocks, int* n_splits, int* split_len) {
+    if (target_blocks <= 0) {
+        int dev = 0, sms = 0;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        target_blocks = 2 * (sms > 0 ? sms : 66);
+    }
+    int blocks = G * B;
+    int want = (target_blocks + blocks - 1) / blocks;
+    int most = (Lmax + 255) / 256;
+    int n = want < most ? want : most;
+    if (n < 1) n = 1;
+    int len = ((Lmax + n - 1) / n + palu::kTile - 1) / palu::kTile * palu::kTile;
+    *split_len = len;
+    *n_splits = (Lmax + len - 1) / len;
+}
+
 // Padded rank the instantiation for (g, r) uses, 0 if none.
 int palu_decode_rank_pad(int g, int r) {
     int need = r <= 64 ? 64 : r <= 128 ? 128 : 0;
     return (g == 1 && need == 64) || (g == 2 && need <= 128 && need > 0) ? (g == 2 ? 128 : 64) : 0;
 }
 
-// Returns cudaErrorNotSupported for shapes without an instantiation (head_dim 128; g ∈ {1, 2};
-// n_rep ∈ {1, 4}; r ≤ 64·g).
+// Returns cudaErrorInvalidValue for misaligned latents (every stride a multiple of 8 halves,
+// base pointers 16-byte aligned), cudaErrorNotSupported for shapes without an instantiation
+// (head_dim 128; g ∈ {1, 2}; n_rep ∈ {1, 4}; r ≤ 64·g).
 int palu_decode(palu::DecodeParams p, cudaStream_t stream) {
-    if (p.ldk % 8 || p.ldv % 8 || p.ldk < p.rk || p.ldv < p.rv) return cudaErrorInvalidValue;
+    if (p.ldk % 8 || p.ldv % 8 || p.hk_sb % 8 || p.hk_sg % 8 || p.hv_sb % 8 || p.hv_sg % 8 ||
+        (size_t)p.hk % 16 || (size_t)p.hv % 16 || p.rk < 1 || p.rv < 1 || p.n_splits < 1 ||
+        p.split_len % palu::kTile || (long long)p.n_splits * p.split_len < p.Lmax)
+        return cudaErrorInvalidValue;
     if (p.dh != 128 || p.rk > 64 * p.g || p.rv > 64 * p.g) return cudaErrorNotSupported;
     if (p.g == 1 && p.n_rep == 1) return launch<64, 128, 1, 1>(p, stream);
     if (p.g == 1 && p.n_rep == 4) return launch<64, 128, 1, 4>(p, stream);

@@ -10,9 +10,11 @@
 // Split over L (flash-decoding): `palu_decode_split` writes per-split (m, l, acc[r_v]) partials,
 // `palu_decode_combine` merges them and applies B_v. Layouts (row-major):
 //   q      [B, H, dh]            half, already rotated at its position
-//   hk     [B, G, Lmax, ldk]     half, latents of the key groups (r_k ≤ ldk columns used;
-//                                 ldk a multiple of 8, rows 16-byte aligned)
-//   hv     [B, G, Lmax, ldv]     half
+//   hk     half, key latents: group grp of sequence b at token t starts at
+//          hk + b·hk_sb + grp·hk_sg + t·ldk (elements; all three strides multiples of 8 so rows
+//          are 16-byte aligned) and holds r_k values, of which round8(r_k) may be read.
+//          [B, G, Lmax, ldk] (the benchmark) and the model's [B, Lmax, G·r_k] are both this.
+//   hv     the same for the value latents (hv_sb, hv_sg, ldv, r_v)
 //   bk     [G, g·dh, r_k]        half  (the authors' U.i of k_proj)
 //   bv     [G, g·dh, r_v]        half
 //   lens   [B]                   int, tokens cached per sequence (≤ Lmax)
@@ -38,13 +40,14 @@ struct DecodeParams {
     const float* inv_freq;
     float* partial;   // [B, G, g·n_rep, n_splits, 2 + RVP]
     float* out;       // [B, H, dh]
+    long long hk_sb, hk_sg, hv_sb, hv_sg;  // element strides of a sequence and of a group
     int B, H, dh, G, g, n_rep, Lmax, ldk, ldv, rk, rv, n_splits, split_len;
     int variant;      // 0: register pipeline (palu_decode_mma.cuh), 1: shared-memory pipeline
 };
 
-// Copy `nt` latent rows (row stride `ld` halves, a multiple of 8; `r` used columns) into a
-// [kTile][RP] shared tile with 16-byte loads, all issued before any store so that one memory
-// latency covers the tile; columns ≥ r and rows ≥ nt become zero.
+// Copy `nt` latent rows (row stride `ld` halves, a multiple of 8; `r` used columns, of which
+// round8(r) are read) into a [kTile][RP] shared tile with 16-byte loads, all issued before any
+// store so that one memory latency covers the tile; columns ≥ r and rows ≥ nt become zero.
 template <int RP>
 __device__ __forceinline__ void load_tile(half* dst, const half* src, int t0, int nt, int ld, int r, int tid) {
     constexpr int kChunks = kTile * RP / 8 / kThreads;
@@ -53,7 +56,7 @@ __device__ __forceinline__ void load_tile(half* dst, const half* src, int t0, in
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
         int ci = tid + u * kThreads, t = ci / (RP / 8), col = ci % (RP / 8) * 8;
-        v[u] = (t < nt && col < ld) ? *reinterpret_cast<const uint4*>(src + (size_t)(t0 + t) * ld + col) : make_uint4(0, 0, 0, 0);
+        v[u] = (t < nt && col < r) ? *reinterpret_cast<const uint4*>(src + (size_t)(t0 + t) * ld + col) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
@@ -151,8 +154,8 @@ __global__ void __launch_bounds__(kThreads) palu_decode_split(DecodeParams p) {
     }
     __syncthreads();
 
-    const half* hk = p.hk + ((size_t)b * p.G + grp) * p.Lmax * p.ldk;
-    const half* hv = p.hv + ((size_t)b * p.G + grp) * p.Lmax * p.ldv;
+    const half* hk = p.hk + b * p.hk_sb + grp * p.hk_sg;
+    const half* hv = p.hv + b * p.hv_sb + grp * p.hv_sg;
     for (int t0 = s0; t0 < s1; t0 += kTile) {
         const int nt = min(kTile, s1 - t0);
         load_tile<RKP>(sHk, hk, t0, nt, p.ldk, p.rk, tid);

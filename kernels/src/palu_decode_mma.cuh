@@ -68,21 +68,23 @@ struct Smem {
     static constexpr int total = b + q + rowoff + base + step + (bufs > merge ? bufs : merge);
 };
 
-// Issue the copies of one chunk of latent rows (zero-filling rows ≥ valid and columns ≥ ld).
+// Issue the copies of one chunk of latent rows: the 8-column pieces that start below r
+// (round8(r) columns), zero-filling rows ≥ valid and the pieces beyond.
 template <int RP>
-__device__ __forceinline__ void load_chunk(half* dst, int ld_dst, const half* src, int ld, int t0, int valid, int lane) {
+__device__ __forceinline__ void load_chunk(half* dst, int ld_dst, const half* src, int ld, int r, int t0, int valid, int lane) {
     constexpr int per_row = RP / 8;
 #pragma unroll
     for (int u = 0; u < kChunk * per_row / 32; ++u) {
         int ci = lane + 32 * u, t = ci / per_row, col = ci % per_row * 8;
-        bool ok = t < valid && col < ld;
+        bool ok = t < valid && col < r;
         const half* s = ok ? src + (size_t)(t0 + t) * ld + col : src;
         cp_async16(dst + t * ld_dst + col, s, ok);
     }
 }
 
-// Zero the columns r..ld of a landed chunk (a row's padding may hold anything).
-__device__ __forceinline__ void mask_cols(half* buf, int ld_dst, int r, int ld, int lane) {
+// Zero the columns r..round8(r) of a landed chunk (they belong to padding or the next group).
+__device__ __forceinline__ void mask_cols(half* buf, int ld_dst, int r, int lane) {
+    const int ld = (r + 7) / 8 * 8;
     if (r == ld) return;
     for (int i = lane; i < kChunk * (ld - r); i += 32) buf[(i / (ld - r)) * ld_dst + r + i % (ld - r)] = __float2half(0.f);
 }
@@ -149,12 +151,12 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel
         myK[u] = reinterpret_cast<half*>(sBuf + (warp * 2 + u) * S::chunk);
         myV[u] = myK[u] + kChunk * S::ldk;
     }
-    const half* hk = p.hk + ((size_t)b * p.G + grp) * p.Lmax * p.ldk;
-    const half* hv = p.hv + ((size_t)b * p.G + grp) * p.Lmax * p.ldv;
+    const half* hk = p.hk + b * p.hk_sb + grp * p.hk_sg;
+    const half* hv = p.hv + b * p.hv_sb + grp * p.hv_sg;
     int t0 = s0 + kChunk * warp;  // this warp's chunks: t0 = s0 + 16·(warp + 4·i)
     if (t0 < s1) {
-        load_chunk<RKP>(myK[0], S::ldk, hk, p.ldk, t0, s1 - t0, lane);
-        load_chunk<RVP>(myV[0], S::ldv, hv, p.ldv, t0, s1 - t0, lane);
+        load_chunk<RKP>(myK[0], S::ldk, hk, p.ldk, p.rk, t0, s1 - t0, lane);
+        load_chunk<RVP>(myV[0], S::ldv, hv, p.ldv, p.rv, t0, s1 - t0, lane);
     }
     cp_commit();
     __syncthreads();  // sB, sQ, sRow, sStep ready
@@ -169,8 +171,8 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel
         const int valid = min(kChunk, s1 - t0);
         const int t1 = t0 + kStride;
         if (t1 < s1) {
-            load_chunk<RKP>(myK[buf ^ 1], S::ldk, hk, p.ldk, t1, s1 - t1, lane);
-            load_chunk<RVP>(myV[buf ^ 1], S::ldv, hv, p.ldv, t1, s1 - t1, lane);
+            load_chunk<RKP>(myK[buf ^ 1], S::ldk, hk, p.ldk, p.rk, t1, s1 - t1, lane);
+            load_chunk<RVP>(myV[buf ^ 1], S::ldv, hv, p.ldv, p.rv, t1, s1 - t1, lane);
         }
         cp_commit();
         if (it % kReseed == 0) {
@@ -181,8 +183,8 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel
         }
         cp_wait<1>();
         __syncwarp();
-        mask_cols(myK[buf], S::ldk, p.rk, min(p.ldk, RKP), lane);
-        mask_cols(myV[buf], S::ldv, p.rv, min(p.ldv, RVP), lane);
+        mask_cols(myK[buf], S::ldk, p.rk, lane);
+        mask_cols(myV[buf], S::ldv, p.rv, lane);
         __syncwarp();
         unsigned a[KS][4];
 #pragma unroll

@@ -8,6 +8,7 @@
 //! - [`lowrank`]: the low-rank K/V projection (down factor A, per-group up factors B).
 //! - [`quant`]: asymmetric per-token, per-group quantization of latents (simulated and packed).
 //! - [`latent_codec`]: the packed byte rows a low-bit latent cache stores.
+//! - [`decode_op`]: one decode step over a latent cache as a candle op (CUDA kernel, CPU twin).
 //! - [`hadamard`]: orthonormal rotations folded into the factors.
 //! - [`decompose`]: calibration statistics, Cholesky whitening and per-group truncated SVD.
 //! - [`fisher`]: Fisher information of `k_proj` / `v_proj` from real gradients.
@@ -23,6 +24,7 @@ pub mod calib;
 pub mod checkpoint;
 pub mod compress;
 pub mod config;
+pub mod decode_op;
 pub mod decompose;
 #[cfg(feature = "engine")]
 pub mod engine;

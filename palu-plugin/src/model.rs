@@ -108,6 +108,11 @@ impl Rope {
         &self.dev
     }
 
+    /// Per-pair frequencies `[dh/2]` (theta and scaling applied): what the CUDA kernels read.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// cos and sin, `[t, dh/2]`, for positions `start .. start + t`.
     pub fn tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let end = start + t;

@@ -308,3 +308,226 @@ fn values_attended_in_latent_space_equal_rebuilt_values() {
         }
     }
 }
+
+/// Random f32 tensor in [-1, 1) from the test's generator.
+fn tensor(
+    r: &mut rand::rngs::StdRng,
+    shape: &[usize],
+    dev: &candle_core::Device,
+) -> candle_core::Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| r.random::<f32>() * 2.0 - 1.0).collect();
+    candle_core::Tensor::from_vec(v, shape, dev).unwrap()
+}
+
+fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// The decode op's CPU twin (the reference the CUDA kernel is tested against) computes what the
+/// model's attention computes: per sequence of a batch with different lengths, Llama-3 RoPE
+/// frequencies, group sizes 1, 2, 4, latents read through a narrowed view of a larger cache.
+#[test]
+fn decode_op_cpu_twin_equals_model_attention() {
+    use candle_core::{Device, IndexOp};
+    use palu::decode_op::LatentDecode;
+    use palu::lowrank::LowRankProj;
+    let mut r = rng();
+    let dev = Device::Cpu;
+    let cfg = palu::config::ModelConfig::from_json_str(
+        r#"{"model_type":"llama","hidden_size":128,"intermediate_size":64,"num_hidden_layers":1,
+            "num_attention_heads":8,"num_key_value_heads":4,"vocab_size":32,"rms_norm_eps":1e-5,
+            "max_position_embeddings":256,"rope_theta":500000.0,
+            "rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
+                            "high_freq_factor":4.0,"original_max_position_embeddings":64}}"#,
+        std::path::Path::new("config.json"),
+    )
+    .unwrap();
+    let rope = palu::model::Rope::new(&cfg, &dev);
+    let (h, n_kv, dh, d) = (8, 4, 16, 64);
+    let lens = vec![37usize, 1, 20];
+    let (b, cap) = (lens.len(), 45);
+    for g in [1usize, 2, 4] {
+        let groups = n_kv / g;
+        let (rk, rv) = (3 + 2 * g, 4 + g);
+        let proj = |r: &mut rand::rngs::StdRng, rank: usize| {
+            let ups = (0..groups)
+                .map(|_| tensor(r, &[g * dh, rank], &dev))
+                .collect();
+            LowRankProj::new(tensor(r, &[groups * rank, d], &dev), ups, None).unwrap()
+        };
+        let (kp, vp) = (proj(&mut r, rk), proj(&mut r, rv));
+        // A pre-allocated cache [b, cap, R + 5] narrowed to [b, Lmax, R]: rows strided.
+        let lmax = *lens.iter().max().unwrap();
+        let hk_all = tensor(&mut r, &[b, cap, groups * rk + 5], &dev);
+        let hv_all = tensor(&mut r, &[b, cap, groups * rv + 5], &dev);
+        let hk = hk_all
+            .narrow(1, 0, lmax)
+            .unwrap()
+            .narrow(2, 0, groups * rk)
+            .unwrap();
+        let hv = hv_all
+            .narrow(1, 0, lmax)
+            .unwrap()
+            .narrow(2, 0, groups * rv)
+            .unwrap();
+        let q = tensor(&mut r, &[b, h, dh], &dev);
+        let op = LatentDecode::from_projections(
+            &kp,
+            &vp,
+            h,
+            n_kv,
+            rope.inv_freq(),
+            candle_core::DType::F32,
+        )
+        .unwrap()
+        .expect("equal ranks, no key bias")
+        .with_lens(lens.clone());
+        let got = op.forward(&q, &hk, &hv).unwrap();
+        assert_eq!(got.dims(), &[b, h, dh]);
+        for (i, &len) in lens.iter().enumerate() {
+            let seq = |t: &candle_core::Tensor| {
+                t.i(i..i + 1)
+                    .unwrap()
+                    .narrow(1, 0, len)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let qi = q.i(i..i + 1).unwrap().unsqueeze(2).unwrap(); // [1, H, 1, dh] at position len-1
+            let want = palu::model::latent_attention(
+                &qi,
+                &seq(&hk),
+                &seq(&hv),
+                &kp,
+                &vp,
+                n_kv,
+                &rope,
+                len - 1,
+                None,
+                false,
+            )
+            .unwrap()
+            .reshape((h, dh))
+            .unwrap();
+            let diff = max_abs(&(got.i(i).unwrap() - &want).unwrap());
+            assert!(
+                diff <= 1e-5 * max_abs(&want).max(1.0),
+                "g={g} seq {i} (len {len}): max |Δ| {diff}"
+            );
+        }
+    }
+}
+
+/// Misuse is an error naming what is wrong, not a wrong answer.
+#[test]
+fn decode_op_rejects_bad_lengths_and_shapes() {
+    use candle_core::{DType, Device, Tensor};
+    use palu::decode_op::LatentDecode;
+    let dev = Device::Cpu;
+    let op = LatentDecode {
+        bk: Tensor::ones((2, 16, 4), DType::F32, &dev).unwrap(),
+        bv: Tensor::ones((2, 16, 4), DType::F32, &dev).unwrap(),
+        inv_freq: Tensor::ones(8, DType::F32, &dev).unwrap(),
+        lens: vec![5, 0],
+        n_heads: 4,
+        n_kv: 2,
+    };
+    let q = Tensor::ones((2, 4, 16), DType::F32, &dev).unwrap();
+    let h = Tensor::ones((2, 5, 8), DType::F32, &dev).unwrap();
+    let e = op.forward(&q, &h, &h).unwrap_err().to_string();
+    assert!(e.contains("lengths [5, 0]"), "{e}");
+    let e = op
+        .with_lens(vec![5, 6])
+        .forward(&q, &h, &h)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at most 5 tokens"), "{e}");
+    let wide = Tensor::ones((2, 5, 9), DType::F32, &dev).unwrap();
+    let e = op
+        .with_lens(vec![5, 3])
+        .forward(&q, &wide, &h)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("do not match"), "{e}");
+}
+
+/// The CUDA kernel against its CPU twin on fresh random f16 inputs, Llama-3-8B and Llama-2-7B
+/// attention shapes, g = 1 and 2, ragged batch, the model cache's layout. Runs on a GPU only
+/// (`just gpu-test`).
+#[cfg(feature = "cuda")]
+#[test]
+fn decode_kernel_matches_cpu_twin() {
+    use candle_core::{DType, Device, IndexOp};
+    use palu::decode_op::LatentDecode;
+    let mut r = rng();
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let cpu = Device::Cpu;
+    for (name, h, n_kv, g, rank) in [
+        ("llama3-8b", 32, 8, 1, 64),
+        ("llama3-8b", 32, 8, 2, 80),
+        ("llama3-8b", 32, 8, 1, 40),
+        ("llama2-7b", 32, 32, 1, 64),
+    ] {
+        let (dh, groups) = (128, n_kv / g);
+        let lens = vec![1000usize, 77, 2113];
+        let (b, lmax) = (lens.len(), 2113);
+        let inv: Vec<f32> = (0..dh / 2)
+            .map(|i| 500000f32.powf(-2.0 * i as f32 / dh as f32))
+            .collect();
+        let bk =
+            (tensor(&mut r, &[groups, g * dh, rank], &cpu) * (2.0 / (rank as f64).sqrt())).unwrap();
+        let bv =
+            (tensor(&mut r, &[groups, g * dh, rank], &cpu) * (1.0 / (rank as f64).sqrt())).unwrap();
+        let q = tensor(&mut r, &[b, h, dh], &cpu);
+        let hk = tensor(&mut r, &[b, lmax, groups * rank], &cpu);
+        let hv = tensor(&mut r, &[b, lmax, groups * rank], &cpu);
+        // Both sides see the same f16-rounded values.
+        let f16 = |t: &candle_core::Tensor| t.to_dtype(DType::F16).unwrap();
+        let op = |dev: &Device| LatentDecode {
+            bk: f16(&bk).to_device(dev).unwrap(),
+            bv: f16(&bv).to_device(dev).unwrap(),
+            inv_freq: candle_core::Tensor::new(inv.as_slice(), dev).unwrap(),
+            lens: lens.clone(),
+            n_heads: h,
+            n_kv,
+        };
+        let want = op(&cpu).forward(&f16(&q), &f16(&hk), &f16(&hv)).unwrap();
+        let on = |t: &candle_core::Tensor| f16(t).to_device(&gpu).unwrap();
+        let got = op(&gpu)
+            .forward(&on(&q), &on(&hk), &on(&hv))
+            .unwrap()
+            .to_device(&cpu)
+            .unwrap();
+        let err = ((&got - &want)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            / want
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap())
+        .sqrt();
+        // f16 keys and probabilities inside the kernel: a few f16 ulps (2^-10) of relative error.
+        assert!(
+            err < 3e-3 && err.is_finite(),
+            "{name} g={g} r={rank}: relative L2 error {err:.2e}"
+        );
+        println!("{name} g={g} r={rank} lens={lens:?}: relative L2 error {err:.2e}");
+        let _ = want.i(0).unwrap();
+    }
+}

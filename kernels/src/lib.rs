@@ -1,0 +1,88 @@
+//! The C ABI of palu-rs's CUDA kernels (`src/*.cu`, compiled by `build.rs` with the `cuda`
+//! feature). The templates live in `palu_decode.cuh` / `palu_decode_mma.cuh`; `palu_decode.cu`
+//! is the thin dispatch layer these declarations bind. Safe wrappers (candle `CustomOp`s with a
+//! CPU twin) are in the plugin, `palu::decode_op`.
+
+use std::ffi::c_void;
+
+/// Tokens per tile of the split kernels: splits over L are whole numbers of tiles.
+pub const TILE: usize = 64;
+
+/// Mirror of `palu::DecodeParams` (palu_decode.cuh): one decode step of Palu attention over a
+/// latent cache. Pointers are device pointers; strides are in elements.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeParams {
+    /// `[B, H, dh]` f16, RoPE already applied at the query's position.
+    pub q: *const c_void,
+    /// Key latents, f16: group `grp` of sequence `b` at token `t` starts at
+    /// `hk + b·hk_sb + grp·hk_sg + t·ldk` and holds `rk` values.
+    pub hk: *const c_void,
+    /// Value latents, f16, strides `hv_sb`, `hv_sg`, `ldv`.
+    pub hv: *const c_void,
+    /// `[G, g·dh, rk]` f16: the key up-projections of the groups.
+    pub bk: *const c_void,
+    /// `[G, g·dh, rv]` f16.
+    pub bv: *const c_void,
+    /// `[B]` i32: tokens cached per sequence (1 ..= Lmax); token t sits at RoPE position t.
+    pub lens: *const i32,
+    /// `[dh/2]` f32: the model's RoPE frequencies (theta and scaling already applied).
+    pub inv_freq: *const f32,
+    /// Workspace of [`palu_decode_workspace`] floats.
+    pub partial: *mut f32,
+    /// `[B, H, dh]` f32.
+    pub out: *mut f32,
+    pub hk_sb: i64,
+    pub hk_sg: i64,
+    pub hv_sb: i64,
+    pub hv_sg: i64,
+    pub b: i32,
+    pub h: i32,
+    pub dh: i32,
+    /// Low-rank groups per layer (`H_kv / g`).
+    pub groups: i32,
+    /// KV heads per group.
+    pub g: i32,
+    /// Query heads per KV head.
+    pub n_rep: i32,
+    pub lmax: i32,
+    pub ldk: i32,
+    pub ldv: i32,
+    pub rk: i32,
+    pub rv: i32,
+    pub n_splits: i32,
+    pub split_len: i32,
+    /// 0: register pipeline (mma.sync; the fast one), 1: shared-memory pipeline (wmma).
+    pub variant: i32,
+}
+
+#[cfg(feature = "cuda")]
+extern "C" {
+    /// Launches the split and combine kernels on `stream`; returns a `cudaError_t` (0: launched;
+    /// 1 invalid value: misaligned strides or bad split plan; 801 not supported: a shape
+    /// without an instantiation).
+    pub fn palu_decode(p: DecodeParams, stream: *mut c_void) -> i32;
+    /// Floats of `partial` a launch needs.
+    pub fn palu_decode_workspace(
+        b: i32,
+        groups: i32,
+        g: i32,
+        n_rep: i32,
+        n_splits: i32,
+        rv_pad: i32,
+    ) -> usize;
+    /// Padded rank of the instantiation for (g, r); 0 when there is none.
+    pub fn palu_decode_rank_pad(g: i32, r: i32) -> i32;
+    /// Splits over L filling the current device `target_blocks` deep (0: two blocks per SM).
+    pub fn palu_decode_plan(
+        b: i32,
+        groups: i32,
+        lmax: i32,
+        target_blocks: i32,
+        n_splits: *mut i32,
+        split_len: *mut i32,
+    );
+}
+
+/// `cudaErrorNotSupported`: the shape has no instantiation (the caller falls back to candle ops).
+pub const ERROR_NOT_SUPPORTED: i32 = 801;

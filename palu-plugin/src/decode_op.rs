@@ -1,0 +1,396 @@
+//! One decode step of Palu attention over a latent cache, as a candle `CustomOp3` on
+//! `(q, h_k, h_v)`: the CUDA path launches `palu_decode` (kernels/, `cuda` feature), the CPU path
+//! is its twin and the reference the GPU is tested against.
+//!
+//! For query head `qh` of sequence `b`, KV head `kv = qh / n_rep` in group `grp = kv / g`
+//! (`j = kv % g` within the group), with `L = lens[b]` cached tokens:
+//!   K_t   = RoPE_t(B_k[grp][j] · h_k[b, t, grp])        t < L, token t at position t
+//!   p     = softmax_t(q · K_t / √dh)
+//!   out   = B_v[grp][j] · Σ_t p_t h_v[b, t, grp]         values attended in latent space
+//! `q` is `[B, H, dh]` (RoPE applied at its position), `h_k` `[B, Lmax, G·r_k]`, `h_v`
+//! `[B, Lmax, G·r_v]` (the model cache's layout; any row stride, so a narrowed view of a
+//! pre-allocated cache works without a copy), `B_k` `[G, g·dh, r_k]`, `B_v` `[G, g·dh, r_v]`.
+//! The result is `[B, H, dh]` f32. Biases are the caller's (`from_projections` declines a key
+//! bias; a value bias passes through attention unchanged and is added by the caller).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use crate::lowrank::LowRankProj;
+
+#[derive(Debug, Clone)]
+pub struct LatentDecode {
+    /// `[G, g·dh, r_k]`.
+    pub bk: Tensor,
+    /// `[G, g·dh, r_v]`.
+    pub bv: Tensor,
+    /// `[dh/2]` f32, the model's RoPE frequencies.
+    pub inv_freq: Tensor,
+    /// Tokens cached per sequence (1 ..= Lmax).
+    pub lens: Vec<usize>,
+    pub n_heads: usize,
+    pub n_kv: usize,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Dims {
+    b: usize,
+    h: usize,
+    dh: usize,
+    groups: usize,
+    g: usize,
+    n_rep: usize,
+    lmax: usize,
+    rk: usize,
+    rv: usize,
+}
+
+impl LatentDecode {
+    /// The op for a layer's projections, or `None` where the kernel's function does not apply:
+    /// unequal group ranks or a key bias (both rebuilt by the general path instead).
+    pub fn from_projections(
+        kp: &LowRankProj,
+        vp: &LowRankProj,
+        n_heads: usize,
+        n_kv: usize,
+        inv_freq: &[f32],
+        dtype: DType,
+    ) -> Result<Option<Self>> {
+        let uniform = |p: &LowRankProj| p.ranks.windows(2).all(|w| w[0] == w[1]);
+        if kp.bias.is_some() || !uniform(kp) || !uniform(vp) || kp.ranks.len() != vp.ranks.len() {
+            return Ok(None);
+        }
+        let dev = kp.down.device();
+        Ok(Some(Self {
+            bk: Tensor::stack(&kp.ups, 0)?.to_dtype(dtype)?.contiguous()?,
+            bv: Tensor::stack(&vp.ups, 0)?.to_dtype(dtype)?.contiguous()?,
+            inv_freq: Tensor::new(inv_freq, dev)?,
+            lens: Vec::new(),
+            n_heads,
+            n_kv,
+        }))
+    }
+
+    /// The same op for a batch with `lens` cached tokens per sequence.
+    pub fn with_lens(&self, lens: Vec<usize>) -> Self {
+        Self {
+            lens,
+            ..self.clone()
+        }
+    }
+
+    /// Runs the op: `[B, H, dh]` f32.
+    pub fn forward(&self, q: &Tensor, hk: &Tensor, hv: &Tensor) -> Result<Tensor> {
+        q.apply_op3_no_bwd(hk, hv, self)
+    }
+
+    fn dims(&self, ql: &Layout, hkl: &Layout, hvl: &Layout) -> Result<Dims> {
+        let (b, h, dh) = ql.shape().dims3()?;
+        let (bk_groups, gdh, rk) = self.bk.dims3()?;
+        let (bv_groups, gdh_v, rv) = self.bv.dims3()?;
+        let (hb, lmax, rk_all) = hkl.shape().dims3()?;
+        let (vb, vlmax, rv_all) = hvl.shape().dims3()?;
+        let fail = |what: String| Err(candle_core::Error::Msg(format!("palu decode: {what}")));
+        if h != self.n_heads || self.n_kv == 0 || h % self.n_kv != 0 {
+            return fail(format!(
+                "q has {h} heads, the op {} over {} KV heads",
+                self.n_heads, self.n_kv
+            ));
+        }
+        if bk_groups != bv_groups || gdh != gdh_v || bk_groups == 0 || self.n_kv % bk_groups != 0 {
+            return fail(format!(
+                "B_k {:?} and B_v {:?} do not describe groups of {} KV heads",
+                self.bk.dims(),
+                self.bv.dims(),
+                self.n_kv
+            ));
+        }
+        let g = self.n_kv / bk_groups;
+        if gdh != g * dh || self.inv_freq.dims1()? * 2 != dh {
+            return fail(format!(
+                "B rows {gdh} and RoPE frequencies {} do not match head_dim {dh}",
+                self.inv_freq.dims1()?
+            ));
+        }
+        if hb != b
+            || vb != b
+            || vlmax != lmax
+            || rk_all != bk_groups * rk
+            || rv_all != bk_groups * rv
+        {
+            return fail(format!(
+                "latents {:?} / {:?} do not match q {:?} and ranks {rk}/{rv} over {bk_groups} groups",
+                hkl.dims(),
+                hvl.dims(),
+                ql.dims()
+            ));
+        }
+        if self.lens.len() != b || self.lens.iter().any(|&l| l == 0 || l > lmax) {
+            return fail(format!(
+                "lengths {:?} for {b} sequences of at most {lmax} tokens",
+                self.lens
+            ));
+        }
+        Ok(Dims {
+            b,
+            h,
+            dh,
+            groups: bk_groups,
+            g,
+            n_rep: h / self.n_kv,
+            lmax,
+            rk,
+            rv,
+        })
+    }
+}
+
+/// Row-major element offsets of a 3-d layout whose last dimension is contiguous.
+fn strides3(l: &Layout, what: &str) -> Result<[usize; 3]> {
+    let s = l.stride();
+    if s.len() != 3 || (s[2] != 1 && l.dims()[2] > 1) {
+        candle_core::bail!("palu decode: {what} needs contiguous rows, got strides {s:?}")
+    }
+    Ok([s[0], s[1], 1])
+}
+
+fn to_f32(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+    // The buffer from the layout's start: the layout's strides index into it.
+    let start = l.start_offset();
+    Ok(match s {
+        CpuStorage::F32(v) => v[start..].to_vec(),
+        CpuStorage::F16(v) => v[start..].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::BF16(v) => v[start..].iter().map(|x| x.to_f32()).collect(),
+        other => candle_core::bail!("palu decode: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+impl CustomOp3 for LatentDecode {
+    fn name(&self) -> &'static str {
+        "palu-latent-decode"
+    }
+
+    /// The reference: f32 accumulation, angles in f64, one query head at a time.
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        hks: &CpuStorage,
+        hkl: &Layout,
+        hvs: &CpuStorage,
+        hvl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(ql, hkl, hvl)?;
+        let [qsb, qsh, _] = strides3(ql, "q")?;
+        let [ksb, kst, _] = strides3(hkl, "h_k")?;
+        let [vsb, vst, _] = strides3(hvl, "h_v")?;
+        let (q, hk, hv) = (to_f32(qs, ql)?, to_f32(hks, hkl)?, to_f32(hvs, hvl)?);
+        let (bk, bv, inv) = (
+            tensor_f32(&self.bk)?,
+            tensor_f32(&self.bv)?,
+            tensor_f32(&self.inv_freq)?,
+        );
+        let (dh, half) = (d.dh, d.dh / 2);
+        let scale = 1.0 / (dh as f32).sqrt();
+        let mut out = vec![0f32; d.b * d.h * dh];
+        let mut k = vec![0f32; dh];
+        let mut scores = vec![0f32; d.lmax];
+        let mut acc = vec![0f32; d.rv];
+        for b in 0..d.b {
+            let len = self.lens[b];
+            for qh in 0..d.h {
+                let kv = qh / d.n_rep;
+                let (grp, j) = (kv / d.g, kv % d.g);
+                let qrow = &q[b * qsb + qh * qsh..][..dh];
+                let bk_j = &bk[(grp * d.g + j) * dh * d.rk..][..dh * d.rk];
+                let bv_j = &bv[(grp * d.g + j) * dh * d.rv..][..dh * d.rv];
+                let mut max = f32::NEG_INFINITY;
+                for t in 0..len {
+                    let h = &hk[b * ksb + t * kst + grp * d.rk..][..d.rk];
+                    for (kd, row) in k.iter_mut().zip(bk_j.chunks_exact(d.rk)) {
+                        *kd = row.iter().zip(h).map(|(a, b)| a * b).sum();
+                    }
+                    let mut s = 0f32;
+                    for i in 0..half {
+                        let (sn, cs) = (t as f64 * inv[i] as f64).sin_cos();
+                        let (sn, cs) = (sn as f32, cs as f32);
+                        let (k1, k2) = (k[i], k[i + half]);
+                        s += qrow[i] * (k1 * cs - k2 * sn) + qrow[i + half] * (k2 * cs + k1 * sn);
+                    }
+                    scores[t] = s * scale;
+                    max = max.max(scores[t]);
+                }
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                let mut sum = 0f32;
+                for (t, &s) in scores[..len].iter().enumerate() {
+                    let p = (s - max).exp();
+                    sum += p;
+                    let h = &hv[b * vsb + t * vst + grp * d.rv..][..d.rv];
+                    acc.iter_mut().zip(h).for_each(|(a, x)| *a += p * x);
+                }
+                let o = &mut out[(b * d.h + qh) * dh..][..dh];
+                for (od, row) in o.iter_mut().zip(bv_j.chunks_exact(d.rv)) {
+                    *od = row.iter().zip(&acc).map(|(a, b)| a * b).sum::<f32>() / sum;
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((d.b, d.h, dh))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &Layout,
+        hks: &candle_core::CudaStorage,
+        hkl: &Layout,
+        hvs: &candle_core::CudaStorage,
+        hvl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(self, qs, ql, hks, hkl, hvs, hvl)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use candle_core::{CudaStorage, Storage};
+    use half::f16;
+    use palu_kernels as k;
+
+    fn f16_storage(t: &Tensor, what: &str) -> Result<(CudaStorage, usize)> {
+        let (s, l) = t.storage_and_layout();
+        match &*s {
+            Storage::Cuda(c) if t.dtype() == DType::F16 && t.is_contiguous() => {
+                Ok((c.clone(), l.start_offset()))
+            }
+            _ => candle_core::bail!("palu decode: {what} must be a contiguous f16 CUDA tensor"),
+        }
+    }
+
+    pub(super) fn forward(
+        op: &LatentDecode,
+        qs: &CudaStorage,
+        ql: &Layout,
+        hks: &CudaStorage,
+        hkl: &Layout,
+        hvs: &CudaStorage,
+        hvl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let d = op.dims(ql, hkl, hvl)?;
+        if !ql.is_contiguous() {
+            candle_core::bail!("palu decode: q must be contiguous")
+        }
+        let [ksb, kst, _] = strides3(hkl, "h_k")?;
+        let [vsb, vst, _] = strides3(hvl, "h_v")?;
+        let dev = qs.device.clone();
+        let stream = dev.cuda_stream();
+        let (bk, bk_off) = f16_storage(&op.bk, "B_k")?;
+        let (bv, bv_off) = f16_storage(&op.bv, "B_v")?;
+        let inv = op.inv_freq.to_dtype(DType::F32)?.contiguous()?;
+        let (inv_s, inv_l) = inv.storage_and_layout();
+        let Storage::Cuda(inv_c) = &*inv_s else {
+            candle_core::bail!("palu decode: RoPE frequencies must be on the GPU")
+        };
+        let lens: Vec<i32> = op.lens.iter().map(|&l| l as i32).collect();
+        let lens = dev.clone_htod(&lens)?;
+
+        let (mut n_splits, mut split_len) = (0i32, 0i32);
+        unsafe {
+            k::palu_decode_plan(
+                d.b as i32,
+                d.groups as i32,
+                d.lmax as i32,
+                0,
+                &mut n_splits,
+                &mut split_len,
+            )
+        };
+        let rv_pad = unsafe { k::palu_decode_rank_pad(d.g as i32, d.rv.max(d.rk) as i32) };
+        if rv_pad == 0 {
+            candle_core::bail!(
+                "palu decode: no kernel for g={} r_k={} r_v={} (see kernels/README.md)",
+                d.g,
+                d.rk,
+                d.rv
+            )
+        }
+        let ws = unsafe {
+            k::palu_decode_workspace(
+                d.b as i32,
+                d.groups as i32,
+                d.g as i32,
+                d.n_rep as i32,
+                n_splits,
+                rv_pad,
+            )
+        };
+        let mut partial = unsafe { dev.alloc::<f32>(ws) }?;
+        let mut out = unsafe { dev.alloc::<f32>(d.b * d.h * d.dh) }?;
+
+        let q = qs.as_cuda_slice::<f16>()?;
+        let hk = hks.as_cuda_slice::<f16>()?;
+        let hv = hvs.as_cuda_slice::<f16>()?;
+        let (bk, bv) = (bk.as_cuda_slice::<f16>()?, bv.as_cuda_slice::<f16>()?);
+        let inv_f = inv_c.as_cuda_slice::<f32>()?;
+        let (q_p, _g1) = q.slice(ql.start_offset()..).device_ptr(&stream);
+        let (hk_p, _g2) = hk.slice(hkl.start_offset()..).device_ptr(&stream);
+        let (hv_p, _g3) = hv.slice(hvl.start_offset()..).device_ptr(&stream);
+        let (bk_p, _g4) = bk.slice(bk_off..).device_ptr(&stream);
+        let (bv_p, _g5) = bv.slice(bv_off..).device_ptr(&stream);
+        let (inv_p, _g6) = inv_f.slice(inv_l.start_offset()..).device_ptr(&stream);
+        let (lens_p, _g7) = lens.device_ptr(&stream);
+        let (part_p, _g8) = partial.device_ptr_mut(&stream);
+        let (out_p, _g9) = out.device_ptr_mut(&stream);
+        let p = k::DecodeParams {
+            q: q_p as _,
+            hk: hk_p as _,
+            hv: hv_p as _,
+            bk: bk_p as _,
+            bv: bv_p as _,
+            lens: lens_p as _,
+            inv_freq: inv_p as _,
+            partial: part_p as _,
+            out: out_p as _,
+            hk_sb: ksb as i64,
+            hk_sg: d.rk as i64,
+            hv_sb: vsb as i64,
+            hv_sg: d.rv as i64,
+            b: d.b as i32,
+            h: d.h as i32,
+            dh: d.dh as i32,
+            groups: d.groups as i32,
+            g: d.g as i32,
+            n_rep: d.n_rep as i32,
+            lmax: d.lmax as i32,
+            ldk: kst as i32,
+            ldv: vst as i32,
+            rk: d.rk as i32,
+            rv: d.rv as i32,
+            n_splits,
+            split_len,
+            variant: 0,
+        };
+        let err = unsafe { k::palu_decode(p, stream.cu_stream() as _) };
+        match err {
+            0 => {}
+            k::ERROR_NOT_SUPPORTED => candle_core::bail!(
+                "palu decode: no kernel for dh={} g={} n_rep={} r_k={} r_v={}",
+                d.dh, d.g, d.n_rep, d.rk, d.rv
+            ),
+            e => candle_core::bail!(
+                "palu decode: launch failed (cudaError {e}); latent rows must be 16-byte aligned (ranks and row strides multiples of 8)"
+            ),
+        }
+        drop((_g8, _g9));
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from((d.b, d.h, d.dh)),
+        ))
+    }
+}
