@@ -26,6 +26,9 @@ mod cuda {
                 "-gencode=arch=compute_80,code=compute_80",
             ])
             .args(["-Xcompiler", "-fPIC"])
+            // Cargo reruns this script when a source changes (rerun-if-changed); cudaforge's own
+            // object cache missed an edit made during a build, so it is off.
+            .no_incremental()
             .build_lib(out.join("libpalu_kernels.a"))
             .unwrap_or_else(|e| {
                 panic!("palu-kernels: nvcc failed ({e}); is CUDA 13.0 on PATH? see scripts/nvcc.sh")

@@ -71,6 +71,8 @@ extern "C" {
         n_splits: i32,
         rv_pad: i32,
     ) -> usize;
+    /// 1 when an instantiation covers (head_dim, g, n_rep, r_k, r_v).
+    pub fn palu_decode_supported(dh: i32, g: i32, n_rep: i32, rk: i32, rv: i32) -> i32;
     /// Padded rank of the instantiation for (g, r); 0 when there is none.
     pub fn palu_decode_rank_pad(g: i32, r: i32) -> i32;
     /// Splits over L filling the current device `target_blocks` deep (0: two blocks per SM).
@@ -86,3 +88,10 @@ extern "C" {
 
 /// `cudaErrorNotSupported`: the shape has no instantiation (the caller falls back to candle ops).
 pub const ERROR_NOT_SUPPORTED: i32 = 801;
+
+/// Whether the decode kernel has an instantiation for this attention shape.
+#[cfg(feature = "cuda")]
+pub fn decode_supported(head_dim: usize, g: usize, n_rep: usize, rk: usize, rv: usize) -> bool {
+    let i = |x: usize| i32::try_from(x).unwrap_or(i32::MAX);
+    unsafe { palu_decode_supported(i(head_dim), i(g), i(n_rep), i(rk), i(rv)) == 1 }
+}

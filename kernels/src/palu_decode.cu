@@ -62,6 +62,13 @@ int palu_decode_rank_pad(int g, int r) {
     return (g == 1 && need == 64) || (g == 2 && need <= 128 && need > 0) ? (g == 2 ? 128 : 64) : 0;
 }
 
+// Whether an instantiation covers the shape (head_dim 128; g ∈ {1, 2}; n_rep ∈ {1, 4};
+// 1 ≤ r ≤ 64·g).
+int palu_decode_supported(int dh, int g, int n_rep, int rk, int rv) {
+    return dh == 128 && (g == 1 || g == 2) && (n_rep == 1 || n_rep == 4) && rk >= 1 && rv >= 1 &&
+           rk <= 64 * g && rv <= 64 * g;
+}
+
 // Returns cudaErrorInvalidValue for misaligned latents (every stride a multiple of 8 halves,
 // base pointers 16-byte aligned), cudaErrorNotSupported for shapes without an instantiation
 // (head_dim 128; g ∈ {1, 2}; n_rep ∈ {1, 4}; r ≤ 64·g).
@@ -70,7 +77,7 @@ int palu_decode(palu::DecodeParams p, cudaStream_t stream) {
         (size_t)p.hk % 16 || (size_t)p.hv % 16 || p.rk < 1 || p.rv < 1 || p.n_splits < 1 ||
         p.split_len % palu::kTile || (long long)p.n_splits * p.split_len < p.Lmax)
         return cudaErrorInvalidValue;
-    if (p.dh != 128 || p.rk > 64 * p.g || p.rv > 64 * p.g) return cudaErrorNotSupported;
+    if (!palu_decode_supported(p.dh, p.g, p.n_rep, p.rk, p.rv)) return cudaErrorNotSupported;
     if (p.g == 1 && p.n_rep == 1) return launch<64, 128, 1, 1>(p, stream);
     if (p.g == 1 && p.n_rep == 4) return launch<64, 128, 1, 4>(p, stream);
     if (p.g == 2 && p.n_rep == 1) return launch<128, 128, 2, 1>(p, stream);

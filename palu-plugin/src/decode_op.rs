@@ -258,16 +258,16 @@ impl CustomOp3 for LatentDecode {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
     use candle_core::{CudaStorage, Storage};
     use half::f16;
     use palu_kernels as k;
 
-    fn f16_storage(t: &Tensor, what: &str) -> Result<(CudaStorage, usize)> {
-        let (s, l) = t.storage_and_layout();
-        match &*s {
+    /// The f16 CUDA slice of a contiguous weight tensor, from its start offset.
+    fn weight<'a>(s: &'a Storage, t: &Tensor, what: &str) -> Result<&'a CudaSlice<f16>> {
+        match s {
             Storage::Cuda(c) if t.dtype() == DType::F16 && t.is_contiguous() => {
-                Ok((c.clone(), l.start_offset()))
+                c.as_cuda_slice::<f16>()
             }
             _ => candle_core::bail!("palu decode: {what} must be a contiguous f16 CUDA tensor"),
         }
@@ -290,8 +290,10 @@ mod cuda {
         let [vsb, vst, _] = strides3(hvl, "h_v")?;
         let dev = qs.device.clone();
         let stream = dev.cuda_stream();
-        let (bk, bk_off) = f16_storage(&op.bk, "B_k")?;
-        let (bv, bv_off) = f16_storage(&op.bv, "B_v")?;
+        let (bk_s, bk_l) = op.bk.storage_and_layout();
+        let (bv_s, bv_l) = op.bv.storage_and_layout();
+        let bk = weight(&bk_s, &op.bk, "B_k")?.slice(bk_l.start_offset()..);
+        let bv = weight(&bv_s, &op.bv, "B_v")?.slice(bv_l.start_offset()..);
         let inv = op.inv_freq.to_dtype(DType::F32)?.contiguous()?;
         let (inv_s, inv_l) = inv.storage_and_layout();
         let Storage::Cuda(inv_c) = &*inv_s else {
@@ -333,17 +335,16 @@ mod cuda {
         let mut partial = unsafe { dev.alloc::<f32>(ws) }?;
         let mut out = unsafe { dev.alloc::<f32>(d.b * d.h * d.dh) }?;
 
-        let q = qs.as_cuda_slice::<f16>()?;
-        let hk = hks.as_cuda_slice::<f16>()?;
-        let hv = hvs.as_cuda_slice::<f16>()?;
-        let (bk, bv) = (bk.as_cuda_slice::<f16>()?, bv.as_cuda_slice::<f16>()?);
-        let inv_f = inv_c.as_cuda_slice::<f32>()?;
-        let (q_p, _g1) = q.slice(ql.start_offset()..).device_ptr(&stream);
-        let (hk_p, _g2) = hk.slice(hkl.start_offset()..).device_ptr(&stream);
-        let (hv_p, _g3) = hv.slice(hvl.start_offset()..).device_ptr(&stream);
-        let (bk_p, _g4) = bk.slice(bk_off..).device_ptr(&stream);
-        let (bv_p, _g5) = bv.slice(bv_off..).device_ptr(&stream);
-        let (inv_p, _g6) = inv_f.slice(inv_l.start_offset()..).device_ptr(&stream);
+        let q = qs.as_cuda_slice::<f16>()?.slice(ql.start_offset()..);
+        let hk = hks.as_cuda_slice::<f16>()?.slice(hkl.start_offset()..);
+        let hv = hvs.as_cuda_slice::<f16>()?.slice(hvl.start_offset()..);
+        let inv_f = inv_c.as_cuda_slice::<f32>()?.slice(inv_l.start_offset()..);
+        let (q_p, _g1) = q.device_ptr(&stream);
+        let (hk_p, _g2) = hk.device_ptr(&stream);
+        let (hv_p, _g3) = hv.device_ptr(&stream);
+        let (bk_p, _g4) = bk.device_ptr(&stream);
+        let (bv_p, _g5) = bv.device_ptr(&stream);
+        let (inv_p, _g6) = inv_f.device_ptr(&stream);
         let (lens_p, _g7) = lens.device_ptr(&stream);
         let (part_p, _g8) = partial.device_ptr_mut(&stream);
         let (out_p, _g9) = out.device_ptr_mut(&stream);

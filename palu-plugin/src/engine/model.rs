@@ -1,7 +1,7 @@
 //! The engine-facing Palu model (Llama family).
 use std::sync::Arc;
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Embedding, Module};
 use mistralrs_core::layers::{Activation, Mlp, RmsNorm};
 use mistralrs_core::model_plugin::{
@@ -122,6 +122,9 @@ struct Attention {
     rope: Arc<Rope>,
     /// Codecs of the packed K and V latent rows, when `latent_bits < 16`.
     packed: Option<(LatentCodec, LatentCodec)>,
+    /// The fused CUDA decode kernel for one-token steps, where it covers the layer (f16 latents
+    /// on a CUDA device, a shape with an instantiation); `None`: candle ops.
+    decode: Option<crate::decode_op::LatentDecode>,
 }
 
 fn qmatmul(x: &Tensor, layer: &dyn QuantMethod) -> Result<Tensor> {
@@ -168,6 +171,23 @@ impl Attention {
                 "palu: the latent cache holds {} positions but the sequence is at {start} + {t}; refusing to attend with misplaced RoPE",
                 hk.dim(2)?
             )
+        }
+        if let (Some(op), 1) = (&self.decode, t) {
+            // [b, H, dh] f32 from the kernel; every sequence of the batch is at `start`.
+            let y = op.with_lens(vec![start + 1; b]).forward(
+                &q.squeeze(2)?.contiguous()?,
+                &hk.squeeze(1)?,
+                &hv.squeeze(1)?,
+            )?;
+            let (h, dh) = (self.n_heads, self.head_dim);
+            let mut y = y.to_dtype(x.dtype())?;
+            if let Some(bias) = &self.v.bias {
+                // Probabilities sum to one: the bias of V passes through attention unchanged.
+                y = y
+                    .reshape((b, self.n_kv, h / self.n_kv, dh))?
+                    .broadcast_add(&bias.reshape((1, self.n_kv, 1, dh))?)?;
+            }
+            return qmatmul(&y.reshape((b, 1, h * dh))?, &*self.o);
         }
         let y = latent_attention(
             &q,
@@ -307,6 +327,17 @@ impl PaluTextModel {
             } else {
                 None
             };
+            let decode = decode_kernel(&k, &v, cfg, &rope, vb_f.dtype(), &device, latent_bits)?;
+            if l == 0 {
+                tracing::info!(
+                    "palu: decode attention by {}",
+                    if decode.is_some() {
+                        "the fused CUDA kernel"
+                    } else {
+                        "candle ops"
+                    }
+                );
+            }
             let attn = Attention {
                 q: ReplicatedLayer::new(d, h * dh, &None, cfg.qkv_bias, vb_a.pp("q_proj"))?,
                 o: ReplicatedLayer::new(h * dh, d, &None, false, vb_a.pp("o_proj"))?,
@@ -318,6 +349,7 @@ impl PaluTextModel {
                 window: cfg.sliding_window,
                 rope,
                 packed,
+                decode,
             };
             let comm = mapper.get_comm_for(l)?;
             let mlp = Mlp::new(
@@ -496,3 +528,48 @@ impl IsqModel for PaluTextModel {
 }
 
 impl AnyMoeBaseModelMixin for PaluTextModel {}
+
+/// The fused decode kernel for a layer where it applies: a CUDA build on a CUDA device, f16
+/// activations (the kernel reads f16 latents), unpacked latents, no sliding window, and an
+/// instantiation for the shape (see kernels/README.md).
+fn decode_kernel(
+    k: &LowRankProj,
+    v: &LowRankProj,
+    cfg: &ModelConfig,
+    rope: &Rope,
+    dtype: DType,
+    device: &Device,
+    latent_bits: u8,
+) -> Result<Option<crate::decode_op::LatentDecode>> {
+    #[cfg(feature = "cuda")]
+    {
+        let groups = k.ranks.len();
+        let eligible = device.is_cuda()
+            && dtype == DType::F16
+            && latent_bits >= 16
+            && cfg.sliding_window.is_none()
+            && groups > 0
+            // Latent rows are read in 16-byte pieces: group offsets a multiple of 8 halves.
+            && k.ranks[0] % 8 == 0
+            && v.ranks[0] % 8 == 0
+            && palu_kernels::decode_supported(
+                cfg.head_dim,
+                cfg.num_kv_heads / groups,
+                cfg.num_heads / cfg.num_kv_heads,
+                k.ranks[0],
+                v.ranks[0],
+            );
+        if eligible {
+            return crate::decode_op::LatentDecode::from_projections(
+                k,
+                v,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                rope.inv_freq(),
+                dtype,
+            );
+        }
+    }
+    let _ = (k, v, cfg, rope, dtype, device, latent_bits);
+    Ok(None)
+}
