@@ -15,8 +15,12 @@ pub fn fixtures() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"))
 }
 
+/// Where converted fixtures are cached: `PALU_SCRATCH`, else `target/test-fixtures` (a test
+/// binary run away from its checkout, as on the GPU machine, sets the variable).
 fn scratch() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-fixtures");
+    let p = std::env::var_os("PALU_SCRATCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-fixtures"));
     std::fs::create_dir_all(&p).unwrap();
     p
 }
@@ -61,6 +65,30 @@ pub fn smollm2_palu50() -> PathBuf {
         }
     }
     out
+}
+
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// The evaluation windows of the WikiText-2 protocol (fixtures README), as `palu eval ppl` cuts them.
+pub fn wikitext_windows(model_dir: &Path, seq_len: usize, n: usize) -> Vec<Vec<u32>> {
+    let tok = palu::tokenizer::load(model_dir).unwrap();
+    let text = std::fs::read_to_string(fixtures().join("text/wikitext-2-raw-test.txt")).unwrap();
+    let ids = palu::eval::eval_tokens(&tok, &text, palu::eval::Protocol::Wikitext, None).unwrap();
+    ids.chunks_exact(seq_len)
+        .take(n)
+        .map(<[u32]>::to_vec)
+        .collect()
 }
 
 /// Logits `[T', V]` (f32) of the positions of `tokens` the engine fed, from its own forward pass

@@ -7,8 +7,8 @@ use candle_core::Device;
 use mistralrs_core::ModelDType;
 use palu::engine::server::{start, EngineOptions, KvCacheKind, Served};
 use palu_integration_tests::{
-    chat, engine_logits, fixtures, full_rank_checkpoint, get_json, nll, serve_http, smollm2,
-    smollm2_palu50,
+    chat, engine_logits, fixtures, full_rank_checkpoint, get_json, max_abs_diff, nll, serve_http,
+    smollm2, smollm2_palu50, wikitext_windows,
 };
 
 fn options(model_dir: &Path, kv: KvCacheKind, latent_bits: Option<u8>) -> EngineOptions {
@@ -35,30 +35,6 @@ async fn serve_uncached(model_dir: &Path, kv: KvCacheKind, latent_bits: Option<u
     })
     .await
     .unwrap()
-}
-
-fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-/// The evaluation windows of the WikiText-2 protocol (fixtures README), as `palu eval ppl` cuts them.
-fn wikitext_windows(model_dir: &Path, seq_len: usize, n: usize) -> Vec<Vec<u32>> {
-    let tok = palu::tokenizer::load(model_dir).unwrap();
-    let text = std::fs::read_to_string(fixtures().join("text/wikitext-2-raw-test.txt")).unwrap();
-    let ids = palu::eval::eval_tokens(&tok, &text, palu::eval::Protocol::Wikitext, None).unwrap();
-    ids.chunks_exact(seq_len)
-        .take(n)
-        .map(<[u32]>::to_vec)
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,7 @@ extern "C" void paged_attention_v2_bf16(void* out, float* exp_sums, float* max_l
                                         int32_t kv_block_stride, int32_t kv_head_stride, cudaStream_t stream,
                                         uint32_t cache_dtype, float* k_scale, float* v_scale, const float* sinks);
 extern "C" size_t palu_decode_workspace(int B, int G, int g, int n_rep, int n_splits, int rv_pad);
+extern "C" int palu_decode_rank_pad(int dh, int g, int n_rep, int rk, int rv);
 extern "C" void palu_decode_plan(int B, int G, int Lmax, int target_blocks, int* n_splits, int* split_len);
 
 #define CK(x)                                                                              \
@@ -179,7 +180,7 @@ static void setup(Problem& pr, const Shape& s, const std::vector<int>& lens, int
     p.B = s.B; p.H = s.H; p.dh = s.dh; p.g = s.g; p.G = s.Hkv / s.g; p.n_rep = s.H / s.Hkv;
     p.Lmax = *std::max_element(lens.begin(), lens.end());
     p.rk = p.rv = r; p.ldk = p.ldv = (r + 7) / 8 * 8;  // padded row stride; pads hold garbage
-    int rpad = r <= 64 ? 64 : 128;
+    int rpad = palu_decode_rank_pad(p.dh, p.g, p.n_rep, r, r);
     p.hk_sb = p.hv_sb = (long long)p.G * p.Lmax * p.ldk;
     p.hk_sg = p.hv_sg = (long long)p.Lmax * p.ldk;
     if (model_layout) {
@@ -361,6 +362,21 @@ int main(int argc, char** argv) {
             failures += !ok;
             printf("check v%d llama3-8b  g=%d r=%d lens=700,333 model layout: rel L2 error %.2e %s\n", variant == 0 ? 4 : 3, g,
                    40 * g, err, ok ? "ok" : "FAIL");
+        }
+    // SmolLM2-135M's attention (head_dim 64, 9 query heads over 3 KV heads): M-LRD and the
+    // J-LRD ranks of its Palu-50% allocation (8 ... 184), in the model cache's layout.
+    for (int variant : {0, 1})
+        for (auto [g, r] : {std::pair{1, 32}, std::pair{3, 56}, std::pair{3, 96}, std::pair{3, 184}}) {
+            Problem pr;
+            setup(pr, Shape{"smollm2", 9, 3, 64, g, 0, 2}, std::vector<int>{900, 211}, r, seed++, true);
+            pr.p.variant = variant;
+            CK((cudaError_t)palu_decode(pr.p, 0));
+            CK(cudaDeviceSynchronize());
+            double err = check(pr);
+            bool ok = err < 2e-3 && std::isfinite(err);
+            failures += !ok;
+            printf("check v%d smollm2    g=%d r=%d lens=900,211 model layout: rel L2 error %.2e %s\n", variant == 0 ? 4 : 3, g, r,
+                   err, ok ? "ok" : "FAIL");
         }
     // A long context exercises the angle recurrence and its re-seeding.
     {

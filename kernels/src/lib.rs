@@ -73,8 +73,8 @@ extern "C" {
     ) -> usize;
     /// 1 when an instantiation covers (head_dim, g, n_rep, r_k, r_v).
     pub fn palu_decode_supported(dh: i32, g: i32, n_rep: i32, rk: i32, rv: i32) -> i32;
-    /// Padded rank of the instantiation for (g, r); 0 when there is none.
-    pub fn palu_decode_rank_pad(g: i32, r: i32) -> i32;
+    /// Padded rank of the instantiation that covers the shape (sizes the workspace); 0: none.
+    pub fn palu_decode_rank_pad(dh: i32, g: i32, n_rep: i32, rk: i32, rv: i32) -> i32;
     /// Splits over L filling the current device `target_blocks` deep (0: two blocks per SM).
     pub fn palu_decode_plan(
         b: i32,

@@ -56,32 +56,43 @@ void palu_decode_plan(int B, int G, int Lmax, int target_blocks, int* n_splits, 
     *n_splits = (Lmax + len - 1) / len;
 }
 
-// Padded rank the instantiation for (g, r) uses, 0 if none.
-int palu_decode_rank_pad(int g, int r) {
-    int need = r <= 64 ? 64 : r <= 128 ? 128 : 0;
-    return (g == 1 && need == 64) || (g == 2 && need <= 128 && need > 0) ? (g == 2 ? 128 : 64) : 0;
+// The instantiations: (head_dim, g, n_rep, padded rank). Llama-3-8B (GQA 4) and Llama-2-7B
+// (MHA) at g = 1, 2; SmolLM2-135M (head_dim 64, GQA 3) at g = 1 and 3 (its J-LRD checkpoints).
+// Each adds two split kernels and a combine kernel to the build.
+#define PALU_DECODE_INSTANCES(X)                                                         \
+    X(128, 1, 1, 64) X(128, 1, 4, 64) X(128, 2, 1, 128) X(128, 2, 4, 128)                 \
+    X(64, 1, 3, 64) X(64, 3, 3, 64) X(64, 3, 3, 128) X(64, 3, 3, 192)
+
+// Padded rank of the instantiation that covers the shape (the smallest that holds both ranks),
+// 0 if none does.
+int palu_decode_rank_pad(int dh, int g, int n_rep, int rk, int rv) {
+    int r = rk > rv ? rk : rv;
+    if (rk < 1 || rv < 1) return 0;
+#define PALU_PICK(DH, G, NREP, RP) \
+    if (dh == DH && g == G && n_rep == NREP && r <= RP) return RP;
+    PALU_DECODE_INSTANCES(PALU_PICK)
+#undef PALU_PICK
+    return 0;
 }
 
-// Whether an instantiation covers the shape (head_dim 128; g ∈ {1, 2}; n_rep ∈ {1, 4};
-// 1 ≤ r ≤ 64·g).
+// Whether an instantiation covers (head_dim, g, n_rep, r_k, r_v).
 int palu_decode_supported(int dh, int g, int n_rep, int rk, int rv) {
-    return dh == 128 && (g == 1 || g == 2) && (n_rep == 1 || n_rep == 4) && rk >= 1 && rv >= 1 &&
-           rk <= 64 * g && rv <= 64 * g;
+    return palu_decode_rank_pad(dh, g, n_rep, rk, rv) != 0;
 }
 
 // Returns cudaErrorInvalidValue for misaligned latents (every stride a multiple of 8 halves,
-// base pointers 16-byte aligned), cudaErrorNotSupported for shapes without an instantiation
-// (head_dim 128; g ∈ {1, 2}; n_rep ∈ {1, 4}; r ≤ 64·g).
+// base pointers 16-byte aligned) or a bad split plan, cudaErrorNotSupported for shapes without
+// an instantiation (see PALU_DECODE_INSTANCES).
 int palu_decode(palu::DecodeParams p, cudaStream_t stream) {
     if (p.ldk % 8 || p.ldv % 8 || p.hk_sb % 8 || p.hk_sg % 8 || p.hv_sb % 8 || p.hv_sg % 8 ||
         (size_t)p.hk % 16 || (size_t)p.hv % 16 || p.rk < 1 || p.rv < 1 || p.n_splits < 1 ||
         p.split_len % palu::kTile || (long long)p.n_splits * p.split_len < p.Lmax)
         return cudaErrorInvalidValue;
-    if (!palu_decode_supported(p.dh, p.g, p.n_rep, p.rk, p.rv)) return cudaErrorNotSupported;
-    if (p.g == 1 && p.n_rep == 1) return launch<64, 128, 1, 1>(p, stream);
-    if (p.g == 1 && p.n_rep == 4) return launch<64, 128, 1, 4>(p, stream);
-    if (p.g == 2 && p.n_rep == 1) return launch<128, 128, 2, 1>(p, stream);
-    if (p.g == 2 && p.n_rep == 4) return launch<128, 128, 2, 4>(p, stream);
+    const int rp = palu_decode_rank_pad(p.dh, p.g, p.n_rep, p.rk, p.rv);
+#define PALU_LAUNCH(DH, G, NREP, RP) \
+    if (p.dh == DH && p.g == G && p.n_rep == NREP && rp == RP) return launch<RP, DH, G, NREP>(p, stream);
+    PALU_DECODE_INSTANCES(PALU_LAUNCH)
+#undef PALU_LAUNCH
     return cudaErrorNotSupported;
 }
 

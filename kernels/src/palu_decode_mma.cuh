@@ -98,7 +98,7 @@ __device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(
 template <int RKP, int RVP, int DH, int GHEADS, int NREP>
 __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel(DecodeParams p) {
     constexpr int NH = GHEADS * NREP;
-    static_assert(NH <= 16 && DH == 128 && RKP % 16 == 0 && RVP % 16 == 0, "shape");
+    static_assert(NH <= 16 && DH % 32 == 0 && DH <= 128 && RKP % 16 == 0 && RVP % 16 == 0, "shape");
     constexpr int NT = DH / 8;        // rebuild n-tiles (8 dims each)
     constexpr int NV = RVP / 8;       // value n-tiles
     constexpr int KS = RKP / 16;      // rebuild k-steps

@@ -18,6 +18,14 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::lowrank::LowRankProj;
 
+/// Launches of the CUDA kernel in this process (tests check that a path really ran on it).
+static CUDA_LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many times this process launched the CUDA decode kernel (0 without the `cuda` feature).
+pub fn cuda_launches() -> usize {
+    CUDA_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[derive(Debug, Clone)]
 pub struct LatentDecode {
     /// `[G, g·dh, r_k]`.
@@ -313,7 +321,15 @@ mod cuda {
                 &mut split_len,
             )
         };
-        let rv_pad = unsafe { k::palu_decode_rank_pad(d.g as i32, d.rv.max(d.rk) as i32) };
+        let rv_pad = unsafe {
+            k::palu_decode_rank_pad(
+                d.dh as i32,
+                d.g as i32,
+                d.n_rep as i32,
+                d.rk as i32,
+                d.rv as i32,
+            )
+        };
         if rv_pad == 0 {
             candle_core::bail!(
                 "palu decode: no kernel for g={} r_k={} r_v={} (see kernels/README.md)",
@@ -379,7 +395,9 @@ mod cuda {
         };
         let err = unsafe { k::palu_decode(p, stream.cu_stream() as _) };
         match err {
-            0 => {}
+            0 => {
+                CUDA_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             k::ERROR_NOT_SUPPORTED => candle_core::bail!(
                 "palu decode: no kernel for dh={} g={} n_rep={} r_k={} r_v={}",
                 d.dh, d.g, d.n_rep, d.rk, d.rv

@@ -1,0 +1,211 @@
+//! The engine on a GPU against the engine on the CPU, on real data: SmolLM2-135M-Instruct at
+//! Palu-50 % (the shipped allocation, J-LRD) and WikiText-2. `just gpu-test` builds this with
+//! `--features cuda` and runs it on the H200; without the feature the file is empty.
+//!
+//! The yardstick for "agrees" is the stock engine itself: the same model without Palu, on the
+//! same GPU in the same dtype, against its own CPU f32 run. Palu on the GPU may not drift further
+//! from the CPU than that (16-bit activations over 30 layers move some logit rows by a few %).
+#![cfg(feature = "cuda")]
+use std::path::Path;
+
+use candle_core::{Device, IndexOp, Tensor};
+use mistralrs_core::ModelDType;
+use palu::engine::server::{start, EngineOptions, KvCacheKind, Served};
+use palu_integration_tests::{engine_logits, nll, smollm2, smollm2_palu50, wikitext_windows};
+
+async fn serve(model_dir: &Path, kv: KvCacheKind, gpu: bool, prefix_cache: bool) -> Served {
+    start(&EngineOptions {
+        model_dir: model_dir.to_path_buf(),
+        palu_config: None,
+        palu_calib: None,
+        kv_cache: kv,
+        latent_bits: (kv == KvCacheKind::Palu).then_some(16),
+        max_seqs: 4,
+        no_prefix_cache: !prefix_cache,
+        isq: None,
+        cpu: !gpu,
+        // The kernel reads f16 latents; the CPU reference runs in f32.
+        dtype: if gpu {
+            ModelDType::F16
+        } else {
+            ModelDType::F32
+        },
+    })
+    .await
+    .unwrap()
+}
+
+/// Relative L2 distance of two logit rows and whether their top tokens agree.
+fn compare(got: &Tensor, want: &Tensor) -> (f32, bool) {
+    let d = (got - want)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let n = want
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let top = |t: &Tensor| {
+        t.argmax(candle_core::D::Minus1)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap()
+    };
+    ((d / n).sqrt(), top(got) == top(want))
+}
+
+#[derive(Debug)]
+struct Gap {
+    ppl_gpu: f64,
+    ppl_cpu: f64,
+    mean_rel: f64,
+    worst_rel: f32,
+    agree: usize,
+    rows: usize,
+}
+
+impl std::fmt::Display for Gap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "perplexity GPU f16 {:.4} vs CPU f32 {:.4} (|Δ| {:.3} %); logit rows: mean relative L2 {:.2e}, worst {:.2e}; same top token {}/{}",
+            self.ppl_gpu,
+            self.ppl_cpu,
+            100.0 * (self.ppl_gpu / self.ppl_cpu - 1.0).abs(),
+            self.mean_rel,
+            self.worst_rel,
+            self.agree,
+            self.rows
+        )
+    }
+}
+
+/// Logits of every position of `windows`, GPU f16 against CPU f32, without the prefix cache.
+async fn prefill_gap(model_dir: &Path, kv: KvCacheKind, windows: &[Vec<u32>]) -> Gap {
+    let gpu = serve(model_dir, kv, true, false).await;
+    let cpu = serve(model_dir, kv, false, false).await;
+    let (mut nll_gpu, mut nll_cpu, mut count) = (0f64, 0f64, 0usize);
+    let (mut sum_rel, mut worst, mut agree, mut rows) = (0f64, 0f32, 0usize, 0usize);
+    for w in windows {
+        let lg = engine_logits(&gpu.engine, w.clone())
+            .await
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap();
+        let lc = engine_logits(&cpu.engine, w.clone()).await.unwrap();
+        assert_eq!((lg.dim(0).unwrap(), lc.dim(0).unwrap()), (w.len(), w.len()));
+        for t in 0..w.len() {
+            let (e, same) = compare(&lg.i(t).unwrap(), &lc.i(t).unwrap());
+            sum_rel += e as f64;
+            worst = worst.max(e);
+            agree += same as usize;
+            rows += 1;
+        }
+        nll_gpu += nll(&lg, w).unwrap().iter().sum::<f64>();
+        nll_cpu += nll(&lc, w).unwrap().iter().sum::<f64>();
+        count += w.len() - 1;
+    }
+    Gap {
+        ppl_gpu: (nll_gpu / count as f64).exp(),
+        ppl_cpu: (nll_cpu / count as f64).exp(),
+        mean_rel: sum_rel / rows as f64,
+        worst_rel: worst,
+        agree,
+        rows,
+    }
+}
+
+/// Prefill over the first 8 WikiText-2 windows of 1024 tokens: Palu's GPU/CPU gap against the
+/// stock engine's. Perplexity within 1 %, mean and worst logit gaps within 1.25× and 1.5× the
+/// stock engine's, the same top token at ≥ 99 % of the positions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn smollm2_palu50_gpu_prefill_agrees_with_the_cpu_as_the_stock_engine_does() {
+    let ckpt = smollm2_palu50();
+    let windows = wikitext_windows(&ckpt, 1024, 8);
+    let stock = prefill_gap(&smollm2(), KvCacheKind::Default, &windows).await;
+    eprintln!("stock SmolLM2: {stock}");
+    let palu = prefill_gap(&ckpt, KvCacheKind::Palu, &windows).await;
+    eprintln!("Palu-50 %:     {palu}");
+    assert!((palu.ppl_gpu / palu.ppl_cpu - 1.0).abs() <= 0.01, "{palu}");
+    assert!(
+        palu.mean_rel <= 1.25 * stock.mean_rel,
+        "Palu {palu}\nstock {stock}"
+    );
+    assert!(
+        palu.worst_rel <= 1.5 * stock.worst_rel,
+        "Palu {palu}\nstock {stock}"
+    );
+    assert!(palu.agree * 100 >= palu.rows * 99, "{palu}");
+}
+
+/// Decode through the kernel: a 200-token prompt, then 16 requests that each extend the
+/// previous one by a token, so the prefix cache feeds exactly one position and every layer runs
+/// the fused kernel (counted). Each step's logits against the CPU's at the same position, no
+/// further off than the GPU's own prefill of the window is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn smollm2_palu50_gpu_decode_steps_run_on_the_kernel_and_agree_with_the_cpu() {
+    let ckpt = smollm2_palu50();
+    let w = wikitext_windows(&ckpt, 1024, 1).remove(0);
+    let cpu = serve(&ckpt, KvCacheKind::Palu, false, false).await;
+    let lc = engine_logits(&cpu.engine, w.clone()).await.unwrap();
+    let uncached = serve(&ckpt, KvCacheKind::Palu, true, false).await;
+    let lp = engine_logits(&uncached.engine, w.clone())
+        .await
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    drop(uncached);
+    let prefill_worst = (0..w.len())
+        .map(|t| compare(&lp.i(t).unwrap(), &lc.i(t).unwrap()).0)
+        .fold(0f32, f32::max);
+
+    let gpu = serve(&ckpt, KvCacheKind::Palu, true, true).await;
+    let before = palu::decode_op::cuda_launches();
+    engine_logits(&gpu.engine, w[..200].to_vec()).await.unwrap();
+    let steps = 16;
+    let (mut worst, mut worst_vs_prefill, mut agree) = (0f32, 0f32, 0usize);
+    for n in 201..201 + steps {
+        let lg = engine_logits(&gpu.engine, w[..n].to_vec())
+            .await
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap();
+        assert_eq!(
+            lg.dim(0).unwrap(),
+            1,
+            "the prefix cache should feed one token at {n}"
+        );
+        let (e, same) = compare(&lg.i(0).unwrap(), &lc.i(n - 1).unwrap());
+        worst = worst.max(e);
+        worst_vs_prefill =
+            worst_vs_prefill.max(compare(&lg.i(0).unwrap(), &lp.i(n - 1).unwrap()).0);
+        agree += same as usize;
+    }
+    let launches = palu::decode_op::cuda_launches() - before;
+    let layers = palu::config::ModelConfig::from_file(&ckpt.join("config.json"))
+        .unwrap()
+        .num_layers;
+    eprintln!(
+        "decode, {steps} one-token steps: {launches} kernel launches ({layers} layers); relative L2 to the CPU: worst \
+         {worst:.2e} (GPU prefill of the window: worst {prefill_worst:.2e}); to the GPU prefill: worst \
+         {worst_vs_prefill:.2e}; same top token as the CPU {agree}/{steps}"
+    );
+    // Every layer of every one-token step ran on the kernel (extra one-token steps of the
+    // engine's own would count too).
+    assert!(
+        launches >= steps * layers && launches % layers == 0,
+        "{launches} launches"
+    );
+    assert!(
+        worst <= prefill_worst,
+        "decode {worst} vs prefill {prefill_worst}"
+    );
+    assert!(agree + 1 >= steps, "top token agrees at {agree}/{steps}");
+}
