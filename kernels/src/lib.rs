@@ -13,7 +13,7 @@ pub const TILE: usize = 64;
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeParams {
-    /// `[B, H, dh]` f16, RoPE already applied at the query's position.
+    /// `[B, H, dh]` f16 or bf16 (all 16-bit inputs share one type), RoPE already applied at the query's position.
     pub q: *const c_void,
     /// Key latents, f16: group `grp` of sequence `b` at token `t` starts at
     /// `hk + b·hk_sb + grp·hk_sg + t·ldk` and holds `rk` values.
@@ -52,8 +52,10 @@ pub struct DecodeParams {
     pub rv: i32,
     pub n_splits: i32,
     pub split_len: i32,
-    /// 0: register pipeline (mma.sync; the fast one), 1: shared-memory pipeline (wmma).
+    /// 0: register pipeline (mma.sync; the fast one), 1: shared-memory pipeline (wmma, f16 only).
     pub variant: i32,
+    /// 1: `q`, the latents and the factors are bf16; 0: f16.
+    pub bf16: i32,
 }
 
 #[cfg(feature = "cuda")]

@@ -3,28 +3,31 @@
 #include "palu_decode.cuh"
 #include "palu_decode_mma.cuh"
 #include <cuda_runtime.h>
+#include <type_traits>
 
 namespace {
 
-template <int RKP, int DH, int G, int NREP>
+template <typename T, int RKP, int DH, int G, int NREP>
 cudaError_t launch(palu::DecodeParams p, cudaStream_t stream) {
     cudaError_t e;
     if (p.variant == 0) {
         using S = palu::mma4::Smem<RKP, RKP, DH, G>;
-        auto split = palu::mma4::split_kernel<RKP, RKP, DH, G, NREP>;
+        auto split = palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP>;
         e = cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, S::total);
         if (e != cudaSuccess) return e;
         split<<<dim3(p.n_splits, p.G, p.B), palu::mma4::kWarps * 32, S::total, stream>>>(p);
-    } else {
+    } else if constexpr (std::is_same_v<T, half>) {
         using S = palu::SplitSmem<RKP, RKP, DH, G>;
         auto split = palu::palu_decode_split<RKP, RKP, DH, G, NREP>;
         e = cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, S::total);
         if (e != cudaSuccess) return e;
         split<<<dim3(p.n_splits, p.G, p.B), palu::kThreads, S::total, stream>>>(p);
+    } else {
+        return cudaErrorNotSupported;  // the shared-memory pipeline is f16 only
     }
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;
-    palu::palu_decode_combine<RKP, DH, G, NREP><<<dim3(p.H, p.B), DH, 0, stream>>>(p);
+    palu::palu_decode_combine<T, RKP, DH, G, NREP><<<dim3(p.H, p.B), DH, 0, stream>>>(p);
     return cudaGetLastError();
 }
 
@@ -80,6 +83,7 @@ int palu_decode_supported(int dh, int g, int n_rep, int rk, int rv) {
     return palu_decode_rank_pad(dh, g, n_rep, rk, rv) != 0;
 }
 
+// Elements are f16, or bf16 with p.bf16 (register pipeline only).
 // Returns cudaErrorInvalidValue for misaligned latents (every stride a multiple of 8 halves,
 // base pointers 16-byte aligned) or a bad split plan, cudaErrorNotSupported for shapes without
 // an instantiation (see PALU_DECODE_INSTANCES).
@@ -89,8 +93,9 @@ int palu_decode(palu::DecodeParams p, cudaStream_t stream) {
         p.split_len % palu::kTile || (long long)p.n_splits * p.split_len < p.Lmax)
         return cudaErrorInvalidValue;
     const int rp = palu_decode_rank_pad(p.dh, p.g, p.n_rep, p.rk, p.rv);
-#define PALU_LAUNCH(DH, G, NREP, RP) \
-    if (p.dh == DH && p.g == G && p.n_rep == NREP && rp == RP) return launch<RP, DH, G, NREP>(p, stream);
+#define PALU_LAUNCH(DH, G, NREP, RP)                                                       \
+    if (p.dh == DH && p.g == G && p.n_rep == NREP && rp == RP)                              \
+        return p.bf16 ? launch<__nv_bfloat16, RP, DH, G, NREP>(p, stream) : launch<half, RP, DH, G, NREP>(p, stream);
     PALU_DECODE_INSTANCES(PALU_LAUNCH)
 #undef PALU_LAUNCH
     return cudaErrorNotSupported;

@@ -21,6 +21,7 @@
 //   inv_freq [dh/2]              float, RoPE frequencies from the model config (theta, scaling)
 // RoPE is rotate-half (HF Llama): pair (i, i + dh/2) rotated by pos·inv_freq[i].
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
 #include <math.h>
@@ -43,6 +44,40 @@ struct DecodeParams {
     long long hk_sb, hk_sg, hv_sb, hv_sg;  // element strides of a sequence and of a group
     int B, H, dh, G, g, n_rep, Lmax, ldk, ldv, rk, rv, n_splits, split_len;
     int variant;      // 0: register pipeline (palu_decode_mma.cuh), 1: shared-memory pipeline
+    int bf16;         // 1: q, latents and factors hold bf16 (the pointers are reinterpreted;
+                      //    register pipeline only), 0: f16
+};
+
+// The 16-bit element types: conversions, and the tensor-core instruction for each.
+template <typename T>
+struct Elem;
+template <>
+struct Elem<half> {
+    static __device__ __forceinline__ float to_float(half x) { return __half2float(x); }
+    static __device__ __forceinline__ half from_float(float x) { return __float2half(x); }
+    static __device__ __forceinline__ unsigned pack2(float lo, float hi) {
+        half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<unsigned*>(&h);
+    }
+    static __device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+    static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+    static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
+    static __device__ __forceinline__ unsigned pack2(float lo, float hi) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<unsigned*>(&h);
+    }
+    static __device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
 };
 
 // Copy `nt` latent rows (row stride `ld` halves, a multiple of 8; `r` used columns, of which
@@ -278,8 +313,9 @@ __global__ void __launch_bounds__(kThreads) palu_decode_split(DecodeParams p) {
     }
 }
 
-// Merge the splits of one query head and apply B_v: one block per (head, sequence), DH threads.
-template <int RVP, int DH, int GHEADS, int NREP>
+// Merge the splits of one query head and apply B_v (elements T): one block per (head,
+// sequence), DH threads.
+template <typename T, int RVP, int DH, int GHEADS, int NREP>
 __global__ void palu_decode_combine(DecodeParams p) {
     constexpr int NH = GHEADS * NREP;
     __shared__ float a[RVP];
@@ -308,10 +344,10 @@ __global__ void palu_decode_combine(DecodeParams p) {
         a[c] = Lsum > 0.f ? v / Lsum : 0.f;
     }
     __syncthreads();
-    const half* bv = p.bv + ((size_t)grp * GHEADS * DH + j * DH) * p.rv;
+    const T* bv = reinterpret_cast<const T*>(p.bv) + ((size_t)grp * GHEADS * DH + j * DH) * p.rv;
     for (int d = tid; d < DH; d += blockDim.x) {
         float o = 0.f;
-        for (int c = 0; c < p.rv; ++c) o += __half2float(bv[(size_t)d * p.rv + c]) * a[c];
+        for (int c = 0; c < p.rv; ++c) o += Elem<T>::to_float(bv[(size_t)d * p.rv + c]) * a[c];
         p.out[((size_t)b * p.H + qh) * DH + d] = o;
     }
 }

@@ -35,15 +35,6 @@ __device__ __forceinline__ void ldsm_x4_t(unsigned& r0, unsigned& r1, unsigned& 
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(smem_u32(p)));
 }
-__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
-    half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&h);
-}
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
@@ -95,8 +86,11 @@ __device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(
 // {2d + dh/16, 2d+1 + dh/16}, so only 16 accumulators are live, RoPE applies within the quarter,
 // and each quarter feeds two k-steps of Sᵀ = Q·Kᵀ. Angles: a per-warp base cos/sin(t0·θ)
 // (advanced per chunk, re-seeded in double) times a per-row table cos/sin(row·θ).
-template <int RKP, int RVP, int DH, int GHEADS, int NREP>
+// Elements T (half or __nv_bfloat16): latents, factors and q; the shared-memory tiles hold T's
+// bits (zero fill is the same bits in both).
+template <typename T, int RKP, int RVP, int DH, int GHEADS, int NREP>
 __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel(DecodeParams p) {
+    using E = Elem<T>;
     constexpr int NH = GHEADS * NREP;
     static_assert(NH <= 16 && DH % 32 == 0 && DH <= 128 && RKP % 16 == 0 && RVP % 16 == 0, "shape");
     constexpr int NT = DH / 8;        // rebuild n-tiles (8 dims each)
@@ -119,7 +113,7 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel
     const int L = p.lens[b];
     const int s0 = split * p.split_len, s1 = min(L, s0 + p.split_len);
 
-    const half* bk = p.bk + (size_t)grp * GHEADS * DH * p.rk;
+    const half* bk = p.bk + (size_t)grp * GHEADS * DH * p.rk;  // copied as bits
     for (int i = tid; i < GHEADS * DH * RKP; i += kWarps * 32) {
         int row = i / RKP, c = i % RKP;
         sB[row * S::ldb + c] = c < p.rk ? bk[(size_t)row * p.rk + c] : __float2half(0.f);
@@ -130,9 +124,9 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel
         float v = 0.f;
         if (h < NH && h / NREP == j) {
             int qh = (grp * GHEADS + j) * NREP + h % NREP;
-            v = __half2float(p.q[((size_t)b * p.H + qh) * DH + d]) * qscale;
+            v = E::to_float(reinterpret_cast<const T*>(p.q)[((size_t)b * p.H + qh) * DH + d]) * qscale;
         }
-        sQ[(j * 16 + h) * S::ldq + d] = __float2half(v);
+        reinterpret_cast<T*>(sQ)[(j * 16 + h) * S::ldq + d] = E::from_float(v);
     }
     constexpr int kStride = kChunk * kWarps;  // positions between a warp's consecutive chunks
     for (int i = tid; i < kChunk * HALF; i += kWarps * 32) {
@@ -204,10 +198,10 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel
                     const int col = ks * 16 + ((lane / 8) % 2) * 8;
                     ldsm_x4(b0, b1, b2, b3, sB + (size_t)row * S::ldb + col);
                     ldsm_x4(c0, c1, c2, c3, sB + (size_t)(row + HALF) * S::ldb + col);
-                    mma16816(k[0], a[ks][0], a[ks][1], a[ks][2], a[ks][3], b0, b1);
-                    mma16816(k[1], a[ks][0], a[ks][1], a[ks][2], a[ks][3], b2, b3);
-                    mma16816(k[2], a[ks][0], a[ks][1], a[ks][2], a[ks][3], c0, c1);
-                    mma16816(k[3], a[ks][0], a[ks][1], a[ks][2], a[ks][3], c2, c3);
+                    E::mma16816(k[0], a[ks][0], a[ks][1], a[ks][2], a[ks][3], b0, b1);
+                    E::mma16816(k[1], a[ks][0], a[ks][1], a[ks][2], a[ks][3], b2, b3);
+                    E::mma16816(k[2], a[ks][0], a[ks][1], a[ks][2], a[ks][3], c0, c1);
+                    E::mma16816(k[3], a[ks][0], a[ks][1], a[ks][2], a[ks][3], c2, c3);
                 }
                 // RoPE: k[t] (dims d) pairs with k[2 + t] (dims d + dh/2).
 #pragma unroll
@@ -227,10 +221,10 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel
                 unsigned q0, q1, q2, q3, w0, w1, w2, w3;
                 ldsm_x4(q0, q1, q2, q3, sQ + (j * 16 + lane % 16) * S::ldq + dq * 16 + (lane / 16) * 8);
                 ldsm_x4(w0, w1, w2, w3, sQ + (j * 16 + lane % 16) * S::ldq + HALF + dq * 16 + (lane / 16) * 8);
-                mma16816(st[0], q0, q1, q2, q3, pack_half2(k[0][0], k[0][1]), pack_half2(k[1][0], k[1][1]));
-                mma16816(st[1], q0, q1, q2, q3, pack_half2(k[0][2], k[0][3]), pack_half2(k[1][2], k[1][3]));
-                mma16816(st[0], w0, w1, w2, w3, pack_half2(k[2][0], k[2][1]), pack_half2(k[3][0], k[3][1]));
-                mma16816(st[1], w0, w1, w2, w3, pack_half2(k[2][2], k[2][3]), pack_half2(k[3][2], k[3][3]));
+                E::mma16816(st[0], q0, q1, q2, q3, E::pack2(k[0][0], k[0][1]), E::pack2(k[1][0], k[1][1]));
+                E::mma16816(st[1], q0, q1, q2, q3, E::pack2(k[0][2], k[0][3]), E::pack2(k[1][2], k[1][3]));
+                E::mma16816(st[0], w0, w1, w2, w3, E::pack2(k[2][0], k[2][1]), E::pack2(k[3][0], k[3][1]));
+                E::mma16816(st[1], w0, w1, w2, w3, E::pack2(k[2][2], k[2][3]), E::pack2(k[3][2], k[3][3]));
             }
         }
         // Online softmax over this chunk: rows g (r = 0) and g + 8 (r = 1).
@@ -269,14 +263,14 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel
             }
         }
         // A += P·H_v: P from the softmax registers as the A operand (heads × 16 tokens).
-        const unsigned pa0 = pack_half2(pr[0][0], pr[0][1]), pa1 = pack_half2(pr[0][2], pr[0][3]);
-        const unsigned pa2 = pack_half2(pr[1][0], pr[1][1]), pa3 = pack_half2(pr[1][2], pr[1][3]);
+        const unsigned pa0 = E::pack2(pr[0][0], pr[0][1]), pa1 = E::pack2(pr[0][2], pr[0][3]);
+        const unsigned pa2 = E::pack2(pr[1][0], pr[1][1]), pa3 = E::pack2(pr[1][2], pr[1][3]);
 #pragma unroll
         for (int np = 0; np < NV / 2; ++np) {
             unsigned b0, b1, b2, b3;
             ldsm_x4_t(b0, b1, b2, b3, myV[buf] + (lane % 16) * S::ldv + np * 16 + (lane / 16) * 8);
-            mma16816(acc_v[2 * np], pa0, pa1, pa2, pa3, b0, b1);
-            mma16816(acc_v[2 * np + 1], pa0, pa1, pa2, pa3, b2, b3);
+            E::mma16816(acc_v[2 * np], pa0, pa1, pa2, pa3, b0, b1);
+            E::mma16816(acc_v[2 * np + 1], pa0, pa1, pa2, pa3, b2, b3);
         }
         // Advance this warp's base angle to its next chunk.
         __syncwarp();

@@ -267,20 +267,24 @@ impl CustomOp3 for LatentDecode {
 mod cuda {
     use super::*;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+    use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaStorage, Storage};
-    use half::f16;
+    use half::{bf16, f16};
     use palu_kernels as k;
 
-    /// The f16 CUDA slice of a contiguous weight tensor, from its start offset.
-    fn weight<'a>(s: &'a Storage, t: &Tensor, what: &str) -> Result<&'a CudaSlice<f16>> {
+    /// The CUDA slice of a contiguous weight tensor of element `T`.
+    fn weight<'a, T: CudaDType>(
+        s: &'a Storage,
+        t: &Tensor,
+        what: &str,
+    ) -> Result<&'a CudaSlice<T>> {
         match s {
-            Storage::Cuda(c) if t.dtype() == DType::F16 && t.is_contiguous() => {
-                c.as_cuda_slice::<f16>()
-            }
-            _ => candle_core::bail!("palu decode: {what} must be a contiguous f16 CUDA tensor"),
+            Storage::Cuda(c) if t.is_contiguous() => c.as_cuda_slice::<T>(),
+            _ => candle_core::bail!("palu decode: {what} must be a contiguous CUDA tensor"),
         }
     }
 
+    /// f16 or bf16: every 16-bit input (q, latents, factors) must share the type.
     pub(super) fn forward(
         op: &LatentDecode,
         qs: &CudaStorage,
@@ -289,6 +293,31 @@ mod cuda {
         hkl: &Layout,
         hvs: &CudaStorage,
         hvl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dt = qs.dtype();
+        let all = [hks.dtype(), hvs.dtype(), op.bk.dtype(), op.bv.dtype()];
+        if all.iter().any(|&x| x != dt) {
+            candle_core::bail!("palu decode: q is {dt:?} but latents / factors are {all:?}")
+        }
+        match dt {
+            DType::F16 => forward_typed::<f16>(op, qs, ql, hks, hkl, hvs, hvl, 0),
+            DType::BF16 => forward_typed::<bf16>(op, qs, ql, hks, hkl, hvs, hvl, 1),
+            other => {
+                candle_core::bail!("palu decode: the CUDA kernel reads f16 or bf16, got {other:?}")
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+        op: &LatentDecode,
+        qs: &CudaStorage,
+        ql: &Layout,
+        hks: &CudaStorage,
+        hkl: &Layout,
+        hvs: &CudaStorage,
+        hvl: &Layout,
+        is_bf16: i32,
     ) -> Result<(CudaStorage, Shape)> {
         let d = op.dims(ql, hkl, hvl)?;
         if !ql.is_contiguous() {
@@ -300,8 +329,8 @@ mod cuda {
         let stream = dev.cuda_stream();
         let (bk_s, bk_l) = op.bk.storage_and_layout();
         let (bv_s, bv_l) = op.bv.storage_and_layout();
-        let bk = weight(&bk_s, &op.bk, "B_k")?.slice(bk_l.start_offset()..);
-        let bv = weight(&bv_s, &op.bv, "B_v")?.slice(bv_l.start_offset()..);
+        let bk = weight::<T>(&bk_s, &op.bk, "B_k")?.slice(bk_l.start_offset()..);
+        let bv = weight::<T>(&bv_s, &op.bv, "B_v")?.slice(bv_l.start_offset()..);
         let inv = op.inv_freq.to_dtype(DType::F32)?.contiguous()?;
         let (inv_s, inv_l) = inv.storage_and_layout();
         let Storage::Cuda(inv_c) = &*inv_s else {
@@ -351,9 +380,9 @@ mod cuda {
         let mut partial = unsafe { dev.alloc::<f32>(ws) }?;
         let mut out = unsafe { dev.alloc::<f32>(d.b * d.h * d.dh) }?;
 
-        let q = qs.as_cuda_slice::<f16>()?.slice(ql.start_offset()..);
-        let hk = hks.as_cuda_slice::<f16>()?.slice(hkl.start_offset()..);
-        let hv = hvs.as_cuda_slice::<f16>()?.slice(hvl.start_offset()..);
+        let q = qs.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
+        let hk = hks.as_cuda_slice::<T>()?.slice(hkl.start_offset()..);
+        let hv = hvs.as_cuda_slice::<T>()?.slice(hvl.start_offset()..);
         let inv_f = inv_c.as_cuda_slice::<f32>()?.slice(inv_l.start_offset()..);
         let (q_p, _g1) = q.device_ptr(&stream);
         let (hk_p, _g2) = hk.device_ptr(&stream);
@@ -392,6 +421,7 @@ mod cuda {
             n_splits,
             split_len,
             variant: 0,
+            bf16: is_bf16,
         };
         let err = unsafe { k::palu_decode(p, stream.cu_stream() as _) };
         match err {

@@ -122,8 +122,8 @@ struct Attention {
     rope: Arc<Rope>,
     /// Codecs of the packed K and V latent rows, when `latent_bits < 16`.
     packed: Option<(LatentCodec, LatentCodec)>,
-    /// The fused CUDA decode kernel for one-token steps, where it covers the layer (f16 latents
-    /// on a CUDA device, a shape with an instantiation); `None`: candle ops.
+    /// The fused CUDA decode kernel for one-token steps, where it covers the layer (16-bit
+    /// latents on a CUDA device, a shape with an instantiation); `None`: candle ops.
     decode: Option<crate::decode_op::LatentDecode>,
 }
 
@@ -529,9 +529,9 @@ impl IsqModel for PaluTextModel {
 
 impl AnyMoeBaseModelMixin for PaluTextModel {}
 
-/// The fused decode kernel for a layer where it applies: a CUDA build on a CUDA device, f16
-/// activations (the kernel reads f16 latents), unpacked latents, no sliding window, and an
-/// instantiation for the shape (see kernels/README.md).
+/// The fused decode kernel for a layer where it applies: a CUDA build on a CUDA device, f16 or
+/// bf16 activations (the kernel reads 16-bit latents), unpacked latents, no sliding window, and
+/// an instantiation for the shape (see kernels/README.md).
 fn decode_kernel(
     k: &LowRankProj,
     v: &LowRankProj,
@@ -545,7 +545,7 @@ fn decode_kernel(
     {
         let groups = k.ranks.len();
         let eligible = device.is_cuda()
-            && dtype == DType::F16
+            && matches!(dtype, DType::F16 | DType::BF16)
             && latent_bits >= 16
             && cfg.sliding_window.is_none()
             && groups > 0
