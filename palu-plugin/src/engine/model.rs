@@ -298,6 +298,8 @@ impl PaluTextModel {
             mapper.set_nm_device(vb_m.pp("norm"), false),
         )?;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
+        // Layers whose one-token decode steps run on candle ops instead of the fused kernel.
+        let mut on_candle = Vec::new();
         // One RoPE table per device, shared by the layers mapped there.
         let mut ropes: Vec<Arc<Rope>> = Vec::new();
         for l in 0..cfg.num_layers {
@@ -328,15 +330,8 @@ impl PaluTextModel {
                 None
             };
             let decode = decode_kernel(&k, &v, cfg, &rope, vb_f.dtype(), &device, latent_bits)?;
-            if l == 0 {
-                tracing::info!(
-                    "palu: decode attention by {}",
-                    if decode.is_some() {
-                        "the fused CUDA kernel"
-                    } else {
-                        "candle ops"
-                    }
-                );
+            if decode.is_none() {
+                on_candle.push(l);
             }
             let attn = Attention {
                 q: ReplicatedLayer::new(d, h * dh, &None, cfg.qkv_bias, vb_a.pp("q_proj"))?,
@@ -374,6 +369,21 @@ impl PaluTextModel {
                 )?,
                 mlp: Box::new(mlp),
             });
+        }
+        // The per-layer choice, printed once at startup.
+        match on_candle.len() {
+            0 => tracing::info!(
+                "palu: one-token decode steps on the fused CUDA kernel in all {} layers",
+                cfg.num_layers
+            ),
+            n if n == cfg.num_layers => tracing::info!(
+                "palu: decode attention by candle ops (the fused kernel needs a CUDA build and device, f16/bf16, 16-bit latents and a shape it covers)"
+            ),
+            n => tracing::info!(
+                "palu: one-token decode steps on the fused CUDA kernel in {} of {} layers; candle ops in layers {on_candle:?} (no instantiation for their shape)",
+                cfg.num_layers - n,
+                cfg.num_layers
+            ),
         }
         let mut geometry =
             PaluGeometry::from_config(cfg).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
