@@ -38,6 +38,11 @@ test: patch-engine
 engine-tests: patch-engine
     cargo nextest run -p mistralrs-core --lib --no-fail-fast -E 'not (test(test_encode_decode_gpt2) | test(test_encode_decode_llama) | test(test_tiktoken_conversion))'
 
+# (`just bench --features cuda` on a GPU machine adds the fused kernel's rows.)
+# Criterion: one decode step, dense K/V vs Palu's candle ops vs the decode op (CPU twin).
+bench *ARGS:
+    cargo bench -p palu-plugin --bench decode {{ARGS}}
+
 # Compile every CUDA kernel with nvcc 13.0 for sm_90a (no GPU needed; installs nvcc from PyPI).
 kernels-check:
     bash scripts/kernels-check.sh

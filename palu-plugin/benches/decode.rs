@@ -1,0 +1,140 @@
+//! One decode step of one attention layer (one query token per sequence over L cached tokens):
+//! the uncompressed baseline (grouped attention over full K/V, what the stock cache feeds)
+//! against Palu's candle-op path (rebuild K with RoPE, values in latent space) and the decode
+//! op (its CPU twin here; with `--features cuda` on a GPU, the fused kernel), all in one run.
+//!
+//!   cargo bench -p palu-plugin --bench decode                    # CPU, f32
+//!   cargo bench -p palu-plugin --bench decode --features cuda    # adds the GPU rows (f16)
+use candle_core::{DType, Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use palu::decode_op::LatentDecode;
+use palu::lowrank::LowRankProj;
+use palu::model::{grouped_attention, latent_attention, Rope};
+
+struct Shape {
+    name: &'static str,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    /// KV heads per low-rank group and rank per group (Palu-50 %: half of g·head_dim).
+    g: usize,
+    rank: usize,
+}
+
+const SHAPES: [Shape; 2] = [
+    Shape {
+        name: "smollm2-135m g3",
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        g: 3,
+        rank: 96,
+    },
+    Shape {
+        name: "llama3-8b g1",
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        g: 1,
+        rank: 64,
+    },
+];
+
+fn rope(s: &Shape, dev: &Device) -> Rope {
+    let cfg = palu::config::ModelConfig::from_json_str(
+        &format!(
+            r#"{{"model_type":"llama","hidden_size":{},"intermediate_size":64,"num_hidden_layers":1,
+                "num_attention_heads":{},"num_key_value_heads":{},"vocab_size":32,"rms_norm_eps":1e-5,
+                "max_position_embeddings":131072,"rope_theta":500000.0}}"#,
+            s.heads * s.head_dim,
+            s.heads,
+            s.kv_heads
+        ),
+        std::path::Path::new("bench-config.json"),
+    )
+    .expect("bench config");
+    Rope::new(&cfg, dev)
+}
+
+fn bench_device(c: &mut Criterion, dev: &Device, dtype: DType, label: &str) {
+    let mut group = c.benchmark_group(format!("decode step, one layer, {label}"));
+    group.sample_size(10);
+    for s in &SHAPES {
+        let rope = rope(s, dev);
+        let groups = s.kv_heads / s.g;
+        let rand = |shape: &[usize]| {
+            Tensor::randn(0f32, 1.0, shape, dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let proj = || {
+            let ups = (0..groups)
+                .map(|_| rand(&[s.g * s.head_dim, s.rank]))
+                .collect();
+            LowRankProj::new(rand(&[groups * s.rank, s.heads * s.head_dim]), ups, None).unwrap()
+        };
+        let (kp, vp) = (proj(), proj());
+        let op =
+            LatentDecode::from_projections(&kp, &vp, s.heads, s.kv_heads, rope.inv_freq(), dtype)
+                .unwrap()
+                .expect("uniform ranks");
+        for len in [1024usize, 4096] {
+            let b = 1;
+            let q = rand(&[b, s.heads, 1, s.head_dim]);
+            let k = rand(&[b, s.kv_heads, len, s.head_dim]);
+            let v = rand(&[b, s.kv_heads, len, s.head_dim]);
+            let hk = rand(&[b, len, groups * s.rank]);
+            let hv = rand(&[b, len, groups * s.rank]);
+            let id = |what: &str| BenchmarkId::new(format!("{} {what}", s.name), len);
+            let sync = |t: Tensor| {
+                dev.synchronize().unwrap();
+                t
+            };
+            group.bench_function(id("dense K/V (baseline)"), |bch| {
+                bch.iter(|| sync(grouped_attention(&q, &k, &v, len - 1, None, false).unwrap()))
+            });
+            group.bench_function(id("palu candle ops"), |bch| {
+                bch.iter(|| {
+                    sync(
+                        latent_attention(
+                            &q,
+                            &hk,
+                            &hv,
+                            &kp,
+                            &vp,
+                            s.kv_heads,
+                            &rope,
+                            len - 1,
+                            None,
+                            false,
+                        )
+                        .unwrap(),
+                    )
+                })
+            });
+            let op = op.with_lens(vec![len; b]);
+            let q3 = q.squeeze(2).unwrap().contiguous().unwrap();
+            group.bench_function(
+                id(if dev.is_cpu() {
+                    "palu op (CPU twin)"
+                } else {
+                    "palu op (fused kernel)"
+                }),
+                |bch| bch.iter(|| sync(op.forward(&q3, &hk, &hv).unwrap())),
+            );
+        }
+    }
+    group.finish();
+}
+
+fn decode(c: &mut Criterion) {
+    bench_device(c, &Device::Cpu, DType::F32, "CPU f32");
+    #[cfg(feature = "cuda")]
+    if let Ok(gpu) = Device::new_cuda(0) {
+        bench_device(c, &gpu, DType::F16, "GPU f16");
+    }
+}
+
+criterion_group!(benches, decode);
+criterion_main!(benches);
