@@ -407,10 +407,57 @@ pub fn latent_attention(
         .reshape((b, t, h * dh))
 }
 
+/// Query rows per block of [`grouped_attention`]. The probabilities of a block are
+/// `[b, H, rows, T]`: a 32K-token prompt in one block would need 32K·32K floats per head.
+pub const ATTENTION_QUERY_BLOCK: usize = 512;
+
 /// Causal (optionally sliding-window) attention of `q` `[b, H, t, dh]` at positions
 /// `start..start+t` over `k`, `v` `[b, H_kv, start+t, dh]`; returns `[b, t, H·dh]`. The query
 /// heads of each KV head are folded into rows (`[b, H_kv, rep·t, dh]`), so K/V are never repeated.
+/// Long prompts are attended in blocks of [`ATTENTION_QUERY_BLOCK`] query rows.
 pub fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    start: usize,
+    window: Option<usize>,
+    grad: bool,
+) -> Result<Tensor> {
+    grouped_attention_blocked(q, k, v, start, window, grad, ATTENTION_QUERY_BLOCK)
+}
+
+/// [`grouped_attention`] in blocks of `block` query rows; each block sees the keys up to its
+/// last position, so the result is the same for any block size.
+pub fn grouped_attention_blocked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    start: usize,
+    window: Option<usize>,
+    grad: bool,
+    block: usize,
+) -> Result<Tensor> {
+    let t = q.dim(2)?;
+    if t <= block.max(1) {
+        return attend(q, k, v, start, window, grad);
+    }
+    let mut outs = Vec::with_capacity(t.div_ceil(block));
+    for o in (0..t).step_by(block) {
+        let rows = block.min(t - o);
+        let seen = start + o + rows;
+        outs.push(attend(
+            &q.narrow(2, o, rows)?,
+            &k.narrow(2, 0, seen)?,
+            &v.narrow(2, 0, seen)?,
+            start + o,
+            window,
+            grad,
+        )?);
+    }
+    Tensor::cat(&outs, 1)
+}
+
+fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
