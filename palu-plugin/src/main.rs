@@ -43,6 +43,8 @@ enum Cmd {
     /// Evaluate a plain model or a Palu checkpoint.
     #[command(subcommand)]
     Eval(EvalCmd),
+    /// Write a random-weight checkpoint with a real architecture's shapes (speed runs, tests; never a proof of accuracy).
+    Synth(SynthArgs),
     /// Greedy generation from a prompt (plain or Palu model; Palu layers cache latents).
     Generate {
         model: PathBuf,
@@ -58,6 +60,34 @@ enum Cmd {
         #[arg(long, default_value_t = 16)]
         latent_bits: u8,
     },
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Output directory (written atomically; must not exist).
+    output: PathBuf,
+    /// Shapes: llama3-8b, llama2-7b, smollm2-135m or tiny.
+    #[arg(long, default_value = "tiny")]
+    shape: String,
+    /// Number of layers (default: the architecture's).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Stored element type: f32, f16 or bf16 (a full Llama-3-8B is 16 GB in bf16).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Write a Palu checkpoint with random factors keeping this fraction of each group's
+    /// g·head_dim (e.g. 0.5 for Palu-50 %), instead of dense k_proj / v_proj.
+    #[arg(long)]
+    palu_ratio: Option<f64>,
+    /// KV heads per low-rank group for --palu-ratio (1: M-LRD, all: J-LRD).
+    #[arg(long, default_value_t = 1)]
+    group_size: usize,
+    /// Copy tokenizer.json (and tokenizer_config.json) from this model directory, so the
+    /// engine can serve the checkpoint (its vocabulary must not exceed the shape's).
+    #[arg(long)]
+    tokenizer_from: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Subcommand)]
@@ -162,6 +192,48 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::Synth(a) => {
+            let Some(mut spec) = palu::synth::SynthSpec::preset(&a.shape, a.layers, a.seed) else {
+                anyhow::bail!(
+                    "--shape {}: unknown; one of llama3-8b, llama2-7b, smollm2-135m, tiny",
+                    a.shape
+                )
+            };
+            spec.dtype = match a.dtype.as_str() {
+                "f32" => candle_core::DType::F32,
+                "f16" => candle_core::DType::F16,
+                "bf16" => candle_core::DType::BF16,
+                other => anyhow::bail!("--dtype {other}: one of f32, f16, bf16"),
+            };
+            if let Some(ratio) = a.palu_ratio {
+                if !(ratio > 0.0 && ratio <= 1.0) {
+                    anyhow::bail!("--palu-ratio {ratio}: must be in (0, 1]")
+                }
+                spec.palu = Some(palu::synth::SynthPalu {
+                    group_size: a.group_size,
+                    ratio,
+                });
+            }
+            palu::checkpoint::write_dir_atomically(&a.output, |tmp| {
+                palu::synth::write(&spec, tmp, a.tokenizer_from.as_deref())
+            })?;
+            println!(
+                "wrote {} ({} layers, {} heads / {} KV heads of {}{}, {:?}, random weights)",
+                a.output.display(),
+                spec.layers,
+                spec.heads,
+                spec.kv_heads,
+                spec.head_dim,
+                spec.palu
+                    .map(|p| format!(
+                        ", Palu rank {} per group of {}",
+                        p.rank(spec.head_dim),
+                        p.group_size
+                    ))
+                    .unwrap_or_default(),
+                spec.dtype
+            );
+        }
         Cmd::ConvertGguf { input, output } => {
             let c = palu::gguf::convert(&input, &output)?;
             let types: Vec<String> = c

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
 use crate::error::PaluError;
@@ -25,6 +25,25 @@ pub struct SynthSpec {
     /// Extra config.json fields (e.g. `sliding_window`, `rope_scaling`).
     pub extra: serde_json::Value,
     pub seed: u64,
+    /// Element type of the stored weights (f32 for tests; bf16 halves a large checkpoint).
+    pub dtype: DType,
+    /// Write a Palu checkpoint (random factors in place of `k_proj` / `v_proj`).
+    pub palu: Option<SynthPalu>,
+}
+
+/// Random low-rank factors: groups of `group_size` KV heads, rank `ratio · g · head_dim` per
+/// group (rounded to a multiple of 8) for K and for V.
+#[derive(Debug, Clone, Copy)]
+pub struct SynthPalu {
+    pub group_size: usize,
+    pub ratio: f64,
+}
+
+impl SynthPalu {
+    pub fn rank(&self, head_dim: usize) -> usize {
+        let r = self.ratio * (self.group_size * head_dim) as f64;
+        (((r / 8.0).round() as usize) * 8).clamp(8, self.group_size * head_dim)
+    }
 }
 
 impl SynthSpec {
@@ -43,14 +62,49 @@ impl SynthSpec {
             max_positions: 512,
             extra: serde_json::json!({}),
             seed,
+            dtype: DType::F32,
+            palu: None,
         }
     }
 
+    /// Real architectures' shapes (random weights): `llama3-8b`, `llama2-7b`, `smollm2-135m`,
+    /// or `tiny`. `layers` overrides the depth (a speed run rarely needs all of them).
+    pub fn preset(name: &str, layers: Option<usize>, seed: u64) -> Option<Self> {
+        let mut s = SynthSpec::tiny("llama", seed);
+        match name {
+            "tiny" => {}
+            "llama3-8b" => {
+                (s.hidden, s.heads, s.kv_heads, s.head_dim) = (4096, 32, 8, 128);
+                (s.intermediate, s.layers, s.vocab, s.max_positions) = (14336, 32, 128256, 131072);
+                s.extra = serde_json::json!({"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3",
+                    "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}});
+            }
+            "llama2-7b" => {
+                (s.hidden, s.heads, s.kv_heads, s.head_dim) = (4096, 32, 32, 128);
+                (s.intermediate, s.layers, s.vocab, s.max_positions) = (11008, 32, 32000, 4096);
+            }
+            "smollm2-135m" => {
+                (s.hidden, s.heads, s.kv_heads, s.head_dim) = (576, 9, 3, 64);
+                (s.intermediate, s.layers, s.vocab, s.max_positions) = (1536, 30, 49152, 8192);
+                s.extra = serde_json::json!({"rope_theta": 100000.0, "tie_word_embeddings": false});
+            }
+            _ => return None,
+        }
+        if let Some(l) = layers {
+            s.layers = l;
+        }
+        Some(s)
+    }
+
     pub fn config_json(&self) -> serde_json::Value {
-        let arch = match self.model_type.as_str() {
-            "mistral" => "MistralForCausalLM",
-            "qwen2" => "Qwen2ForCausalLM",
-            _ => "LlamaForCausalLM",
+        let arch = match (self.model_type.as_str(), self.palu.is_some()) {
+            ("mistral", false) => "MistralForCausalLM",
+            ("qwen2", false) => "Qwen2ForCausalLM",
+            (_, false) => "LlamaForCausalLM",
+            ("mistral", true) => "PaluMistralForCausalLM",
+            ("qwen2", true) => "PaluQwen2ForCausalLM",
+            (_, true) => "PaluLlamaForCausalLM",
         };
         let mut cfg = serde_json::json!({
             "architectures": [arch],
@@ -64,6 +118,24 @@ impl SynthSpec {
             for (k, v) in extra {
                 cfg[k] = v.clone();
             }
+        }
+        cfg["torch_dtype"] = serde_json::json!(match self.dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        });
+        if let Some(p) = &self.palu {
+            cfg["model_type"] = serde_json::json!(format!("palu{}", self.model_type));
+            let r = p.rank(self.head_dim);
+            let groups = self.kv_heads / p.group_size;
+            let mut ranks = serde_json::Map::new();
+            for l in 0..self.layers {
+                for kind in [crate::lowrank::KvKind::K, crate::lowrank::KvKind::V] {
+                    let name = crate::config::ModelConfig::module_name(l, kind);
+                    ranks.insert(name, serde_json::json!(vec![r; groups]));
+                }
+            }
+            cfg["head_wise_ranks"] = serde_json::Value::Object(ranks);
         }
         cfg
     }
@@ -90,7 +162,7 @@ pub fn write(spec: &SynthSpec, dir: &Path, tokenizer_from: Option<&Path>) -> Res
         let v: Vec<f32> = (0..n)
             .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale + offset)
             .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
+        Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(spec.dtype)
     };
     let (h, q, kv, ff) = (
         spec.hidden,
@@ -113,15 +185,54 @@ pub fn write(spec: &SynthSpec, dir: &Path, tokenizer_from: Option<&Path>) -> Res
     )?;
     put("lm_head.weight".into(), rand_t(&[spec.vocab, h], 0.2, 0.0))?;
     put("model.norm.weight".into(), rand_t(&[h], 0.1, 1.0))?;
+    if let Some(p) = &spec.palu {
+        if p.group_size == 0 || spec.kv_heads % p.group_size != 0 {
+            return Err(PaluError::invalid(
+                "synthetic checkpoint",
+                format!(
+                    "group size {} does not divide {} KV heads",
+                    p.group_size, spec.kv_heads
+                ),
+            ));
+        }
+    }
+    let bar = crate::progress::bar(spec.layers as u64, "synthesizing layers");
     for l in 0..spec.layers {
+        bar.inc(1);
         let p = format!("model.layers.{l}");
-        for (n, o) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+        let dense: &[(&str, usize)] = if spec.palu.is_some() {
+            &[("q_proj", q)]
+        } else {
+            &[("q_proj", q), ("k_proj", kv), ("v_proj", kv)]
+        };
+        for &(n, o) in dense {
             put(
                 format!("{p}.self_attn.{n}.weight"),
                 rand_t(&[o, h], 0.25, 0.0),
             )?;
             if bias {
                 put(format!("{p}.self_attn.{n}.bias"), rand_t(&[o], 0.5, 0.0))?;
+            }
+        }
+        if let Some(palu) = &spec.palu {
+            // The authors' layout: `VT` [G·r, hidden] and per group `U.i` [g·dh, r] (+ bias).
+            let (g, r) = (palu.group_size, palu.rank(spec.head_dim));
+            let gdh = g * spec.head_dim;
+            for n in ["k_proj", "v_proj"] {
+                let m = format!("{p}.self_attn.{n}");
+                put(
+                    format!("{m}.VT.weight"),
+                    rand_t(&[(spec.kv_heads / g) * r, h], 0.25, 0.0),
+                )?;
+                for i in 0..spec.kv_heads / g {
+                    put(
+                        format!("{m}.U.{i}.weight"),
+                        rand_t(&[gdh, r], 1.0 / (r as f32).sqrt(), 0.0),
+                    )?;
+                    if bias {
+                        put(format!("{m}.U.{i}.bias"), rand_t(&[gdh], 0.5, 0.0))?;
+                    }
+                }
             }
         }
         put(
@@ -149,6 +260,7 @@ pub fn write(spec: &SynthSpec, dir: &Path, tokenizer_from: Option<&Path>) -> Res
             rand_t(&[h], 0.1, 1.0),
         )?;
     }
+    bar.finish_and_clear();
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(&t, &path).map_err(|e| PaluError::invalid(&path, e.to_string()))
 }

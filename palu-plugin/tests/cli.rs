@@ -126,3 +126,45 @@ fn server_with_palu_and_an_unsupported_model_subcommand_is_a_clear_error() {
     assert!(!ok);
     insta::assert_snapshot!("server_palu_gguf_error", err.trim());
 }
+
+/// `palu synth` writes a Palu checkpoint with random factors that loads, passes `inspect`'s
+/// tensor checks, and runs; its mistakes are one clear line.
+#[test]
+fn synth_writes_a_loadable_palu_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("tiny-palu");
+    let o = out.to_str().unwrap();
+    let (ok, stdout, stderr) = palu(&[
+        "synth",
+        o,
+        "--shape",
+        "tiny",
+        "--palu-ratio",
+        "0.5",
+        "--group-size",
+        "2",
+        "--dtype",
+        "bf16",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("Palu rank 8 per group of 2"), "{stdout}");
+    let i = palu::checkpoint::inspect(&out).unwrap();
+    assert_eq!(
+        (i.model_type.as_str(), i.group_size),
+        ("palullama", Some(2))
+    );
+    assert!((i.kv_reduction - 0.5).abs() < 1e-9, "{}", i.kv_reduction);
+    let model = palu::model::Model::load(&out, &candle_core::Device::Cpu).unwrap();
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 3]], &candle_core::Device::Cpu).unwrap();
+    let logits = model.forward(&ids, None, None).unwrap();
+    assert_eq!(logits.dims(), &[1, 4, 512]);
+    let (ok, _, stderr) = palu(&["synth", o]);
+    assert!(!ok && stderr.contains("already exists"), "{stderr}");
+    let (ok, _, stderr) = palu(&[
+        "synth",
+        tmp.path().join("x").to_str().unwrap(),
+        "--palu-ratio",
+        "1.5",
+    ]);
+    assert!(!ok && stderr.contains("--palu-ratio 1.5"), "{stderr}");
+}
