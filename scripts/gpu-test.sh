@@ -4,6 +4,8 @@
 #                             against their CPU twins on fresh random inputs
 #   .gpu/engine-gpu-tests.xz  integration-tests/tests/engine_gpu.rs: the engine on the GPU
 #                             against the engine on the CPU, SmolLM2 Palu-50 % on WikiText-2
+#   .gpu/decode-bench.xz      the criterion decode-step bench with `--features cuda` (dense K/V vs
+#                             Palu candle ops vs the fused kernel, on the GPU)
 #   .gpu/palu_decode_bench    the kernel benchmark (scripts/gpu-bench.sh)
 #   .gpu/run.sh               what to run there: `bash .gpu/run.sh [bench flags]`
 # and the fixtures the engine test reads into .gpu-fix/a and .gpu-fix/b (the SmolLM2 GGUF split
@@ -37,6 +39,14 @@ for l in sys.stdin:
 }
 pack_test palu-plugin math palu-gpu-tests
 pack_test palu-integration-tests engine_gpu engine-gpu-tests
+bench=$(cargo bench -p palu-plugin --bench decode --features cuda --no-run --message-format json 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "decode": print(m["executable"])' | tail -n1)
+[ -n "$bench" ] || { cargo bench -p palu-plugin --bench decode --features cuda --no-run; exit 1; }
+strip -o .gpu/decode-bench "$bench"
+xz -f -T0 .gpu/decode-bench
 bash scripts/gpu-bench.sh
 
 gguf=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -54,7 +64,7 @@ set -uo pipefail
 cuda_lib=$(dirname "$(ldconfig -p | grep -m1 'libcublas.so.13' | awk '{print $NF}')")
 export LD_LIBRARY_PATH="$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-for t in palu-gpu-tests engine-gpu-tests; do xz -dkf ".gpu/$t.xz" && chmod +x ".gpu/$t"; done
+for t in palu-gpu-tests engine-gpu-tests decode-bench; do xz -dkf ".gpu/$t.xz" && chmod +x ".gpu/$t"; done
 ./.gpu/palu-gpu-tests decode --nocapture --test-threads 1; kernel_tests=$?
 engine_tests=skipped
 if [ -f .gpu-fix/a/part.aa ] && [ -f .gpu-fix/b/part.ab ]; then
@@ -69,6 +79,7 @@ if [ -f .gpu-fix/a/part.aa ] && [ -f .gpu-fix/b/part.ab ]; then
 else
     echo "engine GPU tests skipped: carry .gpu-fix/a and .gpu-fix/b first (scripts/gpu-test.sh)"
 fi
+./.gpu/decode-bench --bench GPU --warm-up-time 1 --measurement-time 2 --noplot 2>&1 | grep -E "^decode|time:"
 ./.gpu/palu_decode_bench "$@"; bench=$?
 echo "kernel tests: exit $kernel_tests; engine tests: $engine_tests; bench: exit $bench"
 [ "$kernel_tests" = 0 ] && [ "$bench" = 0 ] && { [ "$engine_tests" = 0 ] || [ "$engine_tests" = skipped ]; }
