@@ -622,22 +622,7 @@ fn every_supported_gguf_quant_type_converts() {
     for (name, hf, orig, ty) in &originals {
         // Relative error of the dequantized weight against the original: what each format allows.
         let got = &conv[*hf];
-        let err = ((got - orig)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            / orig
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap())
-        .sqrt();
+        let err = common::rel_l2(got, orig);
         let bound = match ty {
             GgmlDType::F16 => 1e-3,
             GgmlDType::Q8_0 => 0.01,

@@ -511,22 +511,7 @@ fn decode_kernel_matches_cpu_twin() {
                 .unwrap()
                 .to_device(&cpu)
                 .unwrap();
-            let err = ((&got - &want)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                / want
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap())
-            .sqrt();
+            let err = common::rel_l2(&got, &want);
             println!("{dtype:?} {name} g={g} r={rank} lens={lens:?}: relative L2 error {err:.2e}");
             assert!(
                 err < tol && err.is_finite(),

@@ -62,3 +62,16 @@ pub fn fresh_seed() -> u64 {
     eprintln!("PALU_TEST_SEED={s}");
     s
 }
+
+/// Relative L2 distance ‖got − want‖ / ‖want‖ of two tensors of one shape (f32).
+pub fn rel_l2(got: &candle_core::Tensor, want: &candle_core::Tensor) -> f32 {
+    let sq = |t: &candle_core::Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    (sq(&(got - want).unwrap()) / sq(want)).sqrt()
+}
