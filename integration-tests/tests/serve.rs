@@ -159,13 +159,15 @@ async fn serve_stories_palu(no_prefix_cache: bool) -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn thirty_two_concurrent_requests_of_mixed_lengths_are_all_answered_and_memory_returns_to_idle(
 ) {
-    // Without the prefix cache every finished sequence's latents must be freed; with it, the
-    // engine keeps a bounded set of finished caches for reuse (by design), hence more slack.
-    // Retained latents grow RSS with every burst; the allocator's arenas move it by about 2 MiB
-    // either way without a trend (measured: idle 45128 KiB, bursts 47060, 47184, 45644). So: no
-    // growth from the first burst to the last beyond the slack, and every burst within 8 MiB of
-    // idle. Equal requests must give equal outputs, in every burst, in both modes.
-    for (no_prefix_cache, slack_mib) in [(true, 2u64), (false, 4)] {
+    // Every finished sequence's latents must be freed (with the prefix cache on, the engine keeps
+    // a bounded set of finished caches for reuse, by design). What a leak would cost: each
+    // sequence's cache is pre-allocated for 512 positions × 148 latent floats (this checkpoint's
+    // ranks, f32) = 296 KiB, so leaking a burst's 32 caches adds 9.3 MiB per burst, 28 MiB over
+    // the last three. The allocator's arenas move RSS by up to about 7 MiB either way without a
+    // trend (measured over 60 runs: e.g. idle 76092 KiB, bursts 68464, 75916, 74044, 75336). So:
+    // the last burst within 8 MiB of the higher of idle and the first burst, and every burst
+    // within 12 MiB of idle. Equal requests must give equal outputs, in every burst, in both modes.
+    for no_prefix_cache in [true, false] {
         let addr = serve_stories_palu(no_prefix_cache).await;
         // Warm up (allocator pools, prefix cache), take the idle level, then bursts against it.
         let mut seen = Outputs::default();
@@ -188,14 +190,15 @@ async fn thirty_two_concurrent_requests_of_mixed_lengths_are_all_answered_and_me
         assert!(v.is_empty(), "equal requests gave different outputs: {v:?}");
         let (first, last) = (after[0], after[after.len() - 1]);
         assert!(
-            last <= first + (slack_mib << 20),
-            "RSS grew from {} KiB after the first burst to {} KiB after the last",
+            last <= first.max(idle) + (8 << 20),
+            "RSS grew from {} KiB (idle {} KiB) after the first burst to {} KiB after the last",
             first / 1024,
+            idle / 1024,
             last / 1024
         );
         for a in &after {
             assert!(
-                *a <= idle + (8 << 20),
+                *a <= idle + (12 << 20),
                 "RSS {} KiB after a burst vs {} KiB idle",
                 a / 1024,
                 idle / 1024
