@@ -88,6 +88,44 @@ extern "C" {
     );
 }
 
+/// Most quantization groups per latent row the codec kernels take (`kMaxCodecGroups`).
+pub const MAX_CODEC_GROUPS: usize = 64;
+
+/// Mirror of `palu::LatentLayout` (latent_codec.cu), passed by value: the row format of
+/// `palu::latent_codec` (codes, then f16 scales, then i16 zeros, one per group).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LatentLayout {
+    pub width: i32,
+    pub bits: i32,
+    pub n_groups: i32,
+    /// 1: zero points clamped to `[0, 2^b − 1]` (the authors' quantizer).
+    pub clamped_zero: i32,
+    /// Group `g` spans channels `start[g] .. start[g + 1]`.
+    pub start: [i32; MAX_CODEC_GROUPS + 1],
+}
+
+#[cfg(feature = "cuda")]
+extern "C" {
+    /// Quantize and pack `n_rows` f32 latent rows (`[n_rows, width]`, contiguous) into `rows`
+    /// (`[n_rows, row_bytes]`). Returns a `cudaError_t` (801: a layout the kernel does not take).
+    pub fn palu_latent_encode(
+        x: *const f32,
+        rows: *mut u8,
+        n_rows: i64,
+        layout: LatentLayout,
+        stream: *mut c_void,
+    ) -> i32;
+    /// Unpack and dequantize `n_rows` packed rows into f32 `[n_rows, width]`.
+    pub fn palu_latent_decode(
+        rows: *const u8,
+        out: *mut f32,
+        n_rows: i64,
+        layout: LatentLayout,
+        stream: *mut c_void,
+    ) -> i32;
+}
+
 /// `cudaErrorNotSupported`: the shape has no instantiation (the caller falls back to candle ops).
 pub const ERROR_NOT_SUPPORTED: i32 = 801;
 

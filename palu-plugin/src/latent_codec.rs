@@ -106,7 +106,7 @@ impl LatentCodec {
         }
     }
 
-    /// `[.., R]` floats to `[.., row_bytes]` u8 rows.
+    /// `[.., R]` floats to `[.., row_bytes]` u8 rows, on the tensor's device.
     pub fn encode(&self, h: &Tensor) -> Result<Tensor> {
         let dims = h.dims().to_vec();
         if dims.last() != Some(&self.width) {
@@ -116,27 +116,84 @@ impl LatentCodec {
                 dims
             )
         }
-        let data: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let rb = self.row_bytes();
-        let mut out = vec![0u8; data.len() / self.width * rb];
-        for (x, o) in data.chunks(self.width).zip(out.chunks_mut(rb)) {
-            self.encode_row(x, o);
+        let x = h.to_dtype(DType::F32)?.contiguous()?;
+        if !x.device().is_cpu() && self.kernel_layout().is_none() {
+            // More groups than the kernels take: through the CPU reference (correct, slow).
+            return self
+                .encode(&x.to_device(&candle_core::Device::Cpu)?)?
+                .to_device(x.device());
         }
-        let mut shape = dims;
-        *shape.last_mut().unwrap() = rb;
-        Tensor::from_vec(out, shape, h.device())
+        x.apply_op1_no_bwd(&Encoder(self))
     }
 
-    /// `[.., row_bytes]` u8 rows to `[.., R]` latents of `dtype`.
+    /// `[.., row_bytes]` u8 rows to `[.., R]` latents of `dtype`, on the rows' device.
     pub fn decode(&self, rows: &Tensor, dtype: DType) -> Result<Tensor> {
-        match rows.device() {
-            candle_core::Device::Cpu => rows.contiguous()?.apply_op1_no_bwd(self)?.to_dtype(dtype),
-            // No device kernel yet: decode through the CPU reference (correct, not fast).
-            dev => self
+        let rows = rows.contiguous()?;
+        if !rows.device().is_cpu() && self.kernel_layout().is_none() {
+            // More groups than the kernels take: through the CPU reference (correct, slow).
+            return self
                 .decode(&rows.to_device(&candle_core::Device::Cpu)?, DType::F32)?
-                .to_device(dev)?
-                .to_dtype(dtype),
+                .to_device(rows.device())?
+                .to_dtype(dtype);
         }
+        rows.apply_op1_no_bwd(self)?.to_dtype(dtype)
+    }
+
+    /// The row format as the CUDA kernels take it; `None` with more groups than they handle.
+    pub fn kernel_layout(&self) -> Option<palu_kernels::LatentLayout> {
+        if self.groups.len() > palu_kernels::MAX_CODEC_GROUPS {
+            return None;
+        }
+        let mut start = [0i32; palu_kernels::MAX_CODEC_GROUPS + 1];
+        for (i, r) in self.groups.iter().enumerate() {
+            start[i] = r.start as i32;
+            start[i + 1] = r.end as i32;
+        }
+        Some(palu_kernels::LatentLayout {
+            width: self.width as i32,
+            bits: self.bits as i32,
+            n_groups: self.groups.len() as i32,
+            clamped_zero: matches!(self.zero_point, ZeroPoint::Clamped) as i32,
+            start,
+        })
+    }
+}
+
+/// Encoding as a candle op: the CPU reference ([`LatentCodec::encode_row`]) and its CUDA twin
+/// (`palu_latent_encode`, kernels/src/latent_codec.cu), bit-exact to each other.
+struct Encoder<'a>(&'a LatentCodec);
+
+impl CustomOp1 for Encoder<'_> {
+    fn name(&self) -> &'static str {
+        "palu-latent-encode"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let c = self.0;
+        let CpuStorage::F32(x) = storage else {
+            candle_core::bail!("palu latent encode expects f32 latents")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("palu latent encode expects contiguous latents")
+        };
+        let rb = c.row_bytes();
+        let src = &x[start..end];
+        let mut out = vec![0u8; src.len() / c.width * rb];
+        for (x, o) in src.chunks(c.width).zip(out.chunks_mut(rb)) {
+            c.encode_row(x, o);
+        }
+        let mut shape = layout.dims().to_vec();
+        *shape.last_mut().unwrap() = rb;
+        Ok((CpuStorage::U8(out), Shape::from(shape)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::encode(self.0, storage, layout)
     }
 }
 
@@ -167,5 +224,105 @@ impl CustomOp1 for LatentCodec {
         let mut shape = dims.to_vec();
         *shape.last_mut().unwrap() = self.width;
         Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::decode(self, storage, layout)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::LatentCodec;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use candle_core::{CudaStorage, Layout, Result, Shape};
+
+    fn launched(what: &str, err: i32) -> Result<()> {
+        match err {
+            0 => Ok(()),
+            e => candle_core::bail!("palu latent {what}: CUDA launch failed (cudaError {e})"),
+        }
+    }
+
+    pub(super) fn encode(
+        c: &LatentCodec,
+        s: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let Some(layout) = c.kernel_layout() else {
+            candle_core::bail!("palu latent encode: more groups than the CUDA kernel takes")
+        };
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("palu latent encode expects contiguous latents")
+        };
+        let n_rows = (end - start) / c.width();
+        let dev = s.device.clone();
+        let stream = dev.cuda_stream();
+        let x = s.as_cuda_slice::<f32>()?.slice(start..end);
+        let mut out = unsafe { dev.alloc::<u8>(n_rows * c.row_bytes()) }?;
+        {
+            let (x_p, _gx) = x.device_ptr(&stream);
+            let (o_p, _go) = out.device_ptr_mut(&stream);
+            let err = unsafe {
+                palu_kernels::palu_latent_encode(
+                    x_p as _,
+                    o_p as _,
+                    n_rows as i64,
+                    layout,
+                    stream.cu_stream() as _,
+                )
+            };
+            launched("encode", err)?;
+        }
+        let mut shape = l.dims().to_vec();
+        *shape.last_mut().unwrap() = c.row_bytes();
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(shape)))
+    }
+
+    pub(super) fn decode(
+        c: &LatentCodec,
+        s: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let Some(layout) = c.kernel_layout() else {
+            candle_core::bail!("palu latent decode: more groups than the CUDA kernel takes")
+        };
+        let rb = c.row_bytes();
+        if l.dims().last() != Some(&rb) {
+            candle_core::bail!(
+                "palu latent decode: rows of {rb} bytes expected, got shape {:?}",
+                l.dims()
+            )
+        }
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("palu latent decode expects contiguous rows")
+        };
+        let n_rows = (end - start) / rb;
+        let dev = s.device.clone();
+        let stream = dev.cuda_stream();
+        let rows = s.as_cuda_slice::<u8>()?.slice(start..end);
+        let mut out = unsafe { dev.alloc::<f32>(n_rows * c.width()) }?;
+        {
+            let (r_p, _gr) = rows.device_ptr(&stream);
+            let (o_p, _go) = out.device_ptr_mut(&stream);
+            let err = unsafe {
+                palu_kernels::palu_latent_decode(
+                    r_p as _,
+                    o_p as _,
+                    n_rows as i64,
+                    layout,
+                    stream.cu_stream() as _,
+                )
+            };
+            launched("decode", err)?;
+        }
+        let mut shape = l.dims().to_vec();
+        *shape.last_mut().unwrap() = c.width();
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(shape)))
     }
 }

@@ -577,3 +577,87 @@ fn grouped_reconstruction_equals_block_diagonal() {
         }
     }
 }
+
+/// The CUDA latent codec (pack on write, unpack on read) against the CPU reference on fresh
+/// random latents: the same bytes out of the encoder and the same floats out of the decoder,
+/// bit for bit, at 2/3/4/8 bits, one group (J-LRD), eight equal groups (M-LRD), ragged groups,
+/// both zero-point rules, with a constant group (scale at its floor) and an offset group. Runs
+/// on a GPU only (`just gpu-test`).
+#[cfg(feature = "cuda")]
+#[test]
+fn latent_codec_kernels_match_cpu_twin_bit_for_bit() {
+    use candle_core::{DType, Device, Tensor};
+    use palu::latent_codec::LatentCodec;
+    use palu::quant::ZeroPoint;
+    let mut r = rng();
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let rows = 3001;
+    for widths in [vec![64usize], vec![16; 8], vec![24, 40, 8, 56]] {
+        let width: usize = widths.iter().sum();
+        let mut x: Vec<f32> = (0..rows * width)
+            .map(|i| (r.random::<f32>() * 2.0 - 1.0) * (1.0 + (i % width) as f32 / 8.0))
+            .collect();
+        for row in 0..rows {
+            // First group constant in every 7th row; last group far from zero in every 5th.
+            if row % 7 == 0 {
+                x[row * width..row * width + widths[0]].fill(0.37);
+            }
+            if row % 5 == 0 {
+                let last = widths[widths.len() - 1];
+                for v in &mut x[(row + 1) * width - last..(row + 1) * width] {
+                    *v += 300.0;
+                }
+            }
+        }
+        let h = Tensor::from_vec(x, (rows, width), &Device::Cpu).unwrap();
+        for bits in [2u8, 3, 4, 8] {
+            for zp in [ZeroPoint::Free, ZeroPoint::Clamped] {
+                let c = LatentCodec::new(bits, &widths, zp).unwrap();
+                let want = c.encode(&h).unwrap();
+                let got = c.encode(&h.to_device(&gpu).unwrap()).unwrap();
+                let (want_b, got_b): (Vec<u8>, Vec<u8>) = (
+                    want.flatten_all().unwrap().to_vec1().unwrap(),
+                    got.to_device(&Device::Cpu)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                );
+                let bad = want_b.iter().zip(&got_b).filter(|(a, b)| a != b).count();
+                let dec_cpu: Vec<f32> = c
+                    .decode(&want, DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let dec_gpu: Vec<f32> = c
+                    .decode(&want.to_device(&gpu).unwrap(), DType::F32)
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let bad_dec = dec_cpu
+                    .iter()
+                    .zip(&dec_gpu)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                println!(
+                    "codec {bits}-bit {zp:?} groups {widths:?}: {} bytes, {bad} differ; {} values decoded, {bad_dec} differ",
+                    want_b.len(),
+                    dec_cpu.len()
+                );
+                assert_eq!(want_b.len(), got_b.len());
+                assert_eq!(bad, 0, "{bits}-bit {zp:?} {widths:?}: encoded bytes differ");
+                assert_eq!(
+                    bad_dec, 0,
+                    "{bits}-bit {zp:?} {widths:?}: decoded values differ"
+                );
+            }
+        }
+    }
+}
