@@ -23,6 +23,7 @@ if [ -z "${CUDA_ROOT:-}" ]; then
     source "$tools/cuda-env.sh"
 fi
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+bash patches/apply.sh
 mkdir -p .gpu
 
 # Build one test target with --features cuda (release) and pack its stripped binary.
@@ -65,7 +66,7 @@ cuda_lib=$(dirname "$(ldconfig -p | grep -m1 'libcublas.so.13' | awk '{print $NF
 export LD_LIBRARY_PATH="$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 for t in palu-gpu-tests engine-gpu-tests decode-bench; do xz -dkf ".gpu/$t.xz" && chmod +x ".gpu/$t"; done
-./.gpu/palu-gpu-tests decode --nocapture --test-threads 1; kernel_tests=$?
+./.gpu/palu-gpu-tests decode_kernel latent_codec_kernels --nocapture --test-threads 1; kernel_tests=$?
 engine_tests=skipped
 if [ -f .gpu-fix/a/part.aa ] && [ -f .gpu-fix/b/part.ab ]; then
     fix=$PWD/.gpu-fix/fixtures
@@ -79,7 +80,7 @@ if [ -f .gpu-fix/a/part.aa ] && [ -f .gpu-fix/b/part.ab ]; then
 else
     echo "engine GPU tests skipped: carry .gpu-fix/a and .gpu-fix/b first (scripts/gpu-test.sh)"
 fi
-./.gpu/decode-bench --bench GPU --warm-up-time 1 --measurement-time 2 --noplot 2>&1 | grep -E "^decode|time:"
+./.gpu/decode-bench --bench GPU --warm-up-time 1 --measurement-time 2 --noplot 2>&1 | grep -E "^decode|^unpack|time:"
 ./.gpu/palu_decode_bench "$@"; bench=$?
 echo "kernel tests: exit $kernel_tests; engine tests: $engine_tests; bench: exit $bench"
 [ "$kernel_tests" = 0 ] && [ "$bench" = 0 ] && { [ "$engine_tests" = 0 ] || [ "$engine_tests" = skipped ]; }

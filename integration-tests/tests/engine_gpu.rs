@@ -40,12 +40,23 @@ async fn serve_as(
     gpu: bool,
     prefix_cache: bool,
 ) -> Served {
+    serve_bits(model_dir, kv, dtype, gpu, prefix_cache, 16).await
+}
+
+async fn serve_bits(
+    model_dir: &Path,
+    kv: KvCacheKind,
+    dtype: ModelDType,
+    gpu: bool,
+    prefix_cache: bool,
+    latent_bits: u8,
+) -> Served {
     start(&EngineOptions {
         model_dir: model_dir.to_path_buf(),
         palu_config: None,
         palu_calib: None,
         kv_cache: kv,
-        latent_bits: (kv == KvCacheKind::Palu).then_some(16),
+        latent_bits: (kv == KvCacheKind::Palu).then_some(latent_bits),
         max_seqs: 4,
         no_prefix_cache: !prefix_cache,
         isq: None,
@@ -227,14 +238,30 @@ async fn generate_recording(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn smollm2_palu50_gpu_decode_steps_run_on_the_kernel_and_agree_with_the_cpu() {
     let ckpt = smollm2_palu50();
-    let w = wikitext_windows(&ckpt, 1024, 1).remove(0);
+    let cpu = serve(&ckpt, KvCacheKind::Palu, false, false).await;
+    for dtype in [ModelDType::F16, ModelDType::BF16] {
+        decode_agrees_with_the_cpu(&ckpt, &cpu, dtype, 16).await;
+    }
+}
+
+/// The same with packed 4-bit latents: the GPU quantizes and packs each new token's latents and
+/// unpacks the cache on the device (kernels/src/latent_codec.cu), then decodes on the fused
+/// kernel; the CPU engine holds the same 4-bit cache (the codecs are bit-exact twins).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn smollm2_palu50_gpu_decode_with_packed_4_bit_latents_agrees_with_the_cpu() {
+    let ckpt = smollm2_palu50();
+    let cpu = serve_bits(&ckpt, KvCacheKind::Palu, ModelDType::F32, false, false, 4).await;
+    decode_agrees_with_the_cpu(&ckpt, &cpu, ModelDType::F16, 4).await;
+}
+
+async fn decode_agrees_with_the_cpu(ckpt: &Path, cpu: &Served, dtype: ModelDType, bits: u8) {
+    let w = wikitext_windows(ckpt, 1024, 1).remove(0);
     let layers = palu::config::ModelConfig::from_file(&ckpt.join("config.json"))
         .unwrap()
         .num_layers;
-    let cpu = serve(&ckpt, KvCacheKind::Palu, false, false).await;
     let steps = 16;
-    for dtype in [ModelDType::F16, ModelDType::BF16] {
-        let gpu = serve_as(&ckpt, KvCacheKind::Palu, dtype, true, false).await;
+    {
+        let gpu = serve_bits(ckpt, KvCacheKind::Palu, dtype, true, false, bits).await;
         let before = palu::decode_op::cuda_launches();
         let rec = generate_recording(&gpu.engine, w[..200].to_vec(), steps).await;
         let launches = palu::decode_op::cuda_launches() - before;
@@ -263,7 +290,7 @@ async fn smollm2_palu50_gpu_decode_steps_run_on_the_kernel_and_agree_with_the_cp
         }
         let decoded = steps - 1;
         eprintln!(
-            "{dtype:?} decode, {decoded} one-token steps: {launches} kernel launches ({layers} layers); relative L2 to \
+            "{dtype:?} {bits}-bit latents decode, {decoded} one-token steps: {launches} kernel launches ({layers} layers); relative L2 to \
              the CPU: worst {worst:.2e} (the GPU prefill of the same {} tokens: worst {prefill_worst:.2e}); same top \
              token {agree}/{decoded}",
             full.len()

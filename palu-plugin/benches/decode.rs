@@ -128,12 +128,57 @@ fn bench_device(c: &mut Criterion, dev: &Device, dtype: DType, label: &str) {
     group.finish();
 }
 
+/// Unpacking one layer's 4-bit key cache (Llama-3-8B, g = 1, Palu-50 %: 8 groups × rank 64 per
+/// token) for 8 sequences: the CPU codec; on a GPU the device-to-host round trip through it
+/// (what packed latents cost on CUDA before the codec kernels) against the unpack kernel.
+fn unpack(c: &mut Criterion) {
+    use palu::latent_codec::LatentCodec;
+    use palu::quant::ZeroPoint;
+    let codec = LatentCodec::new(4, &[64; 8], ZeroPoint::Free).expect("codec");
+    let mut group = c.benchmark_group("unpack 4-bit latents, llama3-8b g1 K cache, batch 8");
+    group.sample_size(10);
+    for l in [4096usize, 16384] {
+        let h = Tensor::randn(0f32, 1.0, (8, l, codec.width()), &Device::Cpu).expect("latents");
+        let rows = codec.encode(&h).expect("encode");
+        if l == 4096 {
+            group.bench_function(BenchmarkId::new("CPU codec", l), |bch| {
+                bch.iter(|| codec.decode(&rows, DType::F32).expect("decode"))
+            });
+        }
+        #[cfg(feature = "cuda")]
+        if let Ok(gpu) = Device::new_cuda(0) {
+            let on_gpu = rows.to_device(&gpu).expect("upload");
+            let sync = |t: Tensor| {
+                gpu.synchronize().expect("sync");
+                t
+            };
+            group.bench_function(BenchmarkId::new("GPU via host round trip", l), |bch| {
+                bch.iter(|| {
+                    let host = on_gpu.to_device(&Device::Cpu).expect("download");
+                    sync(
+                        codec
+                            .decode(&host, DType::F32)
+                            .expect("decode")
+                            .to_device(&gpu)
+                            .expect("upload"),
+                    )
+                })
+            });
+            group.bench_function(BenchmarkId::new("GPU unpack kernel", l), |bch| {
+                bch.iter(|| sync(codec.decode(&on_gpu, DType::F16).expect("decode")))
+            });
+        }
+    }
+    group.finish();
+}
+
 fn decode(c: &mut Criterion) {
     bench_device(c, &Device::Cpu, DType::F32, "CPU f32");
     #[cfg(feature = "cuda")]
     if let Ok(gpu) = Device::new_cuda(0) {
         bench_device(c, &gpu, DType::F16, "GPU f16");
     }
+    unpack(c);
 }
 
 criterion_group!(benches, decode);

@@ -122,8 +122,9 @@ struct Attention {
     rope: Arc<Rope>,
     /// Codecs of the packed K and V latent rows, when `latent_bits < 16`.
     packed: Option<(LatentCodec, LatentCodec)>,
-    /// The fused CUDA decode kernel for one-token steps, where it covers the layer (16-bit
-    /// latents on a CUDA device, a shape with an instantiation); `None`: candle ops.
+    /// The fused CUDA decode kernel for one-token steps, where it covers the layer (a CUDA
+    /// device, a shape with an instantiation; packed latents are unpacked on the device first);
+    /// `None`: candle ops.
     decode: Option<crate::decode_op::LatentDecode>,
 }
 
@@ -329,7 +330,7 @@ impl PaluTextModel {
             } else {
                 None
             };
-            let decode = decode_kernel(&k, &v, cfg, &rope, vb_f.dtype(), &device, latent_bits)?;
+            let decode = decode_kernel(&k, &v, cfg, &rope, vb_f.dtype(), &device)?;
             if decode.is_none() {
                 on_candle.push(l);
             }
@@ -540,8 +541,8 @@ impl IsqModel for PaluTextModel {
 impl AnyMoeBaseModelMixin for PaluTextModel {}
 
 /// The fused decode kernel for a layer where it applies: a CUDA build on a CUDA device, f16 or
-/// bf16 activations (the kernel reads 16-bit latents), unpacked latents, no sliding window, and
-/// an instantiation for the shape (see kernels/README.md).
+/// bf16 activations (the kernel reads 16-bit latents; packed ones are unpacked on the device
+/// first), no sliding window, and an instantiation for the shape (see kernels/README.md).
 fn decode_kernel(
     k: &LowRankProj,
     v: &LowRankProj,
@@ -549,14 +550,12 @@ fn decode_kernel(
     rope: &Rope,
     dtype: DType,
     device: &Device,
-    latent_bits: u8,
 ) -> Result<Option<crate::decode_op::LatentDecode>> {
     #[cfg(feature = "cuda")]
     {
         let groups = k.ranks.len();
         let eligible = device.is_cuda()
             && matches!(dtype, DType::F16 | DType::BF16)
-            && latent_bits >= 16
             && cfg.sliding_window.is_none()
             && groups > 0
             // Latent rows are read in 16-byte pieces: group offsets a multiple of 8 halves.
@@ -580,6 +579,6 @@ fn decode_kernel(
             );
         }
     }
-    let _ = (k, v, cfg, rope, dtype, device, latent_bits);
+    let _ = (k, v, cfg, rope, dtype, device);
     Ok(None)
 }
