@@ -1,5 +1,5 @@
 // Packed low-bit latents on the GPU: encode (quantize + pack, what a cache write does) and
-// decode (unpack + dequantize) of the row format of `palu::latent_codec`:
+// decode (unpack + dequantize, to f32, f16 or bf16) of the row format of `palu::latent_codec`:
 //
 //   [ codes: ceil(R*b/8) bytes, little-endian bit stream | scale: f16 x G | zero: i16 x G ]
 //
@@ -8,6 +8,7 @@
 // (the `__f*_rn` intrinsics), so a row encoded here decodes to the same floats as one encoded
 // on the CPU.
 #include <cstdint>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -92,29 +93,67 @@ __global__ void latent_encode_kernel(const float* __restrict__ x, uint8_t* __res
     }
 }
 
-// One thread per output value.
-__global__ void latent_decode_kernel(const uint8_t* __restrict__ rows, float* __restrict__ out,
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+// One thread per 8 consecutive values of a row: their codes are exactly `bits` whole bytes,
+// read once; the group's scale and zero are read when the group changes; the 8 outputs go out
+// as 16-byte stores where the row allows it (rounded to T like candle's `to_dtype`).
+template <typename T>
+__global__ void latent_decode_kernel(const uint8_t* __restrict__ rows, T* __restrict__ out,
                                      int64_t n_rows, LatentLayout l) {
     const int nc = code_bytes(l);
     const int64_t rb = nc + 4 * l.n_groups;
-    const int64_t n = n_rows * l.width;
-    const unsigned mask = (1u << l.bits) - 1;
+    const int per_row = (l.width + 7) / 8;
+    const int64_t n = n_rows * per_row;
+    const uint64_t mask = (1u << l.bits) - 1;
+    const bool vec_ok = (l.width % 8 == 0) && ((8 * sizeof(T)) % 16 == 0);
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n;
          e += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t row = e / l.width;
-        const int j = (int)(e - row * l.width);
+        const int64_t row = e / per_row;
+        const int j0 = (int)(e - row * per_row) * 8;
         const uint8_t* r = rows + row * rb;
-        const int bit = j * l.bits;
-        const unsigned lo = r[bit / 8];
-        const unsigned hi = bit / 8 + 1 < nc ? r[bit / 8 + 1] : 0u;
-        const unsigned c = ((lo | (hi << 8)) >> (bit % 8)) & mask;
-        const int g = group_of(l, j);
-        const uint16_t sb = (uint16_t)r[nc + 2 * g] | ((uint16_t)r[nc + 2 * g + 1] << 8);
-        const uint16_t zb = (uint16_t)r[nc + 2 * l.n_groups + 2 * g] |
-                            ((uint16_t)r[nc + 2 * l.n_groups + 2 * g + 1] << 8);
-        const float scale = __half2float(*reinterpret_cast<const __half*>(&sb));
-        const float zero = (float)(int16_t)zb;
-        out[e] = __fmul_rn(__fsub_rn((float)c, zero), scale);
+        const int byte0 = j0 * l.bits / 8;
+        const int nbytes = min(l.bits, nc - byte0);
+        uint64_t word = 0;
+        for (int k = 0; k < nbytes; ++k) word |= (uint64_t)r[byte0 + k] << (8 * k);
+        int g = group_of(l, j0);
+        auto params = [&](int g, float& scale, float& zero) {
+            const uint16_t sb = (uint16_t)r[nc + 2 * g] | ((uint16_t)r[nc + 2 * g + 1] << 8);
+            const uint16_t zb = (uint16_t)r[nc + 2 * l.n_groups + 2 * g] |
+                                ((uint16_t)r[nc + 2 * l.n_groups + 2 * g + 1] << 8);
+            scale = __half2float(*reinterpret_cast<const __half*>(&sb));
+            zero = (float)(int16_t)zb;
+        };
+        float scale, zero;
+        params(g, scale, zero);
+        alignas(16) T v[8];
+        const int m = min(8, l.width - j0);
+        for (int i = 0; i < m; ++i) {
+            const int j = j0 + i;
+            if (g + 1 < l.n_groups && j >= l.start[g + 1]) {
+                while (g + 1 < l.n_groups && j >= l.start[g + 1]) ++g;
+                params(g, scale, zero);
+            }
+            const float c = (float)((word >> (i * l.bits)) & mask);
+            v[i] = from_f32<T>(__fmul_rn(__fsub_rn(c, zero), scale));
+        }
+        T* o = out + row * l.width + j0;
+        if (vec_ok) {
+            const uint4* src = reinterpret_cast<const uint4*>(v);
+            uint4* dst = reinterpret_cast<uint4*>(o);
+            for (int k = 0; k < (int)(8 * sizeof(T) / 16); ++k) dst[k] = src[k];
+        } else {
+            for (int i = 0; i < m; ++i) o[i] = v[i];
+        }
     }
 }
 
@@ -138,12 +177,27 @@ extern "C" int palu_latent_encode(const float* x, uint8_t* rows, int64_t n_rows,
     return (int)cudaGetLastError();
 }
 
-extern "C" int palu_latent_decode(const uint8_t* rows, float* out, int64_t n_rows,
-                                  palu::LatentLayout layout, cudaStream_t stream) {
+extern "C" int palu_latent_decode(const uint8_t* rows, void* out, int64_t n_rows,
+                                  palu::LatentLayout layout, int out_type, cudaStream_t stream) {
     if (int e = check_layout(layout)) return e;
-    const int64_t n = n_rows * layout.width;
+    const int64_t n = n_rows * ((layout.width + 7) / 8);
     if (n == 0) return 0;
     const unsigned blocks = (unsigned)((n + 255) / 256 < 65536 ? (n + 255) / 256 : 65536);
-    palu::latent_decode_kernel<<<blocks, 256, 0, stream>>>(rows, out, n_rows, layout);
+    switch (out_type) {
+        case 0:
+            palu::latent_decode_kernel<float>
+                <<<blocks, 256, 0, stream>>>(rows, (float*)out, n_rows, layout);
+            break;
+        case 1:
+            palu::latent_decode_kernel<__half>
+                <<<blocks, 256, 0, stream>>>(rows, (__half*)out, n_rows, layout);
+            break;
+        case 2:
+            palu::latent_decode_kernel<__nv_bfloat16>
+                <<<blocks, 256, 0, stream>>>(rows, (__nv_bfloat16*)out, n_rows, layout);
+            break;
+        default:
+            return 801;
+    }
     return (int)cudaGetLastError();
 }

@@ -116,12 +116,14 @@ extern "C" {
         layout: LatentLayout,
         stream: *mut c_void,
     ) -> i32;
-    /// Unpack and dequantize `n_rows` packed rows into f32 `[n_rows, width]`.
+    /// Unpack and dequantize `n_rows` packed rows into `[n_rows, width]` of `out_type`
+    /// (0: f32, 1: f16, 2: bf16; rounded to nearest even from the f32 value, as candle does).
     pub fn palu_latent_decode(
         rows: *const u8,
-        out: *mut f32,
+        out: *mut c_void,
         n_rows: i64,
         layout: LatentLayout,
+        out_type: i32,
         stream: *mut c_void,
     ) -> i32;
 }

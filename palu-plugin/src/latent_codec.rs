@@ -136,7 +136,9 @@ impl LatentCodec {
                 .to_device(rows.device())?
                 .to_dtype(dtype);
         }
-        rows.apply_op1_no_bwd(self)?.to_dtype(dtype)
+        // CPU: f32 from the reference, then rounded; CUDA: the kernel writes `dtype` directly.
+        rows.apply_op1_no_bwd(&Decoder(self, dtype))?
+            .to_dtype(dtype)
     }
 
     /// The row format as the CUDA kernels take it; `None` with more groups than they handle.
@@ -197,16 +199,22 @@ impl CustomOp1 for Encoder<'_> {
     }
 }
 
-impl CustomOp1 for LatentCodec {
+/// Decoding as a candle op: the CPU reference ([`LatentCodec::decode_row`], f32 out) and its
+/// CUDA twin (`palu_latent_decode`), which writes the requested float type directly.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the dtype is the CUDA path's
+struct Decoder<'a>(&'a LatentCodec, DType);
+
+impl CustomOp1 for Decoder<'_> {
     fn name(&self) -> &'static str {
         "palu-latent-decode"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let c = self.0;
         let CpuStorage::U8(bytes) = storage else {
             candle_core::bail!("palu latent decode expects u8 rows")
         };
-        let rb = self.row_bytes();
+        let rb = c.row_bytes();
         let dims = layout.dims();
         if dims.last() != Some(&rb) {
             candle_core::bail!(
@@ -217,12 +225,12 @@ impl CustomOp1 for LatentCodec {
             candle_core::bail!("palu latent decode expects contiguous rows")
         };
         let src = &bytes[start..end];
-        let mut out = vec![0f32; src.len() / rb * self.width];
-        for (row, o) in src.chunks(rb).zip(out.chunks_mut(self.width)) {
-            self.decode_row(row, o);
+        let mut out = vec![0f32; src.len() / rb * c.width];
+        for (row, o) in src.chunks(rb).zip(out.chunks_mut(c.width)) {
+            c.decode_row(row, o);
         }
         let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap() = self.width;
+        *shape.last_mut().unwrap() = c.width;
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 
@@ -232,15 +240,18 @@ impl CustomOp1 for LatentCodec {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::decode(self, storage, layout)
+        cuda::decode(self.0, self.1, storage, layout)
     }
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::LatentCodec;
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
-    use candle_core::{CudaStorage, Layout, Result, Shape};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaView, DevicePtr, DevicePtrMut, DeviceRepr,
+    };
+    use candle_core::cuda_backend::{CudaDType, CudaDevice};
+    use candle_core::{CudaStorage, DType, Layout, Result, Shape};
 
     fn launched(what: &str, err: i32) -> Result<()> {
         match err {
@@ -286,12 +297,13 @@ mod cuda {
 
     pub(super) fn decode(
         c: &LatentCodec,
+        dtype: DType,
         s: &CudaStorage,
         l: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let Some(layout) = c.kernel_layout() else {
+        if c.kernel_layout().is_none() {
             candle_core::bail!("palu latent decode: more groups than the CUDA kernel takes")
-        };
+        }
         let rb = c.row_bytes();
         if l.dims().last() != Some(&rb) {
             candle_core::bail!(
@@ -304,9 +316,28 @@ mod cuda {
         };
         let n_rows = (end - start) / rb;
         let dev = s.device.clone();
-        let stream = dev.cuda_stream();
         let rows = s.as_cuda_slice::<u8>()?.slice(start..end);
-        let mut out = unsafe { dev.alloc::<f32>(n_rows * c.width()) }?;
+        let n = n_rows * c.width();
+        let out = match dtype {
+            DType::F16 => launch_decode::<half::f16>(c, &dev, &rows, n_rows, n, 1)?,
+            DType::BF16 => launch_decode::<half::bf16>(c, &dev, &rows, n_rows, n, 2)?,
+            _ => launch_decode::<f32>(c, &dev, &rows, n_rows, n, 0)?,
+        };
+        let mut shape = l.dims().to_vec();
+        *shape.last_mut().unwrap() = c.width();
+        Ok((out, Shape::from(shape)))
+    }
+
+    fn launch_decode<T: CudaDType + DeviceRepr>(
+        c: &LatentCodec,
+        dev: &CudaDevice,
+        rows: &CudaView<'_, u8>,
+        n_rows: usize,
+        n: usize,
+        out_type: i32,
+    ) -> Result<CudaStorage> {
+        let stream = dev.cuda_stream();
+        let mut out = unsafe { dev.alloc::<T>(n) }?;
         {
             let (r_p, _gr) = rows.device_ptr(&stream);
             let (o_p, _go) = out.device_ptr_mut(&stream);
@@ -315,14 +346,13 @@ mod cuda {
                     r_p as _,
                     o_p as _,
                     n_rows as i64,
-                    layout,
+                    c.kernel_layout().expect("checked by the caller"),
+                    out_type,
                     stream.cu_stream() as _,
                 )
             };
             launched("decode", err)?;
         }
-        let mut shape = l.dims().to_vec();
-        *shape.last_mut().unwrap() = c.width();
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(shape)))
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 }

@@ -651,6 +651,32 @@ fn latent_codec_kernels_match_cpu_twin_bit_for_bit() {
                     want_b.len(),
                     dec_cpu.len()
                 );
+                // Straight to the 16-bit types on the GPU = the CPU's f32 rounded by candle (compared as
+                // f32 bit patterns: every f16 / bf16 value is exact in f32).
+                for dt in [DType::F16, DType::BF16] {
+                    let bits = |t: Tensor| -> Vec<u32> {
+                        t.to_device(&Device::Cpu)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_dtype(DType::F32)
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect()
+                    };
+                    let a = bits(c.decode(&want, dt).unwrap());
+                    let b = bits(c.decode(&want.to_device(&gpu).unwrap(), dt).unwrap());
+                    let bad16 = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+                    assert_eq!(
+                        bad16,
+                        0,
+                        "{bits_n}-bit {zp:?} {widths:?} to {dt:?}: values differ",
+                        bits_n = c.bits()
+                    );
+                }
                 assert_eq!(want_b.len(), got_b.len());
                 assert_eq!(bad, 0, "{bits}-bit {zp:?} {widths:?}: encoded bytes differ");
                 assert_eq!(
