@@ -374,11 +374,16 @@ impl PaluTextModel {
         // The per-layer choice, printed once at startup.
         match on_candle.len() {
             0 => tracing::info!(
-                "palu: one-token decode steps on the fused CUDA kernel in all {} layers",
-                cfg.num_layers
+                "palu: one-token decode steps on the fused CUDA kernel in all {} layers{}",
+                cfg.num_layers,
+                if latent_bits < 16 {
+                    format!(" ({latent_bits}-bit latents unpacked on the device first)")
+                } else {
+                    String::new()
+                }
             ),
             n if n == cfg.num_layers => tracing::info!(
-                "palu: decode attention by candle ops (the fused kernel needs a CUDA build and device, f16/bf16, 16-bit latents and a shape it covers)"
+                "palu: decode attention by candle ops (the fused kernel needs a CUDA build and device, f16/bf16, no sliding window and a shape it covers)"
             ),
             n => tracing::info!(
                 "palu: one-token decode steps on the fused CUDA kernel in {} of {} layers; candle ops in layers {on_candle:?} (no instantiation for their shape)",
