@@ -117,7 +117,7 @@ impl LatentCodec {
             )
         }
         let x = h.to_dtype(DType::F32)?.contiguous()?;
-        if !x.device().is_cpu() && self.kernel_layout().is_none() {
+        if !x.device().is_cpu() && self.groups.len() > palu_kernels::MAX_CODEC_GROUPS {
             // More groups than the kernels take: through the CPU reference (correct, slow).
             return self
                 .encode(&x.to_device(&candle_core::Device::Cpu)?)?
@@ -128,8 +128,15 @@ impl LatentCodec {
 
     /// `[.., row_bytes]` u8 rows to `[.., R]` latents of `dtype`, on the rows' device.
     pub fn decode(&self, rows: &Tensor, dtype: DType) -> Result<Tensor> {
+        let rb = self.row_bytes();
+        if rows.dims().last() != Some(&rb) {
+            candle_core::bail!(
+                "palu latent decode: rows of {rb} bytes expected, got shape {:?}",
+                rows.dims()
+            )
+        }
         let rows = rows.contiguous()?;
-        if !rows.device().is_cpu() && self.kernel_layout().is_none() {
+        if !rows.device().is_cpu() && self.groups.len() > palu_kernels::MAX_CODEC_GROUPS {
             // More groups than the kernels take: through the CPU reference (correct, slow).
             return self
                 .decode(&rows.to_device(&candle_core::Device::Cpu)?, DType::F32)?
@@ -161,6 +168,13 @@ impl LatentCodec {
     }
 }
 
+/// `dims` with the last (row) dimension replaced by `n`: rows of floats <-> rows of bytes.
+fn with_last(dims: &[usize], n: usize) -> Shape {
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("rows have a last dimension") = n;
+    Shape::from(shape)
+}
+
 /// Encoding as a candle op: the CPU reference ([`LatentCodec::encode_row`]) and its CUDA twin
 /// (`palu_latent_encode`, kernels/src/latent_codec.cu), bit-exact to each other.
 struct Encoder<'a>(&'a LatentCodec);
@@ -184,9 +198,7 @@ impl CustomOp1 for Encoder<'_> {
         for (x, o) in src.chunks(c.width).zip(out.chunks_mut(rb)) {
             c.encode_row(x, o);
         }
-        let mut shape = layout.dims().to_vec();
-        *shape.last_mut().unwrap() = rb;
-        Ok((CpuStorage::U8(out), Shape::from(shape)))
+        Ok((CpuStorage::U8(out), with_last(layout.dims(), rb)))
     }
 
     #[cfg(feature = "cuda")]
@@ -215,12 +227,6 @@ impl CustomOp1 for Decoder<'_> {
             candle_core::bail!("palu latent decode expects u8 rows")
         };
         let rb = c.row_bytes();
-        let dims = layout.dims();
-        if dims.last() != Some(&rb) {
-            candle_core::bail!(
-                "palu latent decode: rows of {rb} bytes expected, got shape {dims:?}"
-            )
-        }
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("palu latent decode expects contiguous rows")
         };
@@ -229,9 +235,7 @@ impl CustomOp1 for Decoder<'_> {
         for (row, o) in src.chunks(rb).zip(out.chunks_mut(c.width)) {
             c.decode_row(row, o);
         }
-        let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap() = c.width;
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        Ok((CpuStorage::F32(out), with_last(layout.dims(), c.width)))
     }
 
     #[cfg(feature = "cuda")]
@@ -246,7 +250,7 @@ impl CustomOp1 for Decoder<'_> {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::LatentCodec;
+    use super::{with_last, LatentCodec};
     use candle_core::cuda_backend::cudarc::driver::{
         CudaView, DevicePtr, DevicePtrMut, DeviceRepr,
     };
@@ -290,9 +294,10 @@ mod cuda {
             };
             launched("encode", err)?;
         }
-        let mut shape = l.dims().to_vec();
-        *shape.last_mut().unwrap() = c.row_bytes();
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(shape)))
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev),
+            with_last(l.dims(), c.row_bytes()),
+        ))
     }
 
     pub(super) fn decode(
@@ -301,16 +306,10 @@ mod cuda {
         s: &CudaStorage,
         l: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        if c.kernel_layout().is_none() {
+        let Some(layout) = c.kernel_layout() else {
             candle_core::bail!("palu latent decode: more groups than the CUDA kernel takes")
-        }
+        };
         let rb = c.row_bytes();
-        if l.dims().last() != Some(&rb) {
-            candle_core::bail!(
-                "palu latent decode: rows of {rb} bytes expected, got shape {:?}",
-                l.dims()
-            )
-        }
         let Some((start, end)) = l.contiguous_offsets() else {
             candle_core::bail!("palu latent decode expects contiguous rows")
         };
@@ -319,17 +318,15 @@ mod cuda {
         let rows = s.as_cuda_slice::<u8>()?.slice(start..end);
         let n = n_rows * c.width();
         let out = match dtype {
-            DType::F16 => launch_decode::<half::f16>(c, &dev, &rows, n_rows, n, 1)?,
-            DType::BF16 => launch_decode::<half::bf16>(c, &dev, &rows, n_rows, n, 2)?,
-            _ => launch_decode::<f32>(c, &dev, &rows, n_rows, n, 0)?,
+            DType::F16 => launch_decode::<half::f16>(layout, &dev, &rows, n_rows, n, 1)?,
+            DType::BF16 => launch_decode::<half::bf16>(layout, &dev, &rows, n_rows, n, 2)?,
+            _ => launch_decode::<f32>(layout, &dev, &rows, n_rows, n, 0)?,
         };
-        let mut shape = l.dims().to_vec();
-        *shape.last_mut().unwrap() = c.width();
-        Ok((out, Shape::from(shape)))
+        Ok((out, with_last(l.dims(), c.width())))
     }
 
     fn launch_decode<T: CudaDType + DeviceRepr>(
-        c: &LatentCodec,
+        layout: palu_kernels::LatentLayout,
         dev: &CudaDevice,
         rows: &CudaView<'_, u8>,
         n_rows: usize,
@@ -346,7 +343,7 @@ mod cuda {
                     r_p as _,
                     o_p as _,
                     n_rows as i64,
-                    c.kernel_layout().expect("checked by the caller"),
+                    layout,
                     out_type,
                     stream.cu_stream() as _,
                 )

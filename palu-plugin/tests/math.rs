@@ -591,6 +591,20 @@ fn latent_codec_kernels_match_cpu_twin_bit_for_bit() {
     use palu::quant::ZeroPoint;
     let mut r = rng();
     let gpu = Device::new_cuda(0).expect("a CUDA device");
+    fn host<T: candle_core::WithDType>(t: &Tensor) -> Vec<T> {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+    fn bit_patterns(t: &Tensor) -> Vec<u32> {
+        host::<f32>(&t.to_dtype(DType::F32).unwrap())
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
     let rows = 3001;
     for widths in [vec![64usize], vec![16; 8], vec![24, 40, 8, 56]] {
         let width: usize = widths.iter().sum();
@@ -615,60 +629,22 @@ fn latent_codec_kernels_match_cpu_twin_bit_for_bit() {
                 let c = LatentCodec::new(bits, &widths, zp).unwrap();
                 let want = c.encode(&h).unwrap();
                 let got = c.encode(&h.to_device(&gpu).unwrap()).unwrap();
-                let (want_b, got_b): (Vec<u8>, Vec<u8>) = (
-                    want.flatten_all().unwrap().to_vec1().unwrap(),
-                    got.to_device(&Device::Cpu)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap(),
-                );
+                let (want_b, got_b) = (host::<u8>(&want), host::<u8>(&got));
                 let bad = want_b.iter().zip(&got_b).filter(|(a, b)| a != b).count();
-                let dec_cpu: Vec<f32> = c
-                    .decode(&want, DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let dec_gpu: Vec<f32> = c
-                    .decode(&want.to_device(&gpu).unwrap(), DType::F32)
-                    .unwrap()
-                    .to_device(&Device::Cpu)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let bad_dec = dec_cpu
-                    .iter()
-                    .zip(&dec_gpu)
-                    .filter(|(a, b)| a.to_bits() != b.to_bits())
-                    .count();
+                // Decoded values compared as f32 bit patterns; the 16-bit types straight from the
+                // GPU must equal the CPU's f32 rounded by candle (every f16 / bf16 value is exact
+                // in f32).
+                let on_gpu = want.to_device(&gpu).unwrap();
+                let dec = |rows: &Tensor, dt| bit_patterns(&c.decode(rows, dt).unwrap());
+                let (dec_cpu, dec_gpu) = (dec(&want, DType::F32), dec(&on_gpu, DType::F32));
+                let bad_dec = dec_cpu.iter().zip(&dec_gpu).filter(|(a, b)| a != b).count();
                 println!(
                     "codec {bits}-bit {zp:?} groups {widths:?}: {} bytes, {bad} differ; {} values decoded, {bad_dec} differ",
                     want_b.len(),
                     dec_cpu.len()
                 );
-                // Straight to the 16-bit types on the GPU = the CPU's f32 rounded by candle (compared as
-                // f32 bit patterns: every f16 / bf16 value is exact in f32).
                 for dt in [DType::F16, DType::BF16] {
-                    let bits = |t: Tensor| -> Vec<u32> {
-                        t.to_device(&Device::Cpu)
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                            .to_dtype(DType::F32)
-                            .unwrap()
-                            .to_vec1::<f32>()
-                            .unwrap()
-                            .iter()
-                            .map(|v| v.to_bits())
-                            .collect()
-                    };
-                    let a = bits(c.decode(&want, dt).unwrap());
-                    let b = bits(c.decode(&want.to_device(&gpu).unwrap(), dt).unwrap());
+                    let (a, b) = (dec(&want, dt), dec(&on_gpu, dt));
                     let bad16 = a.iter().zip(&b).filter(|(x, y)| x != y).count();
                     assert_eq!(
                         bad16,
