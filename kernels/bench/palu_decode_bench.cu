@@ -64,7 +64,11 @@ __global__ void fill_random_u16(unsigned short* x, size_t n, unsigned long long 
     }
 }
 
-// Median µs of `reps` event-timed runs of `launch` after 3 warm-up runs.
+// Median over `reps` of the mean µs of kBackToBack launches issued back to back between two
+// events (as a serving loop issues them: the host's launch cost overlaps the previous kernel),
+// after 3 warm-up rounds. Until v5 each launch was timed alone, which also counted the host's
+// launch latency (≈ 10–20 µs for two launches and an attribute call): see docs/kernels.md.
+constexpr int kBackToBack = 10;
 template <typename F>
 static float median_us(F launch, int reps) {
     cudaEvent_t a, b;
@@ -73,12 +77,12 @@ static float median_us(F launch, int reps) {
     std::vector<float> t;
     for (int i = 0; i < reps + 3; ++i) {
         CK(cudaEventRecord(a));
-        launch();
+        for (int k = 0; k < kBackToBack; ++k) launch();
         CK(cudaEventRecord(b));
         CK(cudaEventSynchronize(b));
         float ms;
         CK(cudaEventElapsedTime(&ms, a, b));
-        if (i >= 3) t.push_back(ms * 1000.f);
+        if (i >= 3) t.push_back(ms * 1000.f / kBackToBack);
     }
     CK(cudaEventDestroy(a));
     CK(cudaEventDestroy(b));
@@ -318,13 +322,22 @@ static double copy_bw() {
 }
 
 int main(int argc, char** argv) {
-    bool quick = false, llama3_only = false, with_stock = true;
+    bool quick = false, llama3_only = false, with_stock = true, ablate = false;
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
         if (a == "--quick") quick = true;
         if (a == "--llama3") llama3_only = true;
         if (a == "--target" && i + 1 < argc) g_target = atoi(argv[++i]);
         if (a == "--no-stock") with_stock = false;
+        if (a == "--ablate") ablate = true;
+        if (a == "--profile") {  // one launch of Llama-3 g = 1, 16K × batch 8, for ncu
+            Problem pr;
+            setup(pr, Shape{"llama3-8b", 32, 8, 128, 1, 16384, 8}, std::vector<int>(8, 16384), 64, 7);
+            if (i + 1 < argc) pr.p.variant = atoi(argv[i + 1]);
+            CK((cudaError_t)palu_decode(pr.p, 0));
+            CK(cudaDeviceSynchronize());
+            return 0;
+        }
     }
     printf("split target: %d blocks\n", g_target);
     unsigned long long seed = std::chrono::high_resolution_clock::now().time_since_epoch().count();
@@ -396,6 +409,26 @@ int main(int argc, char** argv) {
     }
     double bw = copy_bw();
     printf("device-to-device copy: %.2f TB/s (read + write)\n", bw / 1e12);
+    if (ablate) {
+        // Where the time goes (Llama-3 g = 1): the kernel with stages left out, per split target.
+        printf("\n| L | batch | split target | splits | full µs | loads only | loads + rebuild | all but RoPE | all but loads | start-up only |\n");
+        printf("|---|---|---|---|---|---|---|---|---|---|\n");
+        for (int L : {16384, 65536})
+            for (int B : {1, 8})
+                for (int target : {264, 396, 792}) {
+                    g_target = target;
+                    Problem pr;
+                    setup(pr, Shape{"llama3-8b", 32, 8, 128, 1, L, B}, std::vector<int>(B, L), 64, seed++);
+                    float t[6];
+                    for (int v = 0; v < 6; ++v) {
+                        pr.p.variant = v == 0 ? 0 : 100 + v;
+                        t[v] = time_us(pr.p, 20);
+                    }
+                    printf("| %dK | %d | %d | %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f |\n", L / 1024, B, target, pr.p.n_splits, t[0],
+                           t[1], t[2], t[3], t[4], t[5]);
+                }
+        return 0;
+    }
     std::vector<std::string> rows;
     std::map<std::string, float> stock_cache;
     auto stock_us_fn = stock_us;

@@ -7,19 +7,54 @@
 
 namespace {
 
+// Raise a kernel's dynamic shared-memory limit once per device and kernel, not per launch: the
+// attribute call costs the host several µs, on every layer of every decode step otherwise.
+cudaError_t raise_smem_limit(const void* kernel, int bytes) {
+    constexpr int kSlots = 64;
+    static thread_local const void* done_kernel[kSlots];
+    static thread_local int done_device[kSlots];
+    static thread_local int n_done = 0;
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess) return e;
+    for (int i = 0; i < n_done; ++i)
+        if (done_kernel[i] == kernel && done_device[i] == dev) return cudaSuccess;
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e == cudaSuccess && n_done < kSlots) {
+        done_kernel[n_done] = kernel;
+        done_device[n_done++] = dev;
+    }
+    return e;
+}
+template <typename K>
+cudaError_t raise_smem_limit(K* kernel, int bytes) {
+    return raise_smem_limit(reinterpret_cast<const void*>(kernel), bytes);
+}
+
 template <typename T, int RKP, int DH, int G, int NREP>
 cudaError_t launch(palu::DecodeParams p, cudaStream_t stream) {
     cudaError_t e;
-    if (p.variant == 0) {
+    if (p.variant == 0 || p.variant > 100) {
         using S = palu::mma4::Smem<RKP, RKP, DH, G>;
         auto split = palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP>;
-        e = cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, S::total);
+#ifdef PALU_ABLATIONS
+        // Benchmark only: variant 100 + k runs ablation k of the register pipeline (Llama-3 g=1).
+        if constexpr (std::is_same_v<T, half> && DH == 128 && G == 1 && NREP == 4 && RKP == 64) {
+            if (p.variant == 101) split = palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP, 1>;
+            if (p.variant == 102) split = palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP, 2>;
+            if (p.variant == 103) split = palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP, 3>;
+            if (p.variant == 104) split = palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP, 4>;
+            if (p.variant == 105) split = palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP, 5>;
+        }
+#endif
+        if (p.variant > 100 && split == palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP>) return cudaErrorNotSupported;
+        e = raise_smem_limit(split, S::total);
         if (e != cudaSuccess) return e;
         split<<<dim3(p.n_splits, p.G, p.B), palu::mma4::kWarps * 32, S::total, stream>>>(p);
     } else if constexpr (std::is_same_v<T, half>) {
         using S = palu::SplitSmem<RKP, RKP, DH, G>;
         auto split = palu::palu_decode_split<RKP, RKP, DH, G, NREP>;
-        e = cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, S::total);
+        e = raise_smem_limit(split, S::total);
         if (e != cudaSuccess) return e;
         split<<<dim3(p.n_splits, p.G, p.B), palu::kThreads, S::total, stream>>>(p);
     } else {
@@ -40,18 +75,21 @@ size_t palu_decode_workspace(int B, int G, int g, int n_rep, int n_splits, int r
     return (size_t)B * G * g * n_rep * n_splits * (2 + rv_pad);
 }
 
-// Splits over L for a batch: enough blocks to fill the device `target_blocks` deep (0: two per
-// SM of the current device), splits of ≥ 256 tokens, each a whole number of 64-token tiles.
+// Splits over L for a batch: as many as fill one wave of `target_blocks` resident blocks
+// (0: three per SM of the current device, what the Llama-shaped kernels' shared memory allows)
+// without starting a second, each split ≥ 512 tokens and a whole number of 64-token tiles.
+// Measured on the H200 (docs/kernels.md, v6): a second, partial wave costs more than the
+// parallelism it adds, and splits under 512 tokens spend more on start-up than they save.
 void palu_decode_plan(int B, int G, int Lmax, int target_blocks, int* n_splits, int* split_len) {
     if (target_blocks <= 0) {
         int dev = 0, sms = 0;
         cudaGetDevice(&dev);
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-        target_blocks = 2 * (sms > 0 ? sms : 66);
+        target_blocks = 3 * (sms > 0 ? sms : 66);
     }
     int blocks = G * B;
-    int want = (target_blocks + blocks - 1) / blocks;
-    int most = (Lmax + 255) / 256;
+    int want = target_blocks / blocks;
+    int most = (Lmax + 511) / 512;
     int n = want < most ? want : most;
     if (n < 1) n = 1;
     int len = ((Lmax + n - 1) / n + palu::kTile - 1) / palu::kTile * palu::kTile;

@@ -53,25 +53,52 @@ struct Smem {
     static constexpr int chunk = kChunk * (ldk + ldv) * 2;       // one buffer of one warp
     static constexpr int bufs = kWarps * 2 * chunk;
     static constexpr int merge = kWarps * 16 * (RVP + 2) * 4;    // per-warp (m, l, A)
-    static constexpr int rowoff = kChunk * (DH / 2) * 8;         // cos/sin(row·θ), row < 16
+    static constexpr int rowoff = kChunk * (DH / 2) * 8;         // cos/sin(row·θ) per lane, row < 16
     static constexpr int base = kWarps * (DH / 2) * 8;           // per warp: cos/sin(t0·θ)
     static constexpr int step = (DH / 2) * 8;                    // per pair: rotation by 64·θ
     static constexpr int total = b + q + rowoff + base + step + (bufs > merge ? bufs : merge);
 };
 
-// Issue the copies of one chunk of latent rows: the 8-column pieces that start below r
-// (round8(r) columns), zero-filling rows ≥ valid and the pieces beyond.
+// Issues the copies of one warp's chunk of latent rows: the 8-column pieces that start below r
+// (round8(r) columns), zero-filling rows ≥ valid and the pieces beyond. Each lane's pieces and
+// their offsets are fixed for the whole split and computed once (v5 recomputed them per chunk:
+// about 150 instructions per chunk for 8 copies).
 template <int RP>
-__device__ __forceinline__ void load_chunk(half* dst, int ld_dst, const half* src, int ld, int r, int t0, int valid, int lane) {
-    constexpr int per_row = RP / 8;
-#pragma unroll
-    for (int u = 0; u < kChunk * per_row / 32; ++u) {
-        int ci = lane + 32 * u, t = ci / per_row, col = ci % per_row * 8;
-        bool ok = t < valid && col < r;
-        const half* s = ok ? src + (size_t)(t0 + t) * ld + col : src;
-        cp_async16(dst + t * ld_dst + col, s, ok);
+struct ChunkLoader {
+    static constexpr int per_row = RP / 8;            // 16-byte pieces per row
+    static constexpr int n = kChunk * per_row / 32;   // pieces per lane
+    static constexpr bool regular = 32 % per_row == 0;
+    static constexpr int step = regular ? 32 / per_row : 0;  // rows between a lane's pieces
+    int row0, col;       // regular layout: the lane's first row, its column (same in every row)
+    bool col_ok;
+    long long ld;
+    int ld_dst, r, lane;
+
+    __device__ ChunkLoader(int ld_, int ld_dst_, int r_, int lane_) : ld(ld_), ld_dst(ld_dst_), r(r_), lane(lane_) {
+        row0 = lane / per_row;
+        col = lane % per_row * 8;
+        col_ok = col < r;
     }
-}
+    // src: the group's row 0; rows t0 … t0 + valid − 1 are copied.
+    __device__ __forceinline__ void load(half* dst, const half* src, int t0, int valid) const {
+        if constexpr (regular) {
+            const half* s = src + (t0 + row0) * ld + col;
+            half* d = dst + row0 * ld_dst + col;
+#pragma unroll
+            for (int u = 0; u < n; ++u) {
+                const bool ok = col_ok && row0 + step * u < valid;
+                cp_async16(d + step * u * ld_dst, ok ? s + step * u * ld : src, ok);
+            }
+        } else {
+#pragma unroll
+            for (int u = 0; u < n; ++u) {
+                const int ci = lane + 32 * u, t = ci / per_row, c = ci % per_row * 8;
+                const bool ok = t < valid && c < r;
+                cp_async16(dst + t * ld_dst + c, ok ? src + (t0 + t) * ld + c : src, ok);
+            }
+        }
+    }
+};
 
 // Zero the columns r..round8(r) of a landed chunk (they belong to padding or the next group).
 __device__ __forceinline__ void mask_cols(half* buf, int ld_dst, int r, int lane) {
@@ -88,8 +115,12 @@ __device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(
 // (advanced per chunk, re-seeded in double) times a per-row table cos/sin(row·θ).
 // Elements T (half or __nv_bfloat16): latents, factors and q; the shared-memory tiles hold T's
 // bits (zero fill is the same bits in both).
-template <typename T, int RKP, int RVP, int DH, int GHEADS, int NREP>
-__global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel(DecodeParams p) {
+// ABL (benchmark ablations, 0 in production): 1 loads only, 2 loads + rebuild, 3 all but RoPE,
+// 4 all but the loads (compute on whatever the buffers hold), 5 the block's start-up only. Stages left out still feed the
+// output, so the compiler keeps the rest.
+template <typename T, int RKP, int RVP, int DH, int GHEADS, int NREP, int ABL = 0>
+__global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, DH, GHEADS>::total > 57 * 1024 ? 3 : 4)
+    split_kernel(DecodeParams p) {
     using E = Elem<T>;
     constexpr int NH = GHEADS * NREP;
     static_assert(NH <= 16 && DH % 32 == 0 && DH <= 128 && RKP % 16 == 0 && RVP % 16 == 0, "shape");
@@ -113,46 +144,88 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel
     const int L = p.lens[b];
     const int s0 = split * p.split_len, s1 = min(L, s0 + p.split_len);
 
+    // B_k of the group into smem: 16-byte copies where rows are 16-byte aligned (rk % 8 == 0),
+    // element copies otherwise; all issued before any wait (v5 copied 2 bytes per step, each
+    // step a round trip to memory).
     const half* bk = p.bk + (size_t)grp * GHEADS * DH * p.rk;  // copied as bits
-    for (int i = tid; i < GHEADS * DH * RKP; i += kWarps * 32) {
-        int row = i / RKP, c = i % RKP;
-        sB[row * S::ldb + c] = c < p.rk ? bk[(size_t)row * p.rk + c] : __float2half(0.f);
+    {
+        constexpr int pieces = RKP / 8;
+        const bool vec = p.rk % 8 == 0 && (reinterpret_cast<size_t>(p.bk) & 15) == 0;
+        for (int i = tid; i < GHEADS * DH * pieces; i += kWarps * 32) {
+            const int row = i / pieces, c = i % pieces * 8;
+            half* dst = sB + row * S::ldb + c;
+            if (vec) {  // pieces lie wholly inside or wholly beyond rk; the latter zero-filled
+                const bool ok = c < p.rk;
+                cp_async16(dst, ok ? bk + (size_t)row * p.rk + c : bk, ok);
+                continue;
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) dst[e] = c + e < p.rk ? bk[(size_t)row * p.rk + c + e] : __float2half(0.f);
+        }
     }
     const float qscale = rsqrtf((float)DH);
-    for (int i = tid; i < GHEADS * 16 * DH; i += kWarps * 32) {
-        int j = i / (16 * DH), h = (i / DH) % 16, d = i % DH;
-        float v = 0.f;
-        if (h < NH && h / NREP == j) {
-            int qh = (grp * GHEADS + j) * NREP + h % NREP;
-            v = E::to_float(reinterpret_cast<const T*>(p.q)[((size_t)b * p.H + qh) * DH + d]) * qscale;
+    {
+        // Q rows of this group's heads (rows of other groups' heads stay zero): 8 elements per
+        // step with their loads issued together.
+        constexpr int per_row = DH / 8;
+        for (int i = tid; i < GHEADS * 16 * per_row; i += kWarps * 32) {
+            const int j = i / (16 * per_row), h = (i / per_row) % 16, d0 = i % per_row * 8;
+            const bool mine = h < NH && h / NREP == j;
+            const T* src = reinterpret_cast<const T*>(p.q) + ((size_t)b * p.H + (grp * GHEADS + j) * NREP + h % NREP) * DH + d0;
+            T v[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[e] = mine ? src[e] : E::from_float(0.f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                reinterpret_cast<T*>(sQ)[(j * 16 + h) * S::ldq + d0 + e] = E::from_float(E::to_float(v[e]) * qscale);
         }
-        reinterpret_cast<T*>(sQ)[(j * 16 + h) * S::ldq + d] = E::from_float(v);
     }
     constexpr int kStride = kChunk * kWarps;  // positions between a warp's consecutive chunks
-    for (int i = tid; i < kChunk * HALF; i += kWarps * 32) {
-        double a = (double)(i / HALF) * (double)p.inv_freq[i % HALF];
-        sRow[i] = make_float2((float)cos(a), (float)sin(a));
+    // cos/sin(row·θ_f) for the (row, f) pairs each lane rotates, stored lane-minor (entry
+    // `pair·32 + lane`): a warp's loads are consecutive, free of bank conflicts (v5 indexed
+    // [row][f]: the 8 rows of a load fell on the same banks). Built from accurate sincosf of
+    // θ, 2θ, 4θ, 8θ by at most three complex products (≤ 4 roundings): a sincosf per entry cost
+    // ~17 µs of start-up per block. sStep: the rotation by 64·θ between a warp's chunks.
+    float2* sPow = reinterpret_cast<float2*>(sBuf);  // [4][HALF], scratch until the first chunk lands
+    for (int i = tid; i < 4 * HALF; i += kWarps * 32) {
+        float c, sn;
+        sincosf((float)(1 << (i / HALF)) * p.inv_freq[i % HALF], &sn, &c);
+        sPow[i] = make_float2(c, sn);
     }
     for (int f = tid; f < HALF; f += kWarps * 32) {
-        double th = (double)kStride * (double)p.inv_freq[f];
-        sStep[f] = make_float2((float)cos(th), (float)sin(th));
+        float c, sn;
+        sincosf((float)kStride * p.inv_freq[f], &sn, &c);
+        sStep[f] = make_float2(c, sn);
     }
+    __syncthreads();
+    for (int i = tid; i < kChunk * HALF; i += kWarps * 32) {
+        const int ln = i % 32, pair = i / 32, f = 8 * (2 * (pair / 8) + (pair / 4) % 2) + 2 * (ln % 4) + (pair / 2) % 2;
+        const int row = ln / 4 + 8 * (pair % 2);
+        float2 a = make_float2(1.f, 0.f);
+#pragma unroll
+        for (int bit = 0; bit < 4; ++bit)
+            if (row >> bit & 1) a = cmul(a, sPow[bit * HALF + f]);
+        sRow[i] = a;
+    }
+    __syncthreads();  // sPow's space is reused by the chunk buffers
     float2* myBase = sBase + warp * HALF;
 
-    half* myK[2];
-    half* myV[2];
-    for (int u = 0; u < 2; ++u) {
-        myK[u] = reinterpret_cast<half*>(sBuf + (warp * 2 + u) * S::chunk);
-        myV[u] = myK[u] + kChunk * S::ldk;
-    }
+    // This warp's two chunk buffers (K rows then V rows), addressed arithmetically: an array of
+    // pointers indexed by the run-time buffer number went to local memory.
+    half* const kbuf0 = reinterpret_cast<half*>(sBuf + warp * 2 * S::chunk);
+    auto bufK = [&](int u) { return kbuf0 + u * (S::chunk / 2); };
+    auto bufV = [&](int u) { return kbuf0 + u * (S::chunk / 2) + kChunk * S::ldk; };
     const half* hk = p.hk + b * p.hk_sb + grp * p.hk_sg;
     const half* hv = p.hv + b * p.hv_sb + grp * p.hv_sg;
+    const ChunkLoader<RKP> loadK(p.ldk, S::ldk, p.rk, lane);
+    const ChunkLoader<RVP> loadV(p.ldv, S::ldv, p.rv, lane);
     int t0 = s0 + kChunk * warp;  // this warp's chunks: t0 = s0 + 16·(warp + 4·i)
-    if (t0 < s1) {
-        load_chunk<RKP>(myK[0], S::ldk, hk, p.ldk, p.rk, t0, s1 - t0, lane);
-        load_chunk<RVP>(myV[0], S::ldv, hv, p.ldv, p.rv, t0, s1 - t0, lane);
+    if (ABL != 4 && t0 < s1) {
+        loadK.load(bufK(0), hk, t0, s1 - t0);
+        loadV.load(bufV(0), hv, t0, s1 - t0);
     }
     cp_commit();
+    cp_wait<0>();     // sB's copies (and the first chunk)
     __syncthreads();  // sB, sQ, sRow, sStep ready
 
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
@@ -160,13 +233,14 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel
 #pragma unroll
     for (int n = 0; n < NV; ++n) acc_v[n][0] = acc_v[n][1] = acc_v[n][2] = acc_v[n][3] = 0.f;
 
+    if constexpr (ABL == 5) t0 = s1;
     int buf = 0;
     for (int it = 0; t0 < s1; ++it, t0 += kStride, buf ^= 1) {
         const int valid = min(kChunk, s1 - t0);
         const int t1 = t0 + kStride;
-        if (t1 < s1) {
-            load_chunk<RKP>(myK[buf ^ 1], S::ldk, hk, p.ldk, p.rk, t1, s1 - t1, lane);
-            load_chunk<RVP>(myV[buf ^ 1], S::ldv, hv, p.ldv, p.rv, t1, s1 - t1, lane);
+        if (ABL != 4 && t1 < s1) {
+            loadK.load(bufK(buf ^ 1), hk, t1, s1 - t1);
+            loadV.load(bufV(buf ^ 1), hv, t1, s1 - t1);
         }
         cp_commit();
         if (it % kReseed == 0) {
@@ -177,13 +251,17 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel
         }
         cp_wait<1>();
         __syncwarp();
-        mask_cols(myK[buf], S::ldk, p.rk, lane);
-        mask_cols(myV[buf], S::ldv, p.rv, lane);
+        mask_cols(bufK(buf), S::ldk, p.rk, lane);
+        mask_cols(bufV(buf), S::ldv, p.rv, lane);
         __syncwarp();
+        if constexpr (ABL == 1) {
+            acc_v[0][0] += __half2float(bufK(buf)[lane]) + __half2float(bufV(buf)[lane]);
+            continue;
+        }
         unsigned a[KS][4];
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks)
-            ldsm_x4(a[ks][0], a[ks][1], a[ks][2], a[ks][3], myK[buf] + (lane % 16) * S::ldk + ks * 16 + (lane / 16) * 8);
+            ldsm_x4(a[ks][0], a[ks][1], a[ks][2], a[ks][3], bufK(buf) + (lane % 16) * S::ldk + ks * 16 + (lane / 16) * 8);
         float st[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // Sᵀ: heads × tokens 0-7, 8-15
         for (int j = 0; j < GHEADS; ++j) {
 #pragma unroll
@@ -203,16 +281,22 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel
                     E::mma16816(k[2], a[ks][0], a[ks][1], a[ks][2], a[ks][3], c0, c1);
                     E::mma16816(k[3], a[ks][0], a[ks][1], a[ks][2], a[ks][3], c2, c3);
                 }
+                if constexpr (ABL == 2) {
+#pragma unroll
+                    for (int i = 0; i < 16; ++i) st[0][i % 4] += k[i / 4][i % 4];
+                    continue;
+                }
                 // RoPE: k[t] (dims d) pairs with k[2 + t] (dims d + dh/2).
 #pragma unroll
                 for (int t = 0; t < 2; ++t)
+                    if (ABL != 3)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         const int f = 8 * (2 * dq + t) + 2 * tig + e;
                         const float2 bs = myBase[f];
 #pragma unroll
                         for (int r = 0; r < 2; ++r) {
-                            const float2 an = cmul(bs, sRow[(g + 8 * r) * HALF + f]);
+                            const float2 an = cmul(bs, sRow[(((dq * 2 + t) * 2 + e) * 2 + r) * 32 + lane]);
                             float k1 = k[t][2 * r + e], k2 = k[2 + t][2 * r + e];
                             k[t][2 * r + e] = k1 * an.x - k2 * an.y;
                             k[2 + t][2 * r + e] = k2 * an.x + k1 * an.y;
@@ -226,6 +310,10 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel
                 E::mma16816(st[0], w0, w1, w2, w3, E::pack2(k[2][0], k[2][1]), E::pack2(k[3][0], k[3][1]));
                 E::mma16816(st[1], w0, w1, w2, w3, E::pack2(k[2][2], k[2][3]), E::pack2(k[3][2], k[3][3]));
             }
+        }
+        if constexpr (ABL == 2) {
+            acc_v[0][0] += st[0][0] + st[0][1] + st[0][2] + st[0][3];
+            continue;
         }
         // Online softmax over this chunk: rows g (r = 0) and g + 8 (r = 1).
         float pr[2][4];
@@ -268,7 +356,7 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS == 1 ? 4 : 1) split_kernel
 #pragma unroll
         for (int np = 0; np < NV / 2; ++np) {
             unsigned b0, b1, b2, b3;
-            ldsm_x4_t(b0, b1, b2, b3, myV[buf] + (lane % 16) * S::ldv + np * 16 + (lane / 16) * 8);
+            ldsm_x4_t(b0, b1, b2, b3, bufV(buf) + (lane % 16) * S::ldv + np * 16 + (lane / 16) * 8);
             E::mma16816(acc_v[2 * np], pa0, pa1, pa2, pa3, b0, b1);
             E::mma16816(acc_v[2 * np + 1], pa0, pa1, pa2, pa3, b2, b3);
         }
