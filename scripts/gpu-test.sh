@@ -56,6 +56,9 @@ split -b 50000000 "$fixtures/models/$gguf" .gpu-fix/part.
 mv .gpu-fix/part.aa .gpu-fix/a/ && mv .gpu-fix/part.ab .gpu-fix/b/
 cp "$fixtures/README.md" .gpu-fix/a/
 cp "$fixtures/text/c4-train-00000-first800.jsonl" "$fixtures/text/wikitext-2-raw-test.txt" .gpu-fix/a/text/
+# stories260K's tokenizer serves the synthetic Llama-3-shaped checkpoint of the packed-latent test.
+mkdir -p .gpu-fix/a/models/stories260K
+cp "$fixtures"/models/stories260K/tokenizer*.json "$fixtures"/models/stories260K/config.json .gpu-fix/a/models/stories260K/
 (cd "$fixtures/models" && sha256sum "$gguf") > .gpu-fix/a/models/SHA256SUMS
 
 cat > .gpu/run.sh <<'RUN'
@@ -66,12 +69,12 @@ cuda_lib=$(dirname "$(ldconfig -p | grep -m1 'libcublas.so.13' | awk '{print $NF
 export LD_LIBRARY_PATH="$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 for t in palu-gpu-tests engine-gpu-tests decode-bench; do xz -dkf ".gpu/$t.xz" && chmod +x ".gpu/$t"; done
-./.gpu/palu-gpu-tests decode_kernel latent_codec_kernels --nocapture --test-threads 1; kernel_tests=$?
+./.gpu/palu-gpu-tests decode_kernel latent_codec_kernels packed_decode_kernel --nocapture --test-threads 1; kernel_tests=$?
 engine_tests=skipped
 if [ -f .gpu-fix/a/part.aa ] && [ -f .gpu-fix/b/part.ab ]; then
     fix=$PWD/.gpu-fix/fixtures
     mkdir -p "$fix/models" "$fix/text" .gpu-fix/scratch
-    cp .gpu-fix/a/README.md "$fix/" && cp .gpu-fix/a/text/* "$fix/text/"
+    cp .gpu-fix/a/README.md "$fix/" && cp .gpu-fix/a/text/* "$fix/text/" && cp -r .gpu-fix/a/models/stories260K "$fix/models/"
     cat .gpu-fix/a/part.aa .gpu-fix/b/part.ab > "$fix/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     (cd "$fix/models" && sha256sum -c ../../a/models/SHA256SUMS) &&
     PALU_FIXTURES=$fix PALU_SCRATCH=$PWD/.gpu-fix/scratch RUST_LOG=palu=info \

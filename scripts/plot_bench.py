@@ -12,47 +12,52 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parent.parent
-ROW = re.compile(r"\| (\S+) \| (\d) \| (\d+)K \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)% \| (.*) \|")
-
-
 def rows(path):
+    """Rows of a harness table: | model | g | L | batch | µs | roofline | × | frac | stock [| 8-bit | 4-bit] |."""
     out = []
     for line in Path(path).read_text().splitlines():
-        m = ROW.match(line)
-        if m:
-            model, g, L, B, us, roof, x, frac, stock = m.groups()
-            s = re.match(r"(\d+) ", stock)
-            out.append(dict(model=model, g=int(g), L=int(L) * 1024, B=int(B), us=float(us), roof=float(roof),
-                            frac=float(frac), stock=float(s.group(1)) if s else None))
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 9 or not re.fullmatch(r"\d+K", cells[2]) or not cells[0].startswith(("llama", "smol")):
+            continue
+        num = lambda c: float(re.match(r"[\d.]+", c).group(0)) if re.match(r"[\d.]+", c) else None
+        out.append(dict(model=cells[0], g=int(cells[1]), L=int(cells[2][:-1]) * 1024, B=int(cells[3]),
+                        us=float(cells[4]), roof=float(cells[5]), frac=float(cells[7].rstrip("%")),
+                        stock=num(cells[8]), b8=num(cells[9]) if len(cells) > 10 else None,
+                        b4=num(cells[10]) if len(cells) > 10 else None))
     return out
 
 
 def main():
-    versions = {v: rows(ROOT / f"docs/bench/palu_decode_{v}.md") for v in ["v1", "v2", "v3", "v4", "v5"]}
-    v4 = rows(ROOT / "docs/bench/palu_decode_v5_stock.md")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    versions = {v: rows(ROOT / f"docs/bench/palu_decode_{v}.md") for v in ["v1", "v2", "v3", "v4", "v5", "v6"]}
+    v5 = rows(ROOT / "docs/bench/palu_decode_v5_stock.md")
+    v6 = versions["v6"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     for ax, B in zip(axes, [1, 8, 32]):
-        for g, style in [(1, "o-"), (2, "s-")]:
-            r = [x for x in v4 if x["model"] == "llama3-8b" and x["g"] == g and x["B"] == B]
-            ax.plot([x["L"] for x in r], [x["us"] for x in r], style, label=f"Palu-50% g={g} (v5)")
-        r = [x for x in v4 if x["model"] == "llama3-8b" and x["g"] == 1 and x["B"] == B]
+        r = [x for x in v6 if x["model"] == "llama3-8b" and x["g"] == 1 and x["B"] == B]
+        ax.plot([x["L"] for x in r], [x["us"] for x in r], "o-", label="Palu-50% g=1 fp16 latents (v6)")
+        ax.plot([x["L"] for x in r], [x["b8"] for x in r], "v-", label="8-bit packed latents (v6)")
+        ax.plot([x["L"] for x in r], [x["b4"] for x in r], "D-", label="4-bit packed latents (v6)")
+        r2 = [x for x in v6 if x["model"] == "llama3-8b" and x["g"] == 2 and x["B"] == B]
+        ax.plot([x["L"] for x in r2], [x["us"] for x in r2], "s-", label="Palu-50% g=2 fp16 (v6)")
+        r5 = [x for x in v5 if x["model"] == "llama3-8b" and x["g"] == 1 and x["B"] == B]
+        ax.plot([x["L"] for x in r5], [x["us"] for x in r5], "o:", color="gray", label="g=1 fp16, v5 (before)")
         ax.plot([x["L"] for x in r], [x["roof"] for x in r], "k--", label="roofline: bf16 K/V read once")
         ax.plot([x["L"] for x in r], [0.6 * x["roof"] for x in r], "k:", label="target 0.6× roofline")
         st = [x for x in r if x["stock"]]
         if st:
-            ax.plot([x["L"] for x in st], [x["stock"] for x in st], "r^", label="stock paged attn (same run)")
+            ax.plot([x["L"] for x in st], [x["stock"] for x in st], "r^", label="stock paged attn bf16 (same run)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context length L (tokens)")
         ax.set_ylabel("µs per layer per decode step")
         ax.set_title(f"Llama-3-8B attention shape, batch {B}")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(ROOT / "docs/img/decode_latency_llama3.svg")
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for v, style in [("v1", "x-"), ("v2", "d-"), ("v3", "s-"), ("v4", "o-"), ("v5", "*-")]:
+    for v, style in [("v1", "x-"), ("v2", "d-"), ("v3", "s-"), ("v4", "o-"), ("v5", "*-"), ("v6", "P-")]:
         r = [x for x in versions[v] if x["model"] == "llama3-8b" and x["g"] == 1 and x["B"] == 8]
         # v1-v3 tables were recomputed with the same roofline; fraction = latent bytes / copy BW
         ax.plot([x["L"] for x in r], [x["frac"] for x in r], style, label=v)

@@ -247,11 +247,77 @@ async fn smollm2_palu50_gpu_decode_steps_run_on_the_kernel_and_agree_with_the_cp
 /// The same with packed 4-bit latents: the GPU quantizes and packs each new token's latents and
 /// unpacks the cache on the device (kernels/src/latent_codec.cu), then decodes on the fused
 /// kernel; the CPU engine holds the same 4-bit cache (the codecs are bit-exact twins).
+/// SmolLM2's head_dim 64 has no packed instantiation: its packed rows are unpacked first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn smollm2_palu50_gpu_decode_with_packed_4_bit_latents_agrees_with_the_cpu() {
     let ckpt = smollm2_palu50();
     let cpu = serve_bits(&ckpt, KvCacheKind::Palu, ModelDType::F32, false, false, 4).await;
+    let packed = palu::decode_op::cuda_packed_launches();
     decode_agrees_with_the_cpu(&ckpt, &cpu, ModelDType::F16, 4).await;
+    assert_eq!(
+        palu::decode_op::cuda_packed_launches(),
+        packed,
+        "unpacked first, not read packed"
+    );
+}
+
+/// A Llama-3-shaped Palu checkpoint (head_dim 128, GQA 4, g = 1, rank 64: the packed
+/// instantiations' shape; random weights, 2 layers, the stories260K tokenizer) with 4- and
+/// 8-bit latents: every one-token step of every layer reads the packed rows in the kernel
+/// (counted), in f16 and bf16, and agrees with the CPU engine holding the same packed cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn llama3_shaped_gpu_decode_reads_packed_latents_and_agrees_with_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut spec = palu::synth::SynthSpec::tiny("llama", seed);
+    (
+        spec.hidden,
+        spec.heads,
+        spec.kv_heads,
+        spec.head_dim,
+        spec.intermediate,
+    ) = (1024, 8, 2, 128, 2048);
+    spec.extra = serde_json::json!({"rope_theta": 500000.0});
+    spec.palu = Some(palu::synth::SynthPalu {
+        group_size: 1,
+        ratio: 0.5,
+    });
+    let ckpt = tmp.path().join("llama3-shaped-palu50");
+    let stories = palu_integration_tests::fixtures().join("models/stories260K");
+    palu::synth::write(&spec, &ckpt, Some(&stories)).unwrap();
+    for (bits, dtypes) in [
+        (4u8, &[ModelDType::F16, ModelDType::BF16][..]),
+        (8, &[ModelDType::F16][..]),
+    ] {
+        let cpu = serve_bits(
+            &ckpt,
+            KvCacheKind::Palu,
+            ModelDType::F32,
+            false,
+            false,
+            bits,
+        )
+        .await;
+        for &dtype in dtypes {
+            let packed = palu::decode_op::cuda_packed_launches();
+            let launches = palu::decode_op::cuda_launches();
+            decode_agrees_with_the_cpu(&ckpt, &cpu, dtype, bits).await;
+            let (p, l) = (
+                palu::decode_op::cuda_packed_launches() - packed,
+                palu::decode_op::cuda_launches() - launches,
+            );
+            eprintln!(
+                "{dtype:?} {bits}-bit (seed {seed}): {p} of {l} kernel launches read packed rows"
+            );
+            assert!(
+                p == l && p > 0,
+                "{dtype:?} {bits}-bit: {p} of {l} launches read packed rows"
+            );
+        }
+    }
 }
 
 async fn decode_agrees_with_the_cpu(ckpt: &Path, cpu: &Served, dtype: ModelDType, bits: u8) {

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 #include <map>
+#include <cstring>
 
 #include "../src/palu_decode.cuh"
 
@@ -163,6 +164,9 @@ struct Problem {
     palu::DecodeParams p{};
     std::vector<void*> bufs;
     size_t latent_bytes = 0;
+    void *packed_k = nullptr, *packed_v = nullptr;  // make_packed
+    half *half_k = nullptr, *half_v = nullptr;
+    int row_bytes = 0, bits = 0;
     ~Problem() {
         for (void* b : bufs) cudaFree(b);
     }
@@ -219,6 +223,111 @@ static void setup(Problem& pr, const Shape& s, const std::vector<int>& lens, int
     CK(cudaDeviceSynchronize());
 }
 
+// Packed latents (latent_codec.cu's row format, one quantization group per low-rank group) for
+// the same problem in the model layout: random codes, f16 scales in [0.02, 0.1), zeros in
+// [0, 2^bits). With `halves`, the 16-bit latents become the dequantized rows ((code − zero)·scale
+// rounded to f16, what the packed kernel's tiles hold), so the 16-bit kernel on them must give
+// the packed kernel's output bit for bit, and check() measures both against float64.
+extern "C" int palu_decode_packed_supported(int dh, int g, int n_rep, int rk, int rv, int bits);
+static void make_packed(Problem& pr, int bits, unsigned long long seed, bool halves) {
+    auto& p = pr.p;
+    const int G = p.G, r = p.rk, cb = r * bits / 8, nc = G * cb, rb = nc + 4 * G;
+    std::vector<int> lens(p.B);
+    CK(cudaMemcpy(lens.data(), p.lens, p.B * 4, cudaMemcpyDeviceToHost));
+    const size_t rows = (size_t)p.B * p.Lmax;
+    std::mt19937_64 rng(seed);
+    for (int kv = 0; kv < 2; ++kv) {
+        std::vector<unsigned char> bytes(rows * rb);
+        for (auto& x : bytes) x = (unsigned char)rng();
+        std::vector<half> deq;
+        if (halves) deq.resize(rows * G * r);
+        for (size_t row = 0; row < rows; ++row) {
+            unsigned char* rp = &bytes[row * rb];
+            for (int gi = 0; gi < G; ++gi) {
+                half sc = __float2half(0.02f + 0.08f * (float)(rng() % 10000) / 10000.f);
+                short zero = (short)(rng() % (1u << bits));
+                memcpy(rp + nc + 2 * gi, &sc, 2);
+                memcpy(rp + nc + 2 * G + 2 * gi, &zero, 2);
+                if (!halves) continue;
+                for (int j = 0; j < r; ++j) {
+                    const int bit = (gi * r + j) * bits;
+                    const int code = (rp[bit / 8] >> (bit % 8)) & ((1 << bits) - 1);
+                    deq[row * G * r + gi * r + j] = __float2half(((float)code - (float)zero) * __half2float(sc));
+                }
+            }
+        }
+        unsigned char* d = (unsigned char*)dalloc(pr, bytes.size());
+        CK(cudaMemcpy(d, bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
+        if (halves) {
+            half* dh = (half*)dalloc(pr, deq.size() * 2);
+            CK(cudaMemcpy(dh, deq.data(), deq.size() * 2, cudaMemcpyHostToDevice));
+            (kv ? pr.half_v : pr.half_k) = dh;
+        }
+        (kv ? pr.packed_v : pr.packed_k) = d;
+    }
+    pr.row_bytes = rb;
+    pr.bits = bits;
+}
+
+__global__ void fill_packed_params(unsigned char* rows, size_t n_rows, int rb, int nc, int G, int bits, unsigned long long seed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n_rows * G; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t row = i / G;
+        const int gi = (int)(i % G);
+        unsigned long long z = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+        z = (z ^ (z >> 31)) * 0xBF58476D1CE4E5B9ull;
+        const half sc = __float2half(0.02f + 0.08f * (float)((z >> 20) % 10000) / 10000.f);
+        const short zero = (short)((z >> 40) % (1u << bits));
+        memcpy(rows + row * rb + nc + 2 * gi, &sc, 2);
+        memcpy(rows + row * rb + nc + 2 * G + 2 * gi, &zero, 2);
+    }
+}
+
+// make_packed without the host: random code bytes and valid scales/zeros on the device (timings).
+static void make_packed_device(Problem& pr, int bits, unsigned long long seed) {
+    auto& p = pr.p;
+    for (void* old : {pr.packed_k, pr.packed_v})
+        if (old) {
+            pr.bufs.erase(std::find(pr.bufs.begin(), pr.bufs.end(), old));
+            CK(cudaFree(old));
+        }
+    const int G = p.G, cb = p.rk * bits / 8, nc = G * cb, rb = nc + 4 * G;
+    const size_t rows = (size_t)p.B * p.Lmax, n = rows * rb;
+    for (int kv = 0; kv < 2; ++kv) {
+        unsigned char* d = (unsigned char*)dalloc(pr, (n + 1) / 2 * 2);
+        fill_random_u16<<<4096, 256>>>((unsigned short*)d, (n + 1) / 2, seed + kv);
+        fill_packed_params<<<4096, 256>>>(d, rows, rb, nc, G, bits, seed + 7 + kv);
+        (kv ? pr.packed_v : pr.packed_k) = d;
+    }
+    CK(cudaDeviceSynchronize());
+    pr.row_bytes = rb;
+    pr.bits = bits;
+}
+
+// The problem's params reading the packed rows (make_packed) or their dequantized 16-bit copy.
+static palu::DecodeParams packed_params(const Problem& pr) {
+    palu::DecodeParams q = pr.p;
+    const int cb = q.rk * pr.bits / 8, nc = q.G * cb;
+    q.bits = pr.bits;
+    q.hk = (const half*)pr.packed_k;
+    q.hv = (const half*)pr.packed_v;
+    q.ldk = q.ldv = pr.row_bytes;
+    q.hk_sb = q.hv_sb = (long long)q.Lmax * pr.row_bytes;
+    q.hk_sg = q.hv_sg = cb;
+    q.k_scale_off = q.v_scale_off = nc;
+    q.k_zero_off = q.v_zero_off = nc + 2 * q.G;
+    return q;
+}
+static palu::DecodeParams dequantized_params(const Problem& pr) {
+    palu::DecodeParams q = pr.p;
+    q.bits = 0;
+    q.hk = pr.half_k;
+    q.hv = pr.half_v;
+    q.ldk = q.ldv = q.G * q.rk;
+    q.hk_sb = q.hv_sb = (long long)q.Lmax * q.G * q.rk;
+    q.hk_sg = q.hv_sg = q.rk;
+    return q;
+}
+
 static std::vector<float> d2h_half(const half* d, size_t n) {
     std::vector<half> h(n);
     CK(cudaMemcpy(h.data(), d, n * 2, cudaMemcpyDeviceToHost));
@@ -228,8 +337,9 @@ static std::vector<float> d2h_half(const half* d, size_t n) {
 }
 
 // float64 reference of the same function; returns ‖out − ref‖ / ‖ref‖.
-static double check(const Problem& pr) {
-    const auto& p = pr.p;
+static double check_params(const palu::DecodeParams& p);
+static double check(const Problem& pr) { return check_params(pr.p); }
+static double check_params(const palu::DecodeParams& p) {
     std::vector<int> lens(p.B);
     CK(cudaMemcpy(lens.data(), p.lens, p.B * 4, cudaMemcpyDeviceToHost));
     auto q = d2h_half(p.q, (size_t)p.B * p.H * p.dh);
@@ -403,6 +513,35 @@ int main(int argc, char** argv) {
         failures += !ok;
         printf("check v4 llama3-8b  g=1 r=64 lens=40000 splits=%d: rel L2 error %.2e %s\n", pr.p.n_splits, err, ok ? "ok" : "FAIL");
     }
+    // Packed latents (2/4/8 bits, Llama shapes at g = 1): the packed kernel must give exactly
+    // what the 16-bit kernel gives on the dequantized rows, and both must match float64.
+    for (int bits : {2, 4, 8})
+        // Rows of 2 and 1 KV groups (72 / 36 bytes at 4 bits) take the 8- and 4-byte copies.
+        for (Shape s : {Shape{"llama3-8b", 32, 8, 128, 1, 0, 3}, Shape{"llama2-7b", 32, 32, 128, 1, 0, 2},
+                        Shape{"gqa4-2kv", 8, 2, 128, 1, 0, 3}, Shape{"gqa4-1kv", 4, 1, 128, 1, 0, 3}}) {
+            std::vector<int> lens = s.B == 3 ? std::vector<int>{1000, 2113, 77} : std::vector<int>{517, 1201};
+            Problem pr;
+            setup(pr, s, lens, 64, seed++, true);
+            make_packed(pr, bits, seed++, true);
+            const size_t nout = (size_t)s.B * s.H * s.dh;
+            palu::DecodeParams pq = packed_params(pr), pd = dequantized_params(pr);
+            pd.out = (float*)dalloc(pr, nout * 4);
+            CK(cudaMemset(pq.out, 0xff, nout * 4));
+            CK((cudaError_t)palu_decode(pq, 0));
+            CK((cudaError_t)palu_decode(pd, 0));
+            CK(cudaDeviceSynchronize());
+            std::vector<float> a(nout), b(nout);
+            CK(cudaMemcpy(a.data(), pq.out, nout * 4, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(b.data(), pd.out, nout * 4, cudaMemcpyDeviceToHost));
+            size_t differ = 0;
+            for (size_t i = 0; i < nout; ++i) differ += memcmp(&a[i], &b[i], 4) != 0;
+            double err = check_params(pd);
+            bool ok = differ == 0 && err < 2e-3 && std::isfinite(err);
+            failures += !ok;
+            printf("check packed %d-bit %-10s g=1 r=64 rows of %d bytes lens=%d,%d%s: %zu of %zu outputs differ from the 16-bit "
+                   "kernel on the dequantized rows; rel L2 error %.2e %s\n",
+                   bits, s.model, pr.row_bytes, lens[0], lens[1], s.B == 3 ? ",77" : "", differ, nout, err, ok ? "ok" : "FAIL");
+        }
     if (failures) {
         printf("correctness failures: %d (no timings)\n", failures);
         return 1;
@@ -455,16 +594,31 @@ int main(int argc, char** argv) {
                         if (!stock_cache.count(key)) stock_cache[key] = stock_us_fn(s.H, s.Hkv, s.dh, L, B, seed++);
                         stock_us = stock_cache[key];
                     }
-                    char line[256];
-                    snprintf(line, sizeof line, "| %s | %d | %dK | %d | %.1f | %.1f | %.2f | %.0f%% | %s |", model, g, L / 1024, B, us,
-                             roof_us, us / roof_us, 100.0 * (lat / (us * 1e-6)) / bw,
+                    // Packed latents (g = 1): 8 and 4 bits, µs and × roofline (and × stock for 4 bits).
+                    std::string low[2] = {"–", "–"};
+                    if (palu_decode_packed_supported(s.dh, g, s.H / s.Hkv, r, r, 4))
+                        for (int k = 0; k < 2; ++k) {
+                            const int bits = k == 0 ? 8 : 4;
+                            make_packed_device(pr, bits, seed++);
+                            const float t = time_us(packed_params(pr), 20);
+                            char c[96];
+                            if (k == 1 && stock_us > 0)
+                                snprintf(c, sizeof c, "%.1f (%.2f×, %.2f× stock)", t, t / roof_us, stock_us / t);
+                            else
+                                snprintf(c, sizeof c, "%.1f (%.2f×)", t, t / roof_us);
+                            low[k] = c;
+                        }
+                    char line[384];
+                    snprintf(line, sizeof line, "| %s | %d | %dK | %d | %.1f | %.1f | %.2f | %.0f%% | %s | %s | %s |", model, g, L / 1024, B,
+                             us, roof_us, us / roof_us, 100.0 * (lat / (us * 1e-6)) / bw,
                              stock_us > 0 ? (std::to_string((int)stock_us) + " (" + std::to_string(stock_us / us).substr(0, 4) + "×)").c_str()
-                             : stock_us == -2 ? "aborts (v1 smem)" : stock_us < 0 ? "fails" : "–");
+                             : stock_us == -2 ? "aborts (v1 smem)" : stock_us < 0 ? "fails" : "–",
+                             low[0].c_str(), low[1].c_str());
                     rows.push_back(line);
                     fprintf(stderr, "%s\n", line);
                 }
-    printf("\n| shape | g | L | batch | Palu-50%% fp16 µs | roofline bf16 K/V µs | × roofline | latent bytes/s ÷ copy BW | stock paged attn bf16 µs, same run (speed-up) |\n");
-    printf("|---|---|---|---|---|---|---|---|---|\n");
+    printf("\n| shape | g | L | batch | Palu-50%% fp16 µs | roofline bf16 K/V µs | × roofline | latent bytes/s ÷ copy BW | stock paged attn bf16 µs, same run (speed-up) | 8-bit µs (× roofline) | 4-bit µs (× roofline, × stock) |\n");
+    printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (auto& r : rows) printf("%s\n", r.c_str());
     printf("\ncorrectness failures: %d\n", failures);
     return failures ? 1 : 0;

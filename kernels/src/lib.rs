@@ -56,6 +56,16 @@ pub struct DecodeParams {
     pub variant: i32,
     /// 1: `q`, the latents and the factors are bf16; 0: f16.
     pub bf16: i32,
+    /// 0: 16-bit latents. 2, 4 or 8: packed rows of `palu::latent_codec` (one quantization group
+    /// per low-rank group); then `hk`/`hv` point at bytes and `hk_sb`, `hk_sg`, `ldk` (and the
+    /// value strides) count bytes: a sequence, one group's codes, a row.
+    pub bits: i32,
+    /// Byte offset in a key row of group 0's f16 scale (group `grp`: `+ 2·grp`).
+    pub k_scale_off: i32,
+    /// Byte offset in a key row of group 0's i16 zero.
+    pub k_zero_off: i32,
+    pub v_scale_off: i32,
+    pub v_zero_off: i32,
 }
 
 #[cfg(feature = "cuda")]
@@ -77,7 +87,16 @@ extern "C" {
     pub fn palu_decode_supported(dh: i32, g: i32, n_rep: i32, rk: i32, rv: i32) -> i32;
     /// Padded rank of the instantiation that covers the shape (sizes the workspace); 0: none.
     pub fn palu_decode_rank_pad(dh: i32, g: i32, n_rep: i32, rk: i32, rv: i32) -> i32;
-    /// Splits over L filling the current device `target_blocks` deep (0: two blocks per SM).
+    /// 1 when a packed-latent instantiation covers the shape at `bits` (2, 4, 8).
+    pub fn palu_decode_packed_supported(
+        dh: i32,
+        g: i32,
+        n_rep: i32,
+        rk: i32,
+        rv: i32,
+        bits: i32,
+    ) -> i32;
+    /// Splits over L filling one wave of `target_blocks` resident blocks (0: three per SM).
     pub fn palu_decode_plan(
         b: i32,
         groups: i32,
@@ -136,4 +155,21 @@ pub const ERROR_NOT_SUPPORTED: i32 = 801;
 pub fn decode_supported(head_dim: usize, g: usize, n_rep: usize, rk: usize, rv: usize) -> bool {
     let i = |x: usize| i32::try_from(x).unwrap_or(i32::MAX);
     unsafe { palu_decode_supported(i(head_dim), i(g), i(n_rep), i(rk), i(rv)) == 1 }
+}
+
+/// Whether the decode kernel reads `bits`-bit packed latent rows of this shape directly
+/// (dequantizing in shared memory) instead of needing them unpacked first.
+#[cfg(feature = "cuda")]
+pub fn decode_packed_supported(
+    head_dim: usize,
+    g: usize,
+    n_rep: usize,
+    rk: usize,
+    rv: usize,
+    bits: u8,
+) -> bool {
+    let i = |x: usize| i32::try_from(x).unwrap_or(i32::MAX);
+    unsafe {
+        palu_decode_packed_supported(i(head_dim), i(g), i(n_rep), i(rk), i(rv), bits as i32) == 1
+    }
 }

@@ -31,9 +31,35 @@ cudaError_t raise_smem_limit(K* kernel, int bytes) {
     return raise_smem_limit(reinterpret_cast<const void*>(kernel), bytes);
 }
 
+// Instantiations with packed latents (2, 4 and 8 bits): the Llama shapes at g = 1.
+template <int DH, int G, int NREP, int RKP>
+constexpr bool kPackedInstance = DH == 128 && G == 1 && RKP == 64 && (NREP == 4 || NREP == 1);
+
+template <typename T, int RKP, int DH, int G, int NREP, int BITS>
+cudaError_t launch_packed(palu::DecodeParams p, cudaStream_t stream) {
+    using S = palu::mma4::Smem<RKP, RKP, DH, G, BITS>;
+    auto split = palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP, 0, BITS>;
+    cudaError_t e = raise_smem_limit(split, S::total);
+    if (e != cudaSuccess) return e;
+    split<<<dim3(p.n_splits, p.G, p.B), palu::mma4::kWarps * 32, S::total, stream>>>(p);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    palu::palu_decode_combine<T, RKP, DH, G, NREP><<<dim3(p.H, p.B), DH, 0, stream>>>(p);
+    return cudaGetLastError();
+}
+
 template <typename T, int RKP, int DH, int G, int NREP>
 cudaError_t launch(palu::DecodeParams p, cudaStream_t stream) {
     cudaError_t e;
+    if (p.bits != 0) {
+        if constexpr (kPackedInstance<DH, G, NREP, RKP>) {
+            if (p.variant != 0) return cudaErrorNotSupported;
+            if (p.bits == 2) return launch_packed<T, RKP, DH, G, NREP, 2>(p, stream);
+            if (p.bits == 4) return launch_packed<T, RKP, DH, G, NREP, 4>(p, stream);
+            if (p.bits == 8) return launch_packed<T, RKP, DH, G, NREP, 8>(p, stream);
+        }
+        return cudaErrorNotSupported;
+    }
     if (p.variant == 0 || p.variant > 100) {
         using S = palu::mma4::Smem<RKP, RKP, DH, G>;
         auto split = palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP>;
@@ -121,15 +147,35 @@ int palu_decode_supported(int dh, int g, int n_rep, int rk, int rv) {
     return palu_decode_rank_pad(dh, g, n_rep, rk, rv) != 0;
 }
 
+// Whether a packed instantiation covers the shape with `bits`-bit latents: Llama shapes
+// (head_dim 128) at g = 1, ranks ≤ 64 whose codes fill whole 16-byte pieces (r·bits % 128 == 0).
+int palu_decode_packed_supported(int dh, int g, int n_rep, int rk, int rv, int bits) {
+    if (bits != 2 && bits != 4 && bits != 8) return 0;
+    if (rk * bits % 128 || rv * bits % 128) return 0;
+    const int rp = palu_decode_rank_pad(dh, g, n_rep, rk, rv);
+#define PALU_PICK(DH, G, NREP, RP) \
+    if (dh == DH && g == G && n_rep == NREP && rp == RP) return kPackedInstance<DH, G, NREP, RP> ? 1 : 0;
+    PALU_DECODE_INSTANCES(PALU_PICK)
+#undef PALU_PICK
+    return 0;
+}
+
 // Elements are f16, or bf16 with p.bf16 (register pipeline only).
 // Returns cudaErrorInvalidValue for misaligned latents (every stride a multiple of 8 halves,
 // base pointers 16-byte aligned) or a bad split plan, cudaErrorNotSupported for shapes without
 // an instantiation (see PALU_DECODE_INSTANCES).
 int palu_decode(palu::DecodeParams p, cudaStream_t stream) {
-    if (p.ldk % 8 || p.ldv % 8 || p.hk_sb % 8 || p.hk_sg % 8 || p.hv_sb % 8 || p.hv_sg % 8 ||
-        (size_t)p.hk % 16 || (size_t)p.hv % 16 || p.rk < 1 || p.rv < 1 || p.n_splits < 1 ||
+    // Alignment: 16-bit latents in units of 8 halves from 16-byte aligned bases; packed rows
+    // (strides in bytes) 4-byte aligned (copied in pieces of 16, 8 or 4 bytes, the widest the
+    // alignment allows), scale and zero 2-byte aligned.
+    const int unit = p.bits ? 4 : 8, base = p.bits ? 4 : 16;
+    if (p.ldk % unit || p.ldv % unit || p.hk_sb % unit || p.hk_sg % unit || p.hv_sb % unit || p.hv_sg % unit ||
+        (size_t)p.hk % base || (size_t)p.hv % base || p.rk < 1 || p.rv < 1 || p.n_splits < 1 ||
         p.split_len % palu::kTile || (long long)p.n_splits * p.split_len < p.Lmax)
         return cudaErrorInvalidValue;
+    if (p.bits && (!palu_decode_packed_supported(p.dh, p.g, p.n_rep, p.rk, p.rv, p.bits) || p.k_scale_off % 2 ||
+                   p.k_zero_off % 2 || p.v_scale_off % 2 || p.v_zero_off % 2))
+        return p.bits == 2 || p.bits == 4 || p.bits == 8 ? cudaErrorNotSupported : cudaErrorInvalidValue;
     const int rp = palu_decode_rank_pad(p.dh, p.g, p.n_rep, p.rk, p.rv);
 #define PALU_LAUNCH(DH, G, NREP, RP)                                                       \
     if (p.dh == DH && p.g == G && p.n_rep == NREP && rp == RP)                              \

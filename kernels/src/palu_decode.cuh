@@ -46,6 +46,13 @@ struct DecodeParams {
     int variant;      // 0: register pipeline (palu_decode_mma.cuh), 1: shared-memory pipeline
     int bf16;         // 1: q, latents and factors hold bf16 (the pointers are reinterpreted;
                       //    register pipeline only), 0: f16
+    // Packed latents (register pipeline): 0 for 16-bit latents; 2, 4 or 8 for rows in
+    // latent_codec.cu's format with one quantization group per low-rank group. Then hk / hv
+    // point at bytes, and hk_sb, hk_sg, ldk (hv_sb, hv_sg, ldv) count bytes: a sequence, one
+    // group's codes, a row. Group grp's f16 scale sits at byte k_scale_off + 2·grp of its row,
+    // its i16 zero at k_zero_off + 2·grp (v_*: the value rows).
+    int bits;
+    int k_scale_off, k_zero_off, v_scale_off, v_zero_off;
 };
 
 // The 16-bit element types: conversions, and the tensor-core instruction for each.

@@ -38,11 +38,16 @@ __device__ __forceinline__ void ldsm_x4_t(unsigned& r0, unsigned& r1, unsigned& 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
+// 4- and 8-byte copies (through L1: .cg takes 16 bytes only), for packed rows aligned to less.
+template <int N>
+__device__ __forceinline__ void cp_async_small(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_u32(dst)), "l"(src), "n"(N), "r"(valid ? N : 0));
+}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-template <int RKP, int RVP, int DH, int GHEADS>
+template <int RKP, int RVP, int DH, int GHEADS, int BITS = 0>
 struct Smem {
     static constexpr int ldb = RKP + 8;   // padded rows: conflict-free ldmatrix
     static constexpr int ldk = RKP + 8;
@@ -51,7 +56,11 @@ struct Smem {
     static constexpr int b = GHEADS * DH * ldb * 2;
     static constexpr int q = GHEADS * 16 * ldq * 2;
     static constexpr int chunk = kChunk * (ldk + ldv) * 2;       // one buffer of one warp
-    static constexpr int bufs = kWarps * 2 * chunk;
+    // Packed latents: the codes of a chunk land in one of two staging buffers and are
+    // dequantized into a single 16-bit chunk buffer.
+    static constexpr int stage_k = RKP * BITS / 8, stage_v = RVP * BITS / 8;  // bytes per row
+    static constexpr int stage = kChunk * (stage_k + stage_v);
+    static constexpr int bufs = BITS == 0 ? kWarps * 2 * chunk : kWarps * (chunk + 2 * stage);
     static constexpr int merge = kWarps * 16 * (RVP + 2) * 4;    // per-warp (m, l, A)
     static constexpr int rowoff = kChunk * (DH / 2) * 8;         // cos/sin(row·θ) per lane, row < 16
     static constexpr int base = kWarps * (DH / 2) * 8;           // per warp: cos/sin(t0·θ)
@@ -100,6 +109,92 @@ struct ChunkLoader {
     }
 };
 
+// Packed rows (BITS = 2, 4, 8): each chunk's codes (16 rows × r·BITS/8 bytes of one group) are
+// copied in pieces of 16 bytes (8 or 4 where the rows are aligned to less: a row of the
+// serving cache is G·r·BITS/8 + 4·G bytes) to a staging buffer; each lane also fetches the
+// (scale, zero) of one row for the next chunk into a register (lanes 0–15 key rows, 16–31
+// value rows).
+struct PackedLoader {
+    int ppr_k, ppr_v;     // pieces per row
+    int piece;            // bytes per piece: 16, 8 or 4
+    int lane;
+    const unsigned char *hk, *hv;  // the group's row 0: codes
+    const unsigned char *ks, *kz, *vs, *vz;  // the group's row 0: scale, zero
+    long long ldk, ldv;
+    __device__ __forceinline__ void load(unsigned char* stage_k, int ld_sk, unsigned char* stage_v, int ld_sv, int t0, int valid,
+                                         unsigned& sz) const {
+        auto copy = [&](unsigned char* dst, const unsigned char* src, bool ok) {
+            if (piece == 16) cp_async16(dst, src, ok);
+            else if (piece == 8) cp_async_small<8>(dst, src, ok);
+            else cp_async_small<4>(dst, src, ok);
+        };
+        for (int i = lane; i < kChunk * ppr_k; i += 32) {
+            const int t = i / ppr_k, c = i % ppr_k * piece;
+            const bool ok = t < valid;
+            copy(stage_k + t * ld_sk + c, ok ? hk + (t0 + t) * ldk + c : hk, ok);
+        }
+        for (int i = lane; i < kChunk * ppr_v; i += 32) {
+            const int t = i / ppr_v, c = i % ppr_v * piece;
+            const bool ok = t < valid;
+            copy(stage_v + t * ld_sv + c, ok ? hv + (t0 + t) * ldv + c : hv, ok);
+        }
+        const int t = lane % 16;
+        unsigned short s = 0, z = 0;
+        if (t < valid) {
+            const long long off = (t0 + t) * (lane < 16 ? ldk : ldv);
+            s = __ldg(reinterpret_cast<const unsigned short*>((lane < 16 ? ks : vs) + off));
+            z = __ldg(reinterpret_cast<const unsigned short*>((lane < 16 ? kz : vz) + off));
+        }
+        sz = (unsigned)s | (unsigned)z << 16;
+    }
+};
+
+// Dequantize one staged chunk (RP columns per row, BITS bits per code) into the 16-bit chunk
+// buffer: lane → row lane/2, half of the columns lane%2. value = (code − zero)·scale in f32 as
+// the CPU codec computes it, then rounded to T; columns ≥ r are zero. `sz`: this lane's
+// (scale, zero) register of the rows' owner lanes (`owner` + row).
+template <typename T, int RP, int BITS>
+__device__ __forceinline__ void dequant_rows(T* tile, int ld_tile, const unsigned char* stage, int r, unsigned sz, int owner, int lane) {
+    constexpr int per_lane = RP / 2, words = per_lane * BITS / 32, mask = (1 << BITS) - 1;
+    static_assert(words % 4 == 0 || words == 2, "codes per lane: whole 8- or 16-byte loads");
+    const int row = lane / 2, c0 = lane % 2 * per_lane;
+    const unsigned my = __shfl_sync(0xffffffffu, sz, owner + row);
+    const unsigned short sb = my & 0xffff;
+    const float scale = __half2float(*reinterpret_cast<const half*>(&sb));
+    // code − zero as (2^23 + code) − (2^23 + zero): exact in f32 (|zero| < 2^15), and the code
+    // becomes a float by OR-ing it into the mantissa instead of an I2F (a quarter-rate pipe).
+    const float zero = 8388608.f + (float)(short)(my >> 16);
+    unsigned w[words];
+    const unsigned char* src = stage + row * (RP * BITS / 8) + c0 * BITS / 8;
+    if constexpr (words == 2) {
+        const uint2 v = *reinterpret_cast<const uint2*>(src);
+        w[0] = v.x, w[1] = v.y;
+    } else {
+#pragma unroll
+        for (int i = 0; i < words; i += 4) {
+            const uint4 v = *reinterpret_cast<const uint4*>(src + 4 * i);
+            w[i] = v.x, w[i + 1] = v.y, w[i + 2] = v.z, w[i + 3] = v.w;
+        }
+    }
+    using E = Elem<T>;
+#pragma unroll
+    for (int j0 = 0; j0 < per_lane; j0 += 8) {
+        unsigned out[4];
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+            float v[2];
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int j = j0 + e + u, bit = j * BITS;
+                const float code = __uint_as_float(((w[bit / 32] >> (bit % 32)) & mask) | 0x4B000000u);
+                v[u] = c0 + j < r ? __fmul_rn(__fsub_rn(code, zero), scale) : 0.f;
+            }
+            out[e / 2] = E::pack2(v[0], v[1]);
+        }
+        *reinterpret_cast<uint4*>(tile + row * ld_tile + c0 + j0) = make_uint4(out[0], out[1], out[2], out[3]);
+    }
+}
+
 // Zero the columns r..round8(r) of a landed chunk (they belong to padding or the next group).
 __device__ __forceinline__ void mask_cols(half* buf, int ld_dst, int r, int lane) {
     const int ld = (r + 7) / 8 * 8;
@@ -118,8 +213,9 @@ __device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(
 // ABL (benchmark ablations, 0 in production): 1 loads only, 2 loads + rebuild, 3 all but RoPE,
 // 4 all but the loads (compute on whatever the buffers hold), 5 the block's start-up only. Stages left out still feed the
 // output, so the compiler keeps the rest.
-template <typename T, int RKP, int RVP, int DH, int GHEADS, int NREP, int ABL = 0>
-__global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, DH, GHEADS>::total > 57 * 1024 ? 3 : 4)
+// BITS: 0 for 16-bit latents, 2/4/8 for packed rows (dequantized per chunk in shared memory).
+template <typename T, int RKP, int RVP, int DH, int GHEADS, int NREP, int ABL = 0, int BITS = 0>
+__global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, DH, GHEADS, BITS>::total > 57 * 1024 ? 3 : 4)
     split_kernel(DecodeParams p) {
     using E = Elem<T>;
     constexpr int NH = GHEADS * NREP;
@@ -128,7 +224,7 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
     constexpr int NV = RVP / 8;       // value n-tiles
     constexpr int KS = RKP / 16;      // rebuild k-steps
     constexpr int HALF = DH / 2;
-    using S = Smem<RKP, RVP, DH, GHEADS>;
+    using S = Smem<RKP, RVP, DH, GHEADS, BITS>;
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* ptr = smem;
     auto take = [&](int bytes) { unsigned char* r = ptr; ptr += bytes; return r; };
@@ -211,18 +307,47 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
     float2* myBase = sBase + warp * HALF;
 
     // This warp's two chunk buffers (K rows then V rows), addressed arithmetically: an array of
-    // pointers indexed by the run-time buffer number went to local memory.
-    half* const kbuf0 = reinterpret_cast<half*>(sBuf + warp * 2 * S::chunk);
-    auto bufK = [&](int u) { return kbuf0 + u * (S::chunk / 2); };
-    auto bufV = [&](int u) { return kbuf0 + u * (S::chunk / 2) + kChunk * S::ldk; };
+    // pointers indexed by the run-time buffer number went to local memory. Packed latents: one
+    // chunk buffer and two staging buffers of codes.
+    half* const kbuf0 = reinterpret_cast<half*>(sBuf + warp * (BITS == 0 ? 2 * S::chunk : S::chunk + 2 * S::stage));
+    auto bufK = [&](int u) { return kbuf0 + (BITS == 0 ? u * (S::chunk / 2) : 0); };
+    auto bufV = [&](int u) { return bufK(u) + kChunk * S::ldk; };
+    unsigned char* const stage0 = reinterpret_cast<unsigned char*>(kbuf0) + S::chunk;
+    auto stageK = [&](int u) { return stage0 + u * S::stage; };
+    auto stageV = [&](int u) { return stage0 + u * S::stage + kChunk * S::stage_k; };
     const half* hk = p.hk + b * p.hk_sb + grp * p.hk_sg;
     const half* hv = p.hv + b * p.hv_sb + grp * p.hv_sg;
     const ChunkLoader<RKP> loadK(p.ldk, S::ldk, p.rk, lane);
     const ChunkLoader<RVP> loadV(p.ldv, S::ldv, p.rv, lane);
+    PackedLoader packed{};
+    unsigned sz_cur = 0, sz_next = 0;  // packed: (scale, zero) of one row of this / the next chunk
+    if constexpr (BITS != 0) {
+        const unsigned char* kb = reinterpret_cast<const unsigned char*>(p.hk) + b * p.hk_sb;
+        const unsigned char* vb = reinterpret_cast<const unsigned char*>(p.hv) + b * p.hv_sb;
+        // The widest piece every row start allows (the dispatch guarantees 4-byte alignment).
+        const long long align = p.ldk | p.ldv | p.hk_sb | p.hv_sb | p.hk_sg | p.hv_sg |
+                                (long long)reinterpret_cast<size_t>(p.hk) | (long long)reinterpret_cast<size_t>(p.hv);
+        packed.piece = align % 16 == 0 ? 16 : align % 8 == 0 ? 8 : 4;
+        packed.ppr_k = p.rk * BITS / 8 / packed.piece;
+        packed.ppr_v = p.rv * BITS / 8 / packed.piece;
+        packed.lane = lane;
+        packed.hk = kb + grp * p.hk_sg;
+        packed.hv = vb + grp * p.hv_sg;
+        packed.ks = kb + p.k_scale_off + 2 * grp;
+        packed.kz = kb + p.k_zero_off + 2 * grp;
+        packed.vs = vb + p.v_scale_off + 2 * grp;
+        packed.vz = vb + p.v_zero_off + 2 * grp;
+        packed.ldk = p.ldk;
+        packed.ldv = p.ldv;
+    }
     int t0 = s0 + kChunk * warp;  // this warp's chunks: t0 = s0 + 16·(warp + 4·i)
     if (ABL != 4 && t0 < s1) {
-        loadK.load(bufK(0), hk, t0, s1 - t0);
-        loadV.load(bufV(0), hv, t0, s1 - t0);
+        if constexpr (BITS == 0) {
+            loadK.load(bufK(0), hk, t0, s1 - t0);
+            loadV.load(bufV(0), hv, t0, s1 - t0);
+        } else {
+            packed.load(stageK(0), S::stage_k, stageV(0), S::stage_v, t0, s1 - t0, sz_next);
+        }
     }
     cp_commit();
     cp_wait<0>();     // sB's copies (and the first chunk)
@@ -238,9 +363,14 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
     for (int it = 0; t0 < s1; ++it, t0 += kStride, buf ^= 1) {
         const int valid = min(kChunk, s1 - t0);
         const int t1 = t0 + kStride;
+        sz_cur = sz_next;
         if (ABL != 4 && t1 < s1) {
-            loadK.load(bufK(buf ^ 1), hk, t1, s1 - t1);
-            loadV.load(bufV(buf ^ 1), hv, t1, s1 - t1);
+            if constexpr (BITS == 0) {
+                loadK.load(bufK(buf ^ 1), hk, t1, s1 - t1);
+                loadV.load(bufV(buf ^ 1), hv, t1, s1 - t1);
+            } else {
+                packed.load(stageK(buf ^ 1), S::stage_k, stageV(buf ^ 1), S::stage_v, t1, s1 - t1, sz_next);
+            }
         }
         cp_commit();
         if (it % kReseed == 0) {
@@ -251,8 +381,13 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
         }
         cp_wait<1>();
         __syncwarp();
-        mask_cols(bufK(buf), S::ldk, p.rk, lane);
-        mask_cols(bufV(buf), S::ldv, p.rv, lane);
+        if constexpr (BITS == 0) {
+            mask_cols(bufK(buf), S::ldk, p.rk, lane);
+            mask_cols(bufV(buf), S::ldv, p.rv, lane);
+        } else {
+            dequant_rows<T, RKP, BITS>(reinterpret_cast<T*>(bufK(buf)), S::ldk, stageK(buf), p.rk, sz_cur, 0, lane);
+            dequant_rows<T, RVP, BITS>(reinterpret_cast<T*>(bufV(buf)), S::ldv, stageV(buf), p.rv, sz_cur, 16, lane);
+        }
         __syncwarp();
         if constexpr (ABL == 1) {
             acc_v[0][0] += __half2float(bufK(buf)[lane]) + __half2float(bufV(buf)[lane]);

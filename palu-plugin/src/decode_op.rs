@@ -10,20 +10,33 @@
 //! `q` is `[B, H, dh]` (RoPE applied at its position), `h_k` `[B, Lmax, G·r_k]`, `h_v`
 //! `[B, Lmax, G·r_v]` (the model cache's layout; any row stride, so a narrowed view of a
 //! pre-allocated cache works without a copy), `B_k` `[G, g·dh, r_k]`, `B_v` `[G, g·dh, r_v]`.
+//! With packed latents ([`LatentDecode::with_packed`]) `h_k` / `h_v` are the cache's U8 rows
+//! `[B, Lmax, row_bytes]` of [`LatentCodec`]; the kernel dequantizes them chunk by chunk in shared
+//! memory, the CPU twin decodes them with the codec (both round the values to q's dtype first).
 //! The result is `[B, H, dh]` f32. Biases are the caller's (`from_projections` declines a key
 //! bias; a value bias passes through attention unchanged and is added by the caller).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use crate::latent_codec::LatentCodec;
 use crate::lowrank::LowRankProj;
 
 /// Launches of the CUDA kernel in this process (tests check that a path really ran on it).
 static CUDA_LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// Of those, launches that read packed latent rows directly.
+static CUDA_PACKED_LAUNCHES: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
 /// How many times this process launched the CUDA decode kernel (0 without the `cuda` feature).
 pub fn cuda_launches() -> usize {
     CUDA_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// How many of [`cuda_launches`] read packed (2/4/8-bit) latent rows without unpacking them.
+pub fn cuda_packed_launches() -> usize {
+    CUDA_PACKED_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[derive(Debug, Clone)]
@@ -38,6 +51,8 @@ pub struct LatentDecode {
     pub lens: Vec<usize>,
     pub n_heads: usize,
     pub n_kv: usize,
+    /// The codecs of packed K and V rows; `None`: 16-bit latents.
+    pub packed: Option<(LatentCodec, LatentCodec)>,
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -76,7 +91,17 @@ impl LatentDecode {
             lens: Vec::new(),
             n_heads,
             n_kv,
+            packed: None,
         }))
+    }
+
+    /// The same op reading packed rows of these codecs (one quantization group per low-rank
+    /// group, as the serving cache writes them).
+    pub fn with_packed(self, k: LatentCodec, v: LatentCodec) -> Self {
+        Self {
+            packed: Some((k, v)),
+            ..self
+        }
     }
 
     /// The same op for a batch with `lens` cached tokens per sequence.
@@ -120,12 +145,20 @@ impl LatentDecode {
                 self.inv_freq.dims1()?
             ));
         }
-        if hb != b
-            || vb != b
-            || vlmax != lmax
-            || rk_all != bk_groups * rk
-            || rv_all != bk_groups * rv
-        {
+        let (want_k, want_v) = match &self.packed {
+            Some((ck, cv)) => {
+                if ck.width() != bk_groups * rk || cv.width() != bk_groups * rv {
+                    return fail(format!(
+                        "codecs of widths {}/{} for ranks {rk}/{rv} over {bk_groups} groups",
+                        ck.width(),
+                        cv.width()
+                    ));
+                }
+                (ck.row_bytes(), cv.row_bytes())
+            }
+            None => (bk_groups * rk, bk_groups * rv),
+        };
+        if hb != b || vb != b || vlmax != lmax || rk_all != want_k || rv_all != want_v {
             return fail(format!(
                 "latents {:?} / {:?} do not match q {:?} and ranks {rk}/{rv} over {bk_groups} groups",
                 hkl.dims(),
@@ -194,9 +227,47 @@ impl CustomOp3 for LatentDecode {
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims(ql, hkl, hvl)?;
         let [qsb, qsh, _] = strides3(ql, "q")?;
-        let [ksb, kst, _] = strides3(hkl, "h_k")?;
-        let [vsb, vst, _] = strides3(hvl, "h_v")?;
-        let (q, hk, hv) = (to_f32(qs, ql)?, to_f32(hks, hkl)?, to_f32(hvs, hvl)?);
+        let [mut ksb, mut kst, _] = strides3(hkl, "h_k")?;
+        let [mut vsb, mut vst, _] = strides3(hvl, "h_v")?;
+        let q = to_f32(qs, ql)?;
+        let (hk, hv) = match &self.packed {
+            None => (to_f32(hks, hkl)?, to_f32(hvs, hvl)?),
+            Some((ck, cv)) => {
+                // Decoded rows, rounded to q's dtype as the kernel's tiles (and the unpack
+                // path) hold them; then the same reference on a contiguous [B, Lmax, width].
+                let unpack = |s: &CpuStorage, l: &Layout, c: &LatentCodec, sb: usize, st: usize| {
+                    let CpuStorage::U8(bytes) = s else {
+                        candle_core::bail!("palu decode: packed latents must be U8 rows")
+                    };
+                    let bytes = &bytes[l.start_offset()..];
+                    let w = c.width();
+                    let mut out = vec![0f32; d.b * d.lmax * w];
+                    for b in 0..d.b {
+                        for t in 0..self.lens[b] {
+                            let row = &bytes[b * sb + t * st..][..c.row_bytes()];
+                            c.decode_row(row, &mut out[(b * d.lmax + t) * w..][..w]);
+                        }
+                    }
+                    let round = |x: f32| match qs.dtype() {
+                        DType::F16 => half::f16::from_f32(x).to_f32(),
+                        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+                        _ => x,
+                    };
+                    out.iter_mut().for_each(|x| *x = round(*x));
+                    Ok(out)
+                };
+                let (ck, cv) = (ck.clone(), cv.clone());
+                let hk = unpack(hks, hkl, &ck, ksb, kst)?;
+                let hv = unpack(hvs, hvl, &cv, vsb, vst)?;
+                (ksb, kst, vsb, vst) = (
+                    d.lmax * ck.width(),
+                    ck.width(),
+                    d.lmax * cv.width(),
+                    cv.width(),
+                );
+                (hk, hv)
+            }
+        };
         let (bk, bv, inv) = (
             tensor_f32(&self.bk)?,
             tensor_f32(&self.bv)?,
@@ -295,9 +366,12 @@ mod cuda {
         hvl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let dt = qs.dtype();
+        let latent = if op.packed.is_some() { DType::U8 } else { dt };
         let all = [hks.dtype(), hvs.dtype(), op.bk.dtype(), op.bv.dtype()];
-        if all.iter().any(|&x| x != dt) {
-            candle_core::bail!("palu decode: q is {dt:?} but latents / factors are {all:?}")
+        if all != [latent, latent, dt, dt] {
+            candle_core::bail!(
+                "palu decode: q is {dt:?}; latents must be {latent:?} and factors {dt:?}, got {all:?}"
+            )
         }
         match dt {
             DType::F16 => forward_typed::<f16>(op, qs, ql, hks, hkl, hvs, hvl, 0),
@@ -381,12 +455,52 @@ mod cuda {
         let mut out = unsafe { dev.alloc::<f32>(d.b * d.h * d.dh) }?;
 
         let q = qs.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
-        let hk = hks.as_cuda_slice::<T>()?.slice(hkl.start_offset()..);
-        let hv = hvs.as_cuda_slice::<T>()?.slice(hvl.start_offset()..);
         let inv_f = inv_c.as_cuda_slice::<f32>()?.slice(inv_l.start_offset()..);
         let (q_p, _g1) = q.device_ptr(&stream);
-        let (hk_p, _g2) = hk.device_ptr(&stream);
-        let (hv_p, _g3) = hv.device_ptr(&stream);
+        // Latents: T elements, or packed U8 rows (then every stride below counts bytes).
+        let packed = op.packed.is_some();
+        let (hk8, hv8) = if packed {
+            (
+                Some(hks.as_cuda_slice::<u8>()?.slice(hkl.start_offset()..)),
+                Some(hvs.as_cuda_slice::<u8>()?.slice(hvl.start_offset()..)),
+            )
+        } else {
+            (None, None)
+        };
+        let (hkt, hvt) = if packed {
+            (None, None)
+        } else {
+            (
+                Some(hks.as_cuda_slice::<T>()?.slice(hkl.start_offset()..)),
+                Some(hvs.as_cuda_slice::<T>()?.slice(hvl.start_offset()..)),
+            )
+        };
+        let (hk_p, _g2) = match (&hk8, &hkt) {
+            (Some(v), _) => v.device_ptr(&stream),
+            (_, Some(v)) => v.device_ptr(&stream),
+            _ => unreachable!(),
+        };
+        let (hv_p, _g3) = match (&hv8, &hvt) {
+            (Some(v), _) => v.device_ptr(&stream),
+            (_, Some(v)) => v.device_ptr(&stream),
+            _ => unreachable!(),
+        };
+        // Packed rows: bits, one group's code bytes, and where group 0's scale and zero sit.
+        let (bits, k_sg, v_sg, k_sc, k_z, v_sc, v_z) = match &op.packed {
+            None => (0, d.rk, d.rv, 0, 0, 0, 0),
+            Some((ck, cv)) => {
+                let bits = ck.bits() as usize;
+                (
+                    bits,
+                    d.rk * bits / 8,
+                    d.rv * bits / 8,
+                    ck.code_bytes(),
+                    ck.code_bytes() + 2 * ck.n_groups(),
+                    cv.code_bytes(),
+                    cv.code_bytes() + 2 * cv.n_groups(),
+                )
+            }
+        };
         let (bk_p, _g4) = bk.device_ptr(&stream);
         let (bv_p, _g5) = bv.device_ptr(&stream);
         let (inv_p, _g6) = inv_f.device_ptr(&stream);
@@ -404,9 +518,9 @@ mod cuda {
             partial: part_p as _,
             out: out_p as _,
             hk_sb: ksb as i64,
-            hk_sg: d.rk as i64,
+            hk_sg: k_sg as i64,
             hv_sb: vsb as i64,
-            hv_sg: d.rv as i64,
+            hv_sg: v_sg as i64,
             b: d.b as i32,
             h: d.h as i32,
             dh: d.dh as i32,
@@ -422,14 +536,22 @@ mod cuda {
             split_len,
             variant: 0,
             bf16: is_bf16,
+            bits: bits as i32,
+            k_scale_off: k_sc as i32,
+            k_zero_off: k_z as i32,
+            v_scale_off: v_sc as i32,
+            v_zero_off: v_z as i32,
         };
         let err = unsafe { k::palu_decode(p, stream.cu_stream() as _) };
         match err {
             0 => {
                 CUDA_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if packed {
+                    CUDA_PACKED_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             k::ERROR_NOT_SUPPORTED => candle_core::bail!(
-                "palu decode: no kernel for dh={} g={} n_rep={} r_k={} r_v={}",
+                "palu decode: no kernel for dh={} g={} n_rep={} r_k={} r_v={} bits={bits}",
                 d.dh, d.g, d.n_rep, d.rk, d.rv
             ),
             e => candle_core::bail!(

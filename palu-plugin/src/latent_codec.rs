@@ -61,8 +61,14 @@ impl LatentCodec {
         self.width
     }
 
-    fn code_bytes(&self) -> usize {
+    /// Bytes of a row's codes (the scales and zeros follow them).
+    pub fn code_bytes(&self) -> usize {
         (self.width * self.bits as usize).div_ceil(8)
+    }
+
+    /// Quantization groups per row (one per low-rank group).
+    pub fn n_groups(&self) -> usize {
+        self.groups.len()
     }
 
     /// Bytes of one encoded token (codes, scales and zeros).

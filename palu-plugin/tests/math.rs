@@ -439,6 +439,7 @@ fn decode_op_rejects_bad_lengths_and_shapes() {
         lens: vec![5, 0],
         n_heads: 4,
         n_kv: 2,
+        packed: None,
     };
     let q = Tensor::ones((2, 4, 16), DType::F32, &dev).unwrap();
     let h = Tensor::ones((2, 5, 8), DType::F32, &dev).unwrap();
@@ -503,6 +504,7 @@ fn decode_kernel_matches_cpu_twin() {
                 lens: lens.clone(),
                 n_heads: h,
                 n_kv,
+                packed: None,
             };
             let want = op(&cpu).forward(&cast(&q), &cast(&hk), &cast(&hv)).unwrap();
             let on = |t: &candle_core::Tensor| cast(t).to_device(&gpu).unwrap();
@@ -517,6 +519,141 @@ fn decode_kernel_matches_cpu_twin() {
                 err < tol && err.is_finite(),
                 "{dtype:?} {name} g={g} r={rank}: relative L2 error {err:.2e}"
             );
+        }
+    }
+}
+
+/// Packed rows (the serving cache's 2/4/8-bit format) through the decode op give exactly what the
+/// op gives on the rows the codec decodes, rounded to the activation dtype: the CPU twin of the
+/// packed kernel reads the cache's bytes where they are (strides of a narrowed cache).
+#[test]
+fn decode_op_on_packed_rows_equals_decode_op_on_decoded_rows() {
+    use candle_core::{DType, Device};
+    use palu::decode_op::LatentDecode;
+    use palu::latent_codec::LatentCodec;
+    use palu::quant::ZeroPoint;
+    let mut r = rng();
+    let dev = Device::Cpu;
+    let (h, n_kv, g, dh, rank) = (8usize, 2usize, 1usize, 32usize, 16usize);
+    let groups = n_kv / g;
+    let lens = vec![23usize, 9];
+    let (b, lmax) = (lens.len(), 23);
+    let inv: Vec<f32> = (0..dh / 2)
+        .map(|i| 10000f32.powf(-2.0 * i as f32 / dh as f32))
+        .collect();
+    for bits in [2u8, 4, 8] {
+        let codec = LatentCodec::new(bits, &vec![rank; groups], ZeroPoint::Free).unwrap();
+        let op = LatentDecode {
+            bk: tensor(&mut r, &[groups, g * dh, rank], &dev)
+                .to_dtype(DType::F16)
+                .unwrap(),
+            bv: tensor(&mut r, &[groups, g * dh, rank], &dev)
+                .to_dtype(DType::F16)
+                .unwrap(),
+            inv_freq: candle_core::Tensor::new(inv.as_slice(), &dev).unwrap(),
+            lens: lens.clone(),
+            n_heads: h,
+            n_kv,
+            packed: None,
+        };
+        let q = tensor(&mut r, &[b, h, dh], &dev)
+            .to_dtype(DType::F16)
+            .unwrap();
+        let encode = |r: &mut rand::rngs::StdRng| {
+            // A cache with room for more tokens, narrowed to Lmax rows.
+            let x = tensor(r, &[b, lmax + 4, groups * rank], &dev);
+            codec.encode(&x).unwrap().narrow(1, 0, lmax).unwrap()
+        };
+        let (pk, pv) = (encode(&mut r), encode(&mut r));
+        let packed = op.clone().with_packed(codec.clone(), codec.clone());
+        let got = packed.forward(&q, &pk, &pv).unwrap();
+        let dk = codec.decode(&pk.contiguous().unwrap(), DType::F16).unwrap();
+        let dv = codec.decode(&pv.contiguous().unwrap(), DType::F16).unwrap();
+        let want = op.forward(&q, &dk, &dv).unwrap();
+        let diff = max_abs(&(&got - &want).unwrap());
+        assert_eq!(diff, 0.0, "{bits}-bit: max |Δ| {diff}");
+        // Rows of the wrong width are refused with the codec's numbers.
+        let e = packed.forward(&q, &dk, &dv).unwrap_err().to_string();
+        assert!(e.contains("do not match"), "{e}");
+    }
+}
+
+/// The packed-latent kernel (2/4/8-bit rows dequantized in shared memory) against its CPU twin
+/// on fresh random latents encoded by the codec, f16 and bf16, Llama-3-8B and Llama-2-7B shapes
+/// at g = 1 and rows of 2 and 1 KV groups (8- and 4-byte aligned), ragged batch. Runs on a GPU only (`just gpu-test`).
+#[cfg(feature = "cuda")]
+#[test]
+fn packed_decode_kernel_matches_cpu_twin() {
+    use candle_core::{DType, Device};
+    use palu::decode_op::LatentDecode;
+    use palu::latent_codec::LatentCodec;
+    use palu::quant::ZeroPoint;
+    let mut r = rng();
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let cpu = Device::Cpu;
+    for (dtype, tol) in [(DType::F16, 3e-3f32), (DType::BF16, 2.4e-2)] {
+        for bits in [2u8, 4, 8] {
+            // Rows of 2 and 1 KV groups are 8- and 4-byte aligned (the kernel's narrower copies).
+            for (name, h, n_kv) in [
+                ("llama3-8b", 32usize, 8usize),
+                ("llama2-7b", 32, 32),
+                ("gqa4-2kv", 8, 2),
+                ("gqa4-1kv", 4, 1),
+            ] {
+                let (dh, rank, groups) = (128usize, 64usize, n_kv);
+                assert!(palu_kernels::decode_packed_supported(
+                    dh,
+                    1,
+                    h / n_kv,
+                    rank,
+                    rank,
+                    bits
+                ));
+                let lens = vec![1000usize, 77, 2113];
+                let (b, lmax) = (lens.len(), 2113);
+                let inv: Vec<f32> = (0..dh / 2)
+                    .map(|i| 500000f32.powf(-2.0 * i as f32 / dh as f32))
+                    .collect();
+                let codec = LatentCodec::new(bits, &vec![rank; groups], ZeroPoint::Free).unwrap();
+                let bk = (tensor(&mut r, &[groups, dh, rank], &cpu) * (2.0 / (rank as f64).sqrt()))
+                    .unwrap();
+                let bv = (tensor(&mut r, &[groups, dh, rank], &cpu) * (1.0 / (rank as f64).sqrt()))
+                    .unwrap();
+                let q = tensor(&mut r, &[b, h, dh], &cpu).to_dtype(dtype).unwrap();
+                let pk = codec
+                    .encode(&tensor(&mut r, &[b, lmax, groups * rank], &cpu))
+                    .unwrap();
+                let pv = codec
+                    .encode(&tensor(&mut r, &[b, lmax, groups * rank], &cpu))
+                    .unwrap();
+                let op = |dev: &Device| {
+                    LatentDecode {
+                        bk: bk.to_dtype(dtype).unwrap().to_device(dev).unwrap(),
+                        bv: bv.to_dtype(dtype).unwrap().to_device(dev).unwrap(),
+                        inv_freq: candle_core::Tensor::new(inv.as_slice(), dev).unwrap(),
+                        lens: lens.clone(),
+                        n_heads: h,
+                        n_kv,
+                        packed: None,
+                    }
+                    .with_packed(codec.clone(), codec.clone())
+                };
+                let want = op(&cpu).forward(&q, &pk, &pv).unwrap();
+                let on = |t: &candle_core::Tensor| t.to_device(&gpu).unwrap();
+                let before = palu::decode_op::cuda_launches();
+                let got = op(&gpu)
+                    .forward(&on(&q), &on(&pk), &on(&pv))
+                    .unwrap()
+                    .to_device(&cpu)
+                    .unwrap();
+                assert_eq!(palu::decode_op::cuda_launches(), before + 1);
+                let err = common::rel_l2(&got, &want);
+                println!("{dtype:?} {bits}-bit {name} g=1 r={rank} lens={lens:?}: relative L2 error {err:.2e}");
+                assert!(
+                    err < tol && err.is_finite(),
+                    "{dtype:?} {bits}-bit {name}: relative L2 error {err:.2e}"
+                );
+            }
         }
     }
 }

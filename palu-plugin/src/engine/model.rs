@@ -154,26 +154,35 @@ impl Attention {
         }
         let hk = self.k.latent(x)?;
         let hv = self.v.latent(x)?;
-        let (hk, hv) = match &self.packed {
-            Some((ck, cv)) => {
-                let (rk, rv) = cache.append(
-                    &ck.encode(&hk)?.unsqueeze(1)?,
-                    &cv.encode(&hv)?.unsqueeze(1)?,
-                )?;
-                (ck.decode(&rk, x.dtype())?, cv.decode(&rv, x.dtype())?)
-            }
+        // The cache's rows: 16-bit latents, or packed rows (then `cached` are the raw rows).
+        let (cached_k, cached_v) = match &self.packed {
+            Some((ck, cv)) => cache.append(
+                &ck.encode(&hk)?.unsqueeze(1)?,
+                &cv.encode(&hv)?.unsqueeze(1)?,
+            )?,
             None => cache.append(
                 &hk.unsqueeze(1)?.contiguous()?,
                 &hv.unsqueeze(1)?.contiguous()?,
             )?,
         };
-        if hk.dim(2)? != start + t {
+        if cached_k.dim(2)? != start + t {
             candle_core::bail!(
                 "palu: the latent cache holds {} positions but the sequence is at {start} + {t}; refusing to attend with misplaced RoPE",
-                hk.dim(2)?
+                cached_k.dim(2)?
             )
         }
-        if let (Some(op), 1) = (&self.decode, t) {
+        // Packed rows go to the kernel as they are where it reads them; otherwise unpacked
+        // (on the tensor's device) to the activation dtype.
+        let fused = self.decode.as_ref().filter(|_| t == 1);
+        let (hk, hv) = match &self.packed {
+            Some(_) if fused.is_some_and(|op| op.packed.is_some()) => (cached_k, cached_v),
+            Some((ck, cv)) => (
+                ck.decode(&cached_k, x.dtype())?,
+                cv.decode(&cached_v, x.dtype())?,
+            ),
+            None => (cached_k, cached_v),
+        };
+        if let Some(op) = fused {
             // [b, H, dh] f32 from the kernel; every sequence of the batch is at `start`.
             let y = op.with_lens(vec![start + 1; b]).forward(
                 &q.squeeze(2)?.contiguous()?,
@@ -301,6 +310,7 @@ impl PaluTextModel {
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         // Layers whose one-token decode steps run on candle ops instead of the fused kernel.
         let mut on_candle = Vec::new();
+        let mut unpacked_first = Vec::new();
         // One RoPE table per device, shared by the layers mapped there.
         let mut ropes: Vec<Arc<Rope>> = Vec::new();
         for l in 0..cfg.num_layers {
@@ -330,9 +340,11 @@ impl PaluTextModel {
             } else {
                 None
             };
-            let decode = decode_kernel(&k, &v, cfg, &rope, vb_f.dtype(), &device)?;
-            if decode.is_none() {
-                on_candle.push(l);
+            let decode = decode_kernel(&k, &v, cfg, &rope, vb_f.dtype(), &device, packed.as_ref())?;
+            match &decode {
+                None => on_candle.push(l),
+                Some(op) if packed.is_some() && op.packed.is_none() => unpacked_first.push(l),
+                _ => {}
             }
             let attn = Attention {
                 q: ReplicatedLayer::new(d, h * dh, &None, cfg.qkv_bias, vb_a.pp("q_proj"))?,
@@ -376,10 +388,14 @@ impl PaluTextModel {
             0 => tracing::info!(
                 "palu: one-token decode steps on the fused CUDA kernel in all {} layers{}",
                 cfg.num_layers,
-                if latent_bits < 16 {
-                    format!(" ({latent_bits}-bit latents unpacked on the device first)")
-                } else {
-                    String::new()
+                match (latent_bits < 16, unpacked_first.len()) {
+                    (false, _) => String::new(),
+                    (true, 0) => format!(" (reading the {latent_bits}-bit packed latents directly)"),
+                    (true, n) if n == cfg.num_layers =>
+                        format!(" ({latent_bits}-bit latents unpacked on the device first: no packed instantiation for the shape)"),
+                    (true, _) => format!(
+                        " ({latent_bits}-bit latents read packed, but unpacked on the device first in layers {unpacked_first:?})"
+                    ),
                 }
             ),
             n if n == cfg.num_layers => tracing::info!(
@@ -546,8 +562,9 @@ impl IsqModel for PaluTextModel {
 impl AnyMoeBaseModelMixin for PaluTextModel {}
 
 /// The fused decode kernel for a layer where it applies: a CUDA build on a CUDA device, f16 or
-/// bf16 activations (the kernel reads 16-bit latents; packed ones are unpacked on the device
-/// first), no sliding window, and an instantiation for the shape (see kernels/README.md).
+/// bf16 activations, no sliding window, and an instantiation for the shape (see
+/// kernels/README.md). Packed latents are read as they are where a packed instantiation covers
+/// the shape, else unpacked on the device first.
 fn decode_kernel(
     k: &LowRankProj,
     v: &LowRankProj,
@@ -555,6 +572,7 @@ fn decode_kernel(
     rope: &Rope,
     dtype: DType,
     device: &Device,
+    packed: Option<&(LatentCodec, LatentCodec)>,
 ) -> Result<Option<crate::decode_op::LatentDecode>> {
     #[cfg(feature = "cuda")]
     {
@@ -574,16 +592,32 @@ fn decode_kernel(
                 v.ranks[0],
             );
         if eligible {
-            return crate::decode_op::LatentDecode::from_projections(
+            let op = crate::decode_op::LatentDecode::from_projections(
                 k,
                 v,
                 cfg.num_heads,
                 cfg.num_kv_heads,
                 rope.inv_freq(),
                 dtype,
-            );
+            )?;
+            let reads_packed = |(ck, _): &(LatentCodec, LatentCodec)| {
+                palu_kernels::decode_packed_supported(
+                    cfg.head_dim,
+                    cfg.num_kv_heads / groups,
+                    cfg.num_heads / cfg.num_kv_heads,
+                    k.ranks[0],
+                    v.ranks[0],
+                    ck.bits(),
+                )
+            };
+            return Ok(match packed {
+                Some(codecs) if reads_packed(codecs) => {
+                    op.map(|op| op.with_packed(codecs.0.clone(), codecs.1.clone()))
+                }
+                _ => op,
+            });
         }
     }
-    let _ = (k, v, cfg, rope, dtype, device);
+    let _ = (k, v, cfg, rope, dtype, device, packed);
     Ok(None)
 }
