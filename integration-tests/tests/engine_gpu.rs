@@ -304,7 +304,7 @@ async fn llama3_shaped_gpu_decode_reads_packed_latents_and_agrees_with_the_cpu()
         for &dtype in dtypes {
             let packed = palu::decode_op::cuda_packed_launches();
             let launches = palu::decode_op::cuda_launches();
-            decode_agrees_with_the_cpu(&ckpt, &cpu, dtype, bits).await;
+            decode_agrees(&ckpt, &cpu, dtype, bits, false).await;
             let (p, l) = (
                 palu::decode_op::cuda_packed_launches() - packed,
                 palu::decode_op::cuda_launches() - launches,
@@ -321,6 +321,13 @@ async fn llama3_shaped_gpu_decode_reads_packed_latents_and_agrees_with_the_cpu()
 }
 
 async fn decode_agrees_with_the_cpu(ckpt: &Path, cpu: &Served, dtype: ModelDType, bits: u8) {
+    decode_agrees(ckpt, cpu, dtype, bits, true).await
+}
+
+/// `top_tokens`: also require the same top token at all but one step. A pretrained model's
+/// greedy choice is stable under 16-bit rounding; a random-weight model has no preferred
+/// continuation (its logits are close together), so there only the yardstick applies.
+async fn decode_agrees(ckpt: &Path, cpu: &Served, dtype: ModelDType, bits: u8, top_tokens: bool) {
     let w = wikitext_windows(ckpt, 1024, 1).remove(0);
     let layers = palu::config::ModelConfig::from_file(&ckpt.join("config.json"))
         .unwrap()
@@ -370,7 +377,7 @@ async fn decode_agrees_with_the_cpu(ckpt: &Path, cpu: &Served, dtype: ModelDType
             "{dtype:?}: decode {worst} vs prefill {prefill_worst}"
         );
         assert!(
-            agree + 1 >= decoded,
+            !top_tokens || agree + 1 >= decoded,
             "{dtype:?}: top tokens agree at {agree}/{decoded}"
         );
     }

@@ -224,8 +224,8 @@ static void setup(Problem& pr, const Shape& s, const std::vector<int>& lens, int
 }
 
 // Packed latents (latent_codec.cu's row format, one quantization group per low-rank group) for
-// the same problem in the model layout: random codes, f16 scales in [0.02, 0.1), zeros in
-// [0, 2^bits). With `halves`, the 16-bit latents become the dequantized rows ((code − zero)·scale
+// the same problem in the model layout: random codes, f16 scales in [0.02, 0.1)·15/(2^bits − 1),
+// zeros in [0, 2^bits). With `halves`, the 16-bit latents become the dequantized rows ((code − zero)·scale
 // rounded to f16, what the packed kernel's tiles hold), so the 16-bit kernel on them must give
 // the packed kernel's output bit for bit, and check() measures both against float64.
 extern "C" int palu_decode_packed_supported(int dh, int g, int n_rep, int rk, int rv, int bits);
@@ -244,7 +244,11 @@ static void make_packed(Problem& pr, int bits, unsigned long long seed, bool hal
         for (size_t row = 0; row < rows; ++row) {
             unsigned char* rp = &bytes[row * rb];
             for (int gi = 0; gi < G; ++gi) {
-                half sc = __float2half(0.02f + 0.08f * (float)(rng() % 10000) / 10000.f);
+                // Scales shrink with the code range so that every width spans the values the
+                // 16-bit checks use (|x| ≲ 1.5): 8-bit codes at 4-bit scales made |x| ≈ 25 and
+                // softmax-peaked scores that magnify any rounding 17-fold.
+                const float fit = 15.f / (float)((1 << bits) - 1);
+                half sc = __float2half((0.02f + 0.08f * (float)(rng() % 10000) / 10000.f) * fit);
                 short zero = (short)(rng() % (1u << bits));
                 memcpy(rp + nc + 2 * gi, &sc, 2);
                 memcpy(rp + nc + 2 * G + 2 * gi, &zero, 2);
@@ -275,7 +279,7 @@ __global__ void fill_packed_params(unsigned char* rows, size_t n_rows, int rb, i
         const int gi = (int)(i % G);
         unsigned long long z = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
         z = (z ^ (z >> 31)) * 0xBF58476D1CE4E5B9ull;
-        const half sc = __float2half(0.02f + 0.08f * (float)((z >> 20) % 10000) / 10000.f);
+        const half sc = __float2half((0.02f + 0.08f * (float)((z >> 20) % 10000) / 10000.f) * 15.f / (float)((1 << bits) - 1));
         const short zero = (short)((z >> 40) % (1u << bits));
         memcpy(rows + row * rb + nc + 2 * gi, &sc, 2);
         memcpy(rows + row * rb + nc + 2 * G + 2 * gi, &zero, 2);

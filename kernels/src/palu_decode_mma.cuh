@@ -16,6 +16,7 @@
 // palu_decode.cuh merges splits and applies B_v.
 #pragma once
 #include "palu_decode.cuh"
+#include <type_traits>
 
 namespace palu {
 namespace mma4 {
@@ -64,8 +65,9 @@ struct Smem {
     static constexpr int merge = kWarps * 16 * (RVP + 2) * 4;    // per-warp (m, l, A)
     static constexpr int rowoff = kChunk * (DH / 2) * 8;         // cos/sin(row·θ) per lane, row < 16
     static constexpr int base = kWarps * (DH / 2) * 8;           // per warp: cos/sin(t0·θ)
+    static constexpr int base_h = kWarps * (DH / 4) * 8;         // the same as f16 pairs (f16 RoPE)
     static constexpr int step = (DH / 2) * 8;                    // per pair: rotation by 64·θ
-    static constexpr int total = b + q + rowoff + base + step + (bufs > merge ? bufs : merge);
+    static constexpr int total = b + q + rowoff + base + base_h + step + (bufs > merge ? bufs : merge);
 };
 
 // Issues the copies of one warp's chunk of latent rows: the 8-column pieces that start below r
@@ -202,6 +204,9 @@ __device__ __forceinline__ void mask_cols(half* buf, int ld_dst, int r, int lane
     for (int i = lane; i < kChunk * (ld - r); i += 32) buf[(i / (ld - r)) * ld_dst + r + i % (ld - r)] = __float2half(0.f);
 }
 
+__device__ __forceinline__ unsigned h2bits(half2 h) { return *reinterpret_cast<unsigned*>(&h); }
+__device__ __forceinline__ half2 bits2h(unsigned u) { return *reinterpret_cast<half2*>(&u); }
+
 __device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(a.x * b.x - a.y * b.y, a.y * b.x + a.x * b.y); }
 
 // The rebuild runs in quarters of dh: n-tiles {2d, 2d+1} and their rotate-half partners
@@ -225,6 +230,9 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
     constexpr int KS = RKP / 16;      // rebuild k-steps
     constexpr int HALF = DH / 2;
     using S = Smem<RKP, RVP, DH, GHEADS, BITS>;
+    // f16 models rotate keys in f16x2 arithmetic (angles as f16 pairs): half the RoPE
+    // instructions; the rotated keys are rounded to f16 for the score mma anyway. bf16 keeps f32.
+    constexpr bool kHalfRope = std::is_same_v<T, half>;
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* ptr = smem;
     auto take = [&](int bytes) { unsigned char* r = ptr; ptr += bytes; return r; };
@@ -232,6 +240,7 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
     half* sQ = reinterpret_cast<half*>(take(S::q));
     float2* sRow = reinterpret_cast<float2*>(take(S::rowoff));
     float2* sBase = reinterpret_cast<float2*>(take(S::base));
+    uint2* sBaseH = reinterpret_cast<uint2*>(take(S::base_h));
     float2* sStep = reinterpret_cast<float2*>(take(S::step));
     unsigned char* sBuf = take(0);
 
@@ -294,17 +303,42 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
         sStep[f] = make_float2(c, sn);
     }
     __syncthreads();
-    for (int i = tid; i < kChunk * HALF; i += kWarps * 32) {
-        const int ln = i % 32, pair = i / 32, f = 8 * (2 * (pair / 8) + (pair / 4) % 2) + 2 * (ln % 4) + (pair / 2) % 2;
-        const int row = ln / 4 + 8 * (pair % 2);
+    auto row_angle = [&](int row, int f) {
         float2 a = make_float2(1.f, 0.f);
 #pragma unroll
         for (int bit = 0; bit < 4; ++bit)
             if (row >> bit & 1) a = cmul(a, sPow[bit * HALF + f]);
-        sRow[i] = a;
+        return a;
+    };
+    if constexpr (kHalfRope) {
+        // f16 models: one entry per lane and (dq, t, r) holds the angles of both columns
+        // (f, f + 1) of the lane as f16 pairs (cos, sin): half the table, one load per two pairs.
+        uint2* sRowH = reinterpret_cast<uint2*>(sRow);
+        for (int i = tid; i < kChunk * HALF / 2; i += kWarps * 32) {
+            const int ln = i % 32, ent = i / 32, r = ent % 2, t = (ent / 2) % 2, dq = ent / 4;
+            const int f = 8 * (2 * dq + t) + 2 * (ln % 4), row = ln / 4 + 8 * r;
+            const float2 a0 = row_angle(row, f), a1 = row_angle(row, f + 1);
+            sRowH[i] = make_uint2(h2bits(__floats2half2_rn(a0.x, a1.x)), h2bits(__floats2half2_rn(a0.y, a1.y)));
+        }
+    } else {
+        for (int i = tid; i < kChunk * HALF; i += kWarps * 32) {
+            const int ln = i % 32, pair = i / 32, f = 8 * (2 * (pair / 8) + (pair / 4) % 2) + 2 * (ln % 4) + (pair / 2) % 2;
+            sRow[i] = row_angle(ln / 4 + 8 * (pair % 2), f);
+        }
     }
     __syncthreads();  // sPow's space is reused by the chunk buffers
     float2* myBase = sBase + warp * HALF;
+    uint2* myBaseH = sBaseH + warp * (HALF / 2);
+    // After the warp's base angles change: their f16 pairs (cos f, cos f+1), (sin f, sin f+1).
+    auto publish_base = [&]() {
+        if constexpr (kHalfRope) {
+            __syncwarp();
+            for (int pr = lane; pr < HALF / 2; pr += 32) {
+                const float2 a = myBase[2 * pr], b2 = myBase[2 * pr + 1];
+                myBaseH[pr] = make_uint2(h2bits(__floats2half2_rn(a.x, b2.x)), h2bits(__floats2half2_rn(a.y, b2.y)));
+            }
+        }
+    };
 
     // This warp's two chunk buffers (K rows then V rows), addressed arithmetically: an array of
     // pointers indexed by the run-time buffer number went to local memory. Packed latents: one
@@ -378,6 +412,7 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
                 double a = (double)t0 * (double)p.inv_freq[f];
                 myBase[f] = make_float2((float)cos(a), (float)sin(a));
             }
+            publish_base();
         }
         cp_wait<1>();
         __syncwarp();
@@ -421,29 +456,60 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
                     for (int i = 0; i < 16; ++i) st[0][i % 4] += k[i / 4][i % 4];
                     continue;
                 }
-                // RoPE: k[t] (dims d) pairs with k[2 + t] (dims d + dh/2).
+                // RoPE: k[t] (dims d) pairs with k[2 + t] (dims d + dh/2). kp: the rotated keys
+                // packed as the B operand of Sᵀ = Q·Kᵀ, [t][r] (dims d) and [2 + t][r] (d + dh/2).
+                unsigned kp[4][2];
+                if constexpr (kHalfRope) {
+                    const uint2* sRowH = reinterpret_cast<const uint2*>(sRow);
 #pragma unroll
-                for (int t = 0; t < 2; ++t)
-                    if (ABL != 3)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int f = 8 * (2 * dq + t) + 2 * tig + e;
-                        const float2 bs = myBase[f];
+                    for (int t = 0; t < 2; ++t) {
+                        const uint2 bw = myBaseH[4 * (2 * dq + t) + tig];
+                        const half2 cb = bits2h(bw.x), sb = bits2h(bw.y);
 #pragma unroll
                         for (int r = 0; r < 2; ++r) {
-                            const float2 an = cmul(bs, sRow[(((dq * 2 + t) * 2 + e) * 2 + r) * 32 + lane]);
-                            float k1 = k[t][2 * r + e], k2 = k[2 + t][2 * r + e];
-                            k[t][2 * r + e] = k1 * an.x - k2 * an.y;
-                            k[2 + t][2 * r + e] = k2 * an.x + k1 * an.y;
+                            half2 k1 = __floats2half2_rn(k[t][2 * r], k[t][2 * r + 1]);
+                            half2 k2 = __floats2half2_rn(k[2 + t][2 * r], k[2 + t][2 * r + 1]);
+                            if (ABL != 3) {
+                                const uint2 rw = sRowH[((dq * 2 + t) * 2 + r) * 32 + lane];
+                                const half2 cr = bits2h(rw.x), sr = bits2h(rw.y);
+                                const half2 c = __hfma2(cb, cr, __hneg2(__hmul2(sb, sr)));
+                                const half2 sn = __hfma2(sb, cr, __hmul2(cb, sr));
+                                const half2 n1 = __hfma2(k1, c, __hneg2(__hmul2(k2, sn)));
+                                const half2 n2 = __hfma2(k2, c, __hmul2(k1, sn));
+                                k1 = n1, k2 = n2;
+                            }
+                            kp[t][r] = h2bits(k1);
+                            kp[2 + t][r] = h2bits(k2);
                         }
                     }
+                } else {
+#pragma unroll
+                    for (int t = 0; t < 2; ++t)
+                        if (ABL != 3)
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                const int f = 8 * (2 * dq + t) + 2 * tig + e;
+                                const float2 bs = myBase[f];
+#pragma unroll
+                                for (int r = 0; r < 2; ++r) {
+                                    const float2 an = cmul(bs, sRow[(((dq * 2 + t) * 2 + e) * 2 + r) * 32 + lane]);
+                                    float k1 = k[t][2 * r + e], k2 = k[2 + t][2 * r + e];
+                                    k[t][2 * r + e] = k1 * an.x - k2 * an.y;
+                                    k[2 + t][2 * r + e] = k2 * an.x + k1 * an.y;
+                                }
+                            }
+#pragma unroll
+                    for (int t = 0; t < 4; ++t)
+#pragma unroll
+                        for (int r = 0; r < 2; ++r) kp[t][r] = E::pack2(k[t][2 * r], k[t][2 * r + 1]);
+                }
                 unsigned q0, q1, q2, q3, w0, w1, w2, w3;
                 ldsm_x4(q0, q1, q2, q3, sQ + (j * 16 + lane % 16) * S::ldq + dq * 16 + (lane / 16) * 8);
                 ldsm_x4(w0, w1, w2, w3, sQ + (j * 16 + lane % 16) * S::ldq + HALF + dq * 16 + (lane / 16) * 8);
-                E::mma16816(st[0], q0, q1, q2, q3, E::pack2(k[0][0], k[0][1]), E::pack2(k[1][0], k[1][1]));
-                E::mma16816(st[1], q0, q1, q2, q3, E::pack2(k[0][2], k[0][3]), E::pack2(k[1][2], k[1][3]));
-                E::mma16816(st[0], w0, w1, w2, w3, E::pack2(k[2][0], k[2][1]), E::pack2(k[3][0], k[3][1]));
-                E::mma16816(st[1], w0, w1, w2, w3, E::pack2(k[2][2], k[2][3]), E::pack2(k[3][2], k[3][3]));
+                E::mma16816(st[0], q0, q1, q2, q3, kp[0][0], kp[1][0]);
+                E::mma16816(st[1], q0, q1, q2, q3, kp[0][1], kp[1][1]);
+                E::mma16816(st[0], w0, w1, w2, w3, kp[2][0], kp[3][0]);
+                E::mma16816(st[1], w0, w1, w2, w3, kp[2][1], kp[3][1]);
             }
         }
         if constexpr (ABL == 2) {
@@ -498,6 +564,7 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
         // Advance this warp's base angle to its next chunk.
         __syncwarp();
         for (int f = lane; f < HALF; f += 32) myBase[f] = cmul(myBase[f], sStep[f]);
+        publish_base();
         __syncwarp();
     }
     cp_wait<0>();
