@@ -214,6 +214,83 @@ pub fn inspect(dir: &Path) -> Result<Inspection, PaluError> {
     })
 }
 
+/// How many sequences of `seq_len` tokens fit in a KV-cache budget, by layout: the default
+/// 16-bit cache, then each Palu width (16, 8, 4, 3, 2 bits). Whole sequences only.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Capacity {
+    pub budget_bytes: f64,
+    pub seq_len: usize,
+    /// `(label, bytes per token, sequences)`, the default first.
+    pub rows: Vec<(String, usize, u64)>,
+}
+
+impl Inspection {
+    /// The capacity table for a budget in GiB; a clear error for a budget or length that is not
+    /// positive and finite.
+    pub fn capacity(&self, budget_gib: f64, seq_len: usize) -> Result<Capacity, PaluError> {
+        if !(budget_gib.is_finite() && budget_gib > 0.0) {
+            return Err(PaluError::arg(
+                "--kv-budget",
+                budget_gib,
+                "must be a positive number of GiB",
+            ));
+        }
+        if seq_len == 0 {
+            return Err(PaluError::arg(
+                "--seq-len",
+                seq_len,
+                "must be at least 1 token",
+            ));
+        }
+        let budget = budget_gib * (1u64 << 30) as f64;
+        let fit = |bytes: usize| (budget / (bytes as f64 * seq_len as f64)).floor() as u64;
+        let mut rows = vec![(
+            "default 16-bit".to_string(),
+            self.kv_bytes_default,
+            fit(self.kv_bytes_default),
+        )];
+        if self.group_size.is_some() {
+            for &(b, bytes) in &self.kv_bytes_palu {
+                let label = if b >= 16 {
+                    "palu 16-bit".to_string()
+                } else {
+                    format!("palu {b}-bit")
+                };
+                rows.push((label, bytes, fit(bytes)));
+            }
+        }
+        Ok(Capacity {
+            budget_bytes: budget,
+            seq_len,
+            rows,
+        })
+    }
+}
+
+impl std::fmt::Display for Capacity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "capacity       sequences of {} tokens in {:.2} GiB of KV cache (by layout):",
+            self.seq_len,
+            self.budget_bytes / (1u64 << 30) as f64
+        )?;
+        let base = self.rows.first().map(|r| r.2).unwrap_or(0);
+        for (label, _, n) in &self.rows {
+            if base > 0 && label != "default 16-bit" {
+                writeln!(
+                    f,
+                    "               {label:<22} {n:>8}  ({:.2}× default)",
+                    *n as f64 / base as f64
+                )?;
+            } else {
+                writeln!(f, "               {label:<22} {n:>8}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Display for Inspection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(

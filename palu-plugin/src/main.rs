@@ -39,6 +39,13 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also print how many sequences of --seq-len tokens fit in this much KV cache (GiB),
+        /// for the default cache and each Palu latent width.
+        #[arg(long, value_name = "GIB")]
+        kv_budget: Option<f64>,
+        /// Sequence length for --kv-budget.
+        #[arg(long, default_value_t = 32768, value_name = "TOKENS")]
+        seq_len: usize,
     },
     /// Evaluate a plain model or a Palu checkpoint.
     #[command(subcommand)]
@@ -292,12 +299,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 a.output.join(palu::checkpoint::ALLOC_FILE).display()
             );
         }
-        Cmd::Inspect { checkpoint, json } => {
+        Cmd::Inspect {
+            checkpoint,
+            json,
+            kv_budget,
+            seq_len,
+        } => {
             let r = palu::checkpoint::inspect(&checkpoint)?;
+            let cap = kv_budget.map(|g| r.capacity(g, seq_len)).transpose()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                let mut v = serde_json::to_value(&r)?;
+                if let Some(c) = &cap {
+                    v["capacity"] = serde_json::to_value(c)?;
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print!("{r}");
+                if let Some(c) = &cap {
+                    print!("{c}");
+                }
             }
         }
         Cmd::Eval(EvalCmd::Ppl(a)) => {

@@ -127,6 +127,23 @@ fn server_with_palu_and_an_unsupported_model_subcommand_is_a_clear_error() {
     insta::assert_snapshot!("server_palu_gguf_error", err.trim());
 }
 
+/// `palu inspect --kv-budget` answers how many sequences fit: by the cache layout, for the
+/// default cache and each latent width; a budget that is not a positive number is refused.
+#[test]
+fn inspect_kv_capacity() {
+    let dir = common::fixtures().join("palu-reference/stories260K-g1-r50");
+    let d = dir.to_str().unwrap();
+    let (ok, out, err) = palu(&["inspect", d, "--kv-budget", "1", "--seq-len", "4096"]);
+    assert!(ok, "{err}");
+    let cap = &out[out.find("capacity").expect("a capacity section")..];
+    insta::assert_snapshot!("inspect_capacity", cap);
+    // 640 B/token by default: 2^30 / (640 · 4096) = 409.6 → 409 whole sequences.
+    assert!(cap.contains("default 16-bit              409"), "{cap}");
+    let (ok, _, err) = palu(&["inspect", d, "--kv-budget=-2"]);
+    assert!(!ok);
+    assert!(err.contains("--kv-budget = -2"), "{err}");
+}
+
 /// `palu synth` writes a Palu checkpoint with random factors that loads, passes `inspect`'s
 /// tensor checks, and runs; its mistakes are one clear line.
 #[test]
