@@ -47,7 +47,9 @@ bench *ARGS:
 kernels-check:
     bash scripts/kernels-check.sh
 
-# Build the H200 decode benchmark into .gpu/ (run it there: ./.gpu/palu_decode_bench).
+# Build the H200 decode benchmark into .gpu/. Run it there: ./.gpu/palu_decode_bench [--llama3]
+# (float64 checks, then the shape table with the stock kernel and the roofline beside every row,
+# then the issue's targets as met / missed); --ablate shows where the time goes.
 gpu-bench:
     bash scripts/gpu-bench.sh
 
