@@ -47,9 +47,10 @@ bench *ARGS:
 kernels-check:
     bash scripts/kernels-check.sh
 
-# Build the H200 decode benchmark into .gpu/. Run it there: ./.gpu/palu_decode_bench [--llama3]
-# (float64 checks, then the shape table with the stock kernel and the roofline beside every row,
-# then the issue's targets as met / missed); --ablate shows where the time goes.
+# On the H200 the benchmark prints float64 checks, the shape table with the stock kernel and the
+# roofline beside every row, then the CUDA issue's targets as met / missed; --ablate shows where
+# the time goes, --llama3 limits it to the Llama-3-8B shape.
+# Build the H200 decode benchmark into .gpu/ (run it there: ./.gpu/palu_decode_bench [--llama3]).
 gpu-bench:
     bash scripts/gpu-bench.sh
 
