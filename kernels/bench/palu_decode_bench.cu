@@ -230,6 +230,13 @@ static void setup(Problem& pr, const Shape& s, const std::vector<int>& lens, int
 // rounded to f16, what the packed kernel's tiles hold), so the 16-bit kernel on them must give
 // the packed kernel's output bit for bit, and check() measures both against float64.
 extern "C" int palu_decode_packed_supported(int dh, int g, int n_rep, int rk, int rv, int bits);
+
+// A group's f16 scale from a uniform u in [0, 1): [0.02, 0.1)·15/(2^bits − 1), so that every
+// width spans the values the 16-bit checks use (|x| ≲ 1.5): 8-bit codes at 4-bit scales made
+// |x| ≈ 25 and softmax-peaked scores that magnify any rounding 17-fold.
+__host__ __device__ inline float packed_scale(float u, int bits) {
+    return (0.02f + 0.08f * u) * 15.f / (float)((1 << bits) - 1);
+}
 static void make_packed(Problem& pr, int bits, unsigned long long seed, bool halves) {
     auto& p = pr.p;
     const int G = p.G, r = p.rk, cb = r * bits / 8, nc = G * cb, rb = nc + 4 * G;
@@ -245,11 +252,7 @@ static void make_packed(Problem& pr, int bits, unsigned long long seed, bool hal
         for (size_t row = 0; row < rows; ++row) {
             unsigned char* rp = &bytes[row * rb];
             for (int gi = 0; gi < G; ++gi) {
-                // Scales shrink with the code range so that every width spans the values the
-                // 16-bit checks use (|x| ≲ 1.5): 8-bit codes at 4-bit scales made |x| ≈ 25 and
-                // softmax-peaked scores that magnify any rounding 17-fold.
-                const float fit = 15.f / (float)((1 << bits) - 1);
-                half sc = __float2half((0.02f + 0.08f * (float)(rng() % 10000) / 10000.f) * fit);
+                half sc = __float2half(packed_scale((float)(rng() % 10000) / 10000.f, bits));
                 short zero = (short)(rng() % (1u << bits));
                 memcpy(rp + nc + 2 * gi, &sc, 2);
                 memcpy(rp + nc + 2 * G + 2 * gi, &zero, 2);
@@ -280,7 +283,7 @@ __global__ void fill_packed_params(unsigned char* rows, size_t n_rows, int rb, i
         const int gi = (int)(i % G);
         unsigned long long z = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
         z = (z ^ (z >> 31)) * 0xBF58476D1CE4E5B9ull;
-        const half sc = __float2half((0.02f + 0.08f * (float)((z >> 20) % 10000) / 10000.f) * 15.f / (float)((1 << bits) - 1));
+        const half sc = __float2half(packed_scale((float)((z >> 20) % 10000) / 10000.f, bits));
         const short zero = (short)((z >> 40) % (1u << bits));
         memcpy(rows + row * rb + nc + 2 * gi, &sc, 2);
         memcpy(rows + row * rb + nc + 2 * G + 2 * gi, &zero, 2);

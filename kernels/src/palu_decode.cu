@@ -35,22 +35,28 @@ cudaError_t raise_smem_limit(K* kernel, int bytes) {
 template <int DH, int G, int NREP, int RKP>
 constexpr bool kPackedInstance = DH == 128 && G == 1 && RKP == 64 && (NREP == 4 || NREP == 1);
 
-template <typename T, int RKP, int DH, int G, int NREP, int BITS>
-cudaError_t launch_packed(palu::DecodeParams p, cudaStream_t stream) {
-    using S = palu::mma4::Smem<RKP, RKP, DH, G, BITS>;
-    auto split = palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP, 0, BITS>;
-    cudaError_t e = raise_smem_limit(split, S::total);
+// Launch a split kernel (its dynamic shared memory raised once), then the combine that merges
+// the splits and applies B_v: every path of the dispatch ends here.
+template <typename T, int RKP, int DH, int G, int NREP, typename K>
+cudaError_t split_then_combine(K* split, int smem, int threads, palu::DecodeParams p, cudaStream_t stream) {
+    cudaError_t e = raise_smem_limit(split, smem);
     if (e != cudaSuccess) return e;
-    split<<<dim3(p.n_splits, p.G, p.B), palu::mma4::kWarps * 32, S::total, stream>>>(p);
+    split<<<dim3(p.n_splits, p.G, p.B), threads, smem, stream>>>(p);
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     palu::palu_decode_combine<T, RKP, DH, G, NREP><<<dim3(p.H, p.B), DH, 0, stream>>>(p);
     return cudaGetLastError();
 }
 
+template <typename T, int RKP, int DH, int G, int NREP, int BITS>
+cudaError_t launch_packed(palu::DecodeParams p, cudaStream_t stream) {
+    using S = palu::mma4::Smem<RKP, RKP, DH, G, BITS>;
+    return split_then_combine<T, RKP, DH, G, NREP>(palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP, 0, BITS>, S::total,
+                                                   palu::mma4::kWarps * 32, p, stream);
+}
+
 template <typename T, int RKP, int DH, int G, int NREP>
 cudaError_t launch(palu::DecodeParams p, cudaStream_t stream) {
-    cudaError_t e;
     if (p.bits != 0) {
         if constexpr (kPackedInstance<DH, G, NREP, RKP>) {
             if (p.variant != 0) return cudaErrorNotSupported;
@@ -74,22 +80,14 @@ cudaError_t launch(palu::DecodeParams p, cudaStream_t stream) {
         }
 #endif
         if (p.variant > 100 && split == palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP>) return cudaErrorNotSupported;
-        e = raise_smem_limit(split, S::total);
-        if (e != cudaSuccess) return e;
-        split<<<dim3(p.n_splits, p.G, p.B), palu::mma4::kWarps * 32, S::total, stream>>>(p);
+        return split_then_combine<T, RKP, DH, G, NREP>(split, S::total, palu::mma4::kWarps * 32, p, stream);
     } else if constexpr (std::is_same_v<T, half>) {
         using S = palu::SplitSmem<RKP, RKP, DH, G>;
-        auto split = palu::palu_decode_split<RKP, RKP, DH, G, NREP>;
-        e = raise_smem_limit(split, S::total);
-        if (e != cudaSuccess) return e;
-        split<<<dim3(p.n_splits, p.G, p.B), palu::kThreads, S::total, stream>>>(p);
+        return split_then_combine<T, RKP, DH, G, NREP>(palu::palu_decode_split<RKP, RKP, DH, G, NREP>, S::total,
+                                                       palu::kThreads, p, stream);
     } else {
         return cudaErrorNotSupported;  // the shared-memory pipeline is f16 only
     }
-    e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-    palu::palu_decode_combine<T, RKP, DH, G, NREP><<<dim3(p.H, p.B), DH, 0, stream>>>(p);
-    return cudaGetLastError();
 }
 
 }  // namespace

@@ -256,9 +256,8 @@ impl CustomOp3 for LatentDecode {
                     out.iter_mut().for_each(|x| *x = round(*x));
                     Ok(out)
                 };
-                let (ck, cv) = (ck.clone(), cv.clone());
-                let hk = unpack(hks, hkl, &ck, ksb, kst)?;
-                let hv = unpack(hvs, hvl, &cv, vsb, vst)?;
+                let hk = unpack(hks, hkl, ck, ksb, kst)?;
+                let hv = unpack(hvs, hvl, cv, vsb, vst)?;
                 (ksb, kst, vsb, vst) = (
                     d.lmax * ck.width(),
                     ck.width(),
