@@ -199,7 +199,12 @@ fn softmax(x: &Tensor, grad: bool) -> Result<Tensor> {
 }
 
 /// Additive mask `[t, T]` for queries at `start..start+t` over keys `0..start+t`.
-fn attention_mask(start: usize, t: usize, window: Option<usize>, dev: &Device) -> Result<Tensor> {
+pub fn attention_mask(
+    start: usize,
+    t: usize,
+    window: Option<usize>,
+    dev: &Device,
+) -> Result<Tensor> {
     let total = start + t;
     let mut m = vec![0f32; t * total];
     for i in 0..t {

@@ -7,7 +7,7 @@ use mistralrs_core::layers::{Activation, Mlp, RmsNorm};
 use mistralrs_core::model_plugin::{
     AnyMoeBaseModelMixin, DeviceMapper, EitherCache, FlashParams, IsqModel, KvCache, MlpLayer,
     ModelConfigLike, ModelConfigMetadata, NormalCache, NormalLoadingMetadata, NormalModel,
-    PagedAttentionInputMetadata,
+    PagedAttentionInputMetadata, Sdpa, SdpaParams,
 };
 use mistralrs_quant::{QuantMethod, ReplicatedLayer, ShardedVarBuilder};
 
@@ -15,7 +15,7 @@ use super::stats::{tensor_bytes, KvStats};
 use crate::config::ModelConfig;
 use crate::latent_codec::LatentCodec;
 use crate::lowrank::{KvKind, LowRankProj};
-use crate::model::{latent_attention, Rope};
+use crate::model::{attention_mask, latent_attention, rebuild_kv, Rope, LATENT_VALUES_MAX_ROWS};
 use crate::quant::ZeroPoint;
 
 /// The cache geometry the engine sees: one "KV head" per layer whose K width is `R_k[l]` and
@@ -199,6 +199,9 @@ impl Attention {
             }
             return qmatmul(&y.reshape((b, 1, h * dh))?, &*self.o);
         }
+        if t > LATENT_VALUES_MAX_ROWS {
+            return qmatmul(&self.prefill_attention(&q, &hk, &hv, start)?, &*self.o);
+        }
         let y = latent_attention(
             &q,
             &hk.squeeze(1)?,
@@ -212,6 +215,55 @@ impl Attention {
             false,
         )?;
         qmatmul(&y, &*self.o)
+    }
+
+    /// Prefill: rebuild K (with RoPE) and V of every cached position once, then the engine's
+    /// own attention (flash attention where the engine is built with it, else its chunked
+    /// SDPA), so a Palu prompt costs what a stock prompt does plus the rebuild. `q` is
+    /// `[b, H, t, dh]` at positions `start..start+t`; returns `[b, t, H·dh]`.
+    fn prefill_attention(
+        &self,
+        q: &Tensor,
+        hk: &Tensor,
+        hv: &Tensor,
+        start: usize,
+    ) -> Result<Tensor> {
+        let (b, h, t, dh) = q.dims4()?;
+        let (k, v) = rebuild_kv(
+            &hk.squeeze(1)?,
+            &hv.squeeze(1)?,
+            &self.k,
+            &self.v,
+            self.n_kv,
+            &self.rope,
+            false,
+        )?;
+        // [1, 1, t, T] additive mask: rank 4 keeps the engine on its chunked path for long
+        // prompts (a rank-2 mask sends it to a path that materializes all t × T scores).
+        let mask = attention_mask(start, t, self.window, q.device())?
+            .to_dtype(q.dtype())?
+            .unsqueeze(0)?
+            .unsqueeze(0)?
+            .contiguous()?;
+        let params = SdpaParams {
+            n_kv_groups: h / self.n_kv,
+            softcap: None,
+            softmax_scale: 1.0 / (dh as f32).sqrt(),
+            sliding_window: self.window,
+            sinks: None,
+        };
+        Sdpa.run_attention(
+            &q.contiguous()?,
+            &k.contiguous()?,
+            &v.contiguous()?,
+            Some(&mask),
+            // Flash attention's non-varlen causal path: every sequence of a Palu batch is at
+            // the same offset (forward_inner refuses others), so no cumulative lengths.
+            None,
+            &params,
+        )?
+        .transpose(1, 2)?
+        .reshape((b, t, h * dh))
     }
 }
 
