@@ -16,6 +16,7 @@ fn options(model_dir: &Path, kv: KvCacheKind, latent_bits: Option<u8>) -> Engine
         model_dir: model_dir.to_path_buf(),
         palu_config: None,
         palu_calib: None,
+        palu_plan: None,
         kv_cache: kv,
         latent_bits,
         max_seqs: 4,

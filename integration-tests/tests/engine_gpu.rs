@@ -55,6 +55,7 @@ async fn serve_bits(
         model_dir: model_dir.to_path_buf(),
         palu_config: None,
         palu_calib: None,
+        palu_plan: None,
         kv_cache: kv,
         latent_bits: (kv == KvCacheKind::Palu).then_some(latent_bits),
         max_seqs: 4,

@@ -66,6 +66,8 @@ pub struct DecodeParams {
     pub k_zero_off: i32,
     pub v_scale_off: i32,
     pub v_zero_off: i32,
+    /// 1: `out` is `[B, H, rv]`, the latent attention outputs before `B_v` (fused values).
+    pub latent_out: i32,
 }
 
 #[cfg(feature = "cuda")]

@@ -53,6 +53,9 @@ struct DecodeParams {
     // its i16 zero at k_zero_off + 2·grp (v_*: the value rows).
     int bits;
     int k_scale_off, k_zero_off, v_scale_off, v_zero_off;
+    // 1: write each query head's latent attention output `a` ([B, H, rv]) and skip B_v: the
+    // caller folds B_v into o_proj (the planner's fused values). 0: out = B_v·a ([B, H, dh]).
+    int latent_out;
 };
 
 // The 16-bit element types: conversions, and the tensor-core instruction for each.
@@ -320,8 +323,8 @@ __global__ void __launch_bounds__(kThreads) palu_decode_split(DecodeParams p) {
     }
 }
 
-// Merge the splits of one query head and apply B_v (elements T): one block per (head,
-// sequence), DH threads. Every load is issued across lanes, none waits on the one before: v5's
+// Merge the splits of one query head and apply B_v (elements T), or write the merged latent
+// output as it is (`latent_out`): one block per (head, sequence), DH threads. Every load is issued across lanes, none waits on the one before: v5's
 // combine looped over splits and B_v's columns serially per thread and took 15.9 µs at
 // 16K × batch 8 (a tenth of the step); see docs/kernels.md.
 template <typename T, int RVP, int DH, int GHEADS, int NREP>
@@ -367,6 +370,10 @@ __global__ void palu_decode_combine(DecodeParams p) {
             v += m == -INFINITY ? 0.f : src[s * stride + 2 + c] * __expf(m - M);
         }
         a[c] = v * inv_l;
+    }
+    if (p.latent_out) {
+        for (int c = tid; c < p.rv; c += DH) p.out[((size_t)b * p.H + qh) * p.rv + c] = a[c];
+        return;
     }
     __syncthreads();
     // out[d] = B_v[d, :]·a: one warp per row at a time, lanes across the row's columns

@@ -53,6 +53,9 @@ pub struct LatentDecode {
     pub n_kv: usize,
     /// The codecs of packed K and V rows; `None`: 16-bit latents.
     pub packed: Option<(LatentCodec, LatentCodec)>,
+    /// Return each query head's latent output `Σ_t p_t h_v` (`[B, H, r_v]`) without `B_v`: the
+    /// caller has folded `B_v` into `o_proj` (the planner's fused values).
+    pub latent_out: bool,
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -92,6 +95,7 @@ impl LatentDecode {
             n_heads,
             n_kv,
             packed: None,
+            latent_out: false,
         }))
     }
 
@@ -104,6 +108,14 @@ impl LatentDecode {
         }
     }
 
+    /// The same op returning the latent outputs before `B_v` (`[B, H, r_v]`).
+    pub fn with_latent_out(self) -> Self {
+        Self {
+            latent_out: true,
+            ..self
+        }
+    }
+
     /// The same op for a batch with `lens` cached tokens per sequence.
     pub fn with_lens(&self, lens: Vec<usize>) -> Self {
         Self {
@@ -112,7 +124,7 @@ impl LatentDecode {
         }
     }
 
-    /// Runs the op: `[B, H, dh]` f32.
+    /// Runs the op: `[B, H, dh]` f32 (`[B, H, r_v]` with [`Self::with_latent_out`]).
     pub fn forward(&self, q: &Tensor, hk: &Tensor, hv: &Tensor) -> Result<Tensor> {
         q.apply_op3_no_bwd(hk, hv, self)
     }
@@ -274,7 +286,8 @@ impl CustomOp3 for LatentDecode {
         );
         let (dh, half) = (d.dh, d.dh / 2);
         let scale = 1.0 / (dh as f32).sqrt();
-        let mut out = vec![0f32; d.b * d.h * dh];
+        let width = if self.latent_out { d.rv } else { dh };
+        let mut out = vec![0f32; d.b * d.h * width];
         let mut k = vec![0f32; dh];
         let mut scores = vec![0f32; d.lmax];
         let mut acc = vec![0f32; d.rv];
@@ -310,13 +323,17 @@ impl CustomOp3 for LatentDecode {
                     let h = &hv[b * vsb + t * vst + grp * d.rv..][..d.rv];
                     acc.iter_mut().zip(h).for_each(|(a, x)| *a += p * x);
                 }
-                let o = &mut out[(b * d.h + qh) * dh..][..dh];
+                let o = &mut out[(b * d.h + qh) * width..][..width];
+                if self.latent_out {
+                    o.iter_mut().zip(&acc).for_each(|(od, a)| *od = a / sum);
+                    continue;
+                }
                 for (od, row) in o.iter_mut().zip(bv_j.chunks_exact(d.rv)) {
                     *od = row.iter().zip(&acc).map(|(a, b)| a * b).sum::<f32>() / sum;
                 }
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((d.b, d.h, dh))))
+        Ok((CpuStorage::F32(out), Shape::from((d.b, d.h, width))))
     }
 
     #[cfg(feature = "cuda")]
@@ -451,7 +468,8 @@ mod cuda {
             )
         };
         let mut partial = unsafe { dev.alloc::<f32>(ws) }?;
-        let mut out = unsafe { dev.alloc::<f32>(d.b * d.h * d.dh) }?;
+        let width = if op.latent_out { d.rv } else { d.dh };
+        let mut out = unsafe { dev.alloc::<f32>(d.b * d.h * width) }?;
 
         let q = qs.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
         let inv_f = inv_c.as_cuda_slice::<f32>()?.slice(inv_l.start_offset()..);
@@ -540,6 +558,7 @@ mod cuda {
             k_zero_off: k_z as i32,
             v_scale_off: v_sc as i32,
             v_zero_off: v_z as i32,
+            latent_out: op.latent_out as i32,
         };
         let err = unsafe { k::palu_decode(p, stream.cu_stream() as _) };
         match err {
@@ -560,7 +579,7 @@ mod cuda {
         drop((_g8, _g9));
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev),
-            Shape::from((d.b, d.h, d.dh)),
+            Shape::from((d.b, d.h, width)),
         ))
     }
 }

@@ -9,6 +9,7 @@
 //! - [`quant`]: asymmetric per-token, per-group quantization of latents (simulated and packed).
 //! - [`latent_codec`]: the packed byte rows a low-bit latent cache stores.
 //! - [`decode_op`]: one decode step over a latent cache as a candle op (CUDA kernel, CPU twin).
+//! - [`planner`]: per layer, latent or full keys and fused or unfused values, from a cost model.
 //! - [`hadamard`]: orthonormal rotations folded into the factors.
 //! - [`decompose`]: calibration statistics, Cholesky whitening and per-group truncated SVD.
 //! - [`fisher`]: Fisher information of `k_proj` / `v_proj` from real gradients.
@@ -36,6 +37,7 @@ pub mod hadamard;
 pub mod latent_codec;
 pub mod lowrank;
 pub mod model;
+pub mod planner;
 pub mod progress;
 pub mod quant;
 pub mod ranks;

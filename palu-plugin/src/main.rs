@@ -47,6 +47,10 @@ enum Cmd {
         #[arg(long, default_value_t = 32768, value_name = "TOKENS")]
         seq_len: usize,
     },
+    /// Plan each layer's decode: latent or full keys (V-only Palu), B_v after attention or folded
+    /// into o_proj. Prints the table and writes plan.toml, which the server reads from the
+    /// checkpoint directory (or --palu-plan / kv_cache.plan).
+    Plan(PlanArgs),
     /// Evaluate a plain model or a Palu checkpoint.
     #[command(subcommand)]
     Eval(EvalCmd),
@@ -95,6 +99,33 @@ struct SynthArgs {
     tokenizer_from: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    /// A Palu checkpoint directory.
+    checkpoint: PathBuf,
+    /// Cached tokens per sequence the decode step is costed at.
+    #[arg(long, default_value_t = 32768, value_name = "TOKENS")]
+    context: usize,
+    /// Concurrent sequences.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Latent width the server will cache: 16, or 2/3/4/8 packed.
+    #[arg(long, default_value_t = 16)]
+    latent_bits: u8,
+    /// KV bytes the plan may use, as a fraction of the stock 16-bit K/V cache (e.g. 0.75):
+    /// layers whose full keys save the most time per extra byte keep full keys. Without it
+    /// every layer keeps latent keys (the memory the checkpoint was compressed for).
+    #[arg(long, value_name = "FRACTION")]
+    kv_budget: Option<f64>,
+    /// Cost-model constants (a TOML table with the fields of `[cost_model]` in plan.toml);
+    /// default: the H200 calibration in docs/kernels.md.
+    #[arg(long)]
+    cost_model: Option<PathBuf>,
+    /// Where to write the plan (default: <checkpoint>/plan.toml); `-` prints it only.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -318,6 +349,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(c) = &cap {
                     print!("{c}");
                 }
+            }
+        }
+        Cmd::Plan(a) => {
+            let cfg = palu::config::ModelConfig::from_file(&a.checkpoint.join("config.json"))?;
+            let cost = match &a.cost_model {
+                Some(p) => toml::from_str(&palu::error::read_to_string(p)?).map_err(|e| {
+                    palu::PaluError::Toml {
+                        path: p.clone(),
+                        msg: e.to_string(),
+                    }
+                })?,
+                None => palu::planner::CostModel::default(),
+            };
+            let inputs = palu::planner::PlanInputs {
+                context: a.context,
+                batch: a.batch,
+                latent_bits: a.latent_bits,
+                kv_budget: a.kv_budget,
+            };
+            let plan = palu::planner::Plan::make(&cfg, inputs, cost)?;
+            println!("{plan}");
+            let out = a.out.unwrap_or_else(|| a.checkpoint.join("plan.toml"));
+            if out.as_os_str() != "-" {
+                std::fs::write(&out, plan.to_toml()).map_err(|e| palu::PaluError::io(&out, e))?;
+                println!("wrote {}", out.display());
             }
         }
         Cmd::Eval(EvalCmd::Ppl(a)) => {

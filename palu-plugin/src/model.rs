@@ -378,31 +378,43 @@ pub fn latent_attention(
     window: Option<usize>,
     grad: bool,
 ) -> Result<Tensor> {
-    let (b, h, t, dh) = q.dims4()?;
+    let (_, h, t, dh) = q.dims4()?;
     if t > LATENT_VALUES_MAX_ROWS {
         let (k, v) = rebuild_kv(hk, hv, kp, vp, n_kv, rope, grad)?;
         return grouped_attention(q, &k, &v, start, window, grad);
     }
     let k = rebuild_k(hk, kp, n_kv, rope, grad)?;
     let probs = attention_probs(q, &k, start, window, grad)?; // [b, H_kv, rep·t, T]
-    let (_, _, rows, total) = probs.dims4()?;
-    let g = n_kv / vp.ranks.len();
-    let mut outs = Vec::with_capacity(vp.ranks.len());
-    let mut off = 0;
-    for (i, &r) in vp.ranks.iter().enumerate() {
-        let p = probs.narrow(1, i * g, g)?.reshape((b, g * rows, total))?;
-        let a = p
-            .matmul(&hv.narrow(2, off, r)?.contiguous()?)?
-            .reshape((b, g, rows, r))?;
-        let up = vp.ups[i]
+    latent_values(&probs, hv, vp, n_kv, h, dh)
+}
+
+/// Values in latent space, then each KV head's `B_v` block (and the value bias): `[b, t, H·dh]`
+/// from `probs` `[b, H_kv, H/H_kv·t, T]` of `h` query heads over the value latents `hv`.
+pub fn latent_values(
+    probs: &Tensor,
+    hv: &Tensor,
+    vp: &LowRankProj,
+    n_kv: usize,
+    h: usize,
+    dh: usize,
+) -> Result<Tensor> {
+    let b = probs.dim(0)?;
+    let t = probs.dim(2)? * n_kv / h;
+    let outs = latent_value_outputs(probs, hv, vp, n_kv, t)?;
+    let mut ups = Vec::with_capacity(outs.len());
+    for (a, up) in outs.iter().zip(&vp.ups) {
+        // [b, g·rep, t, r] → [b, g, rep·t, r] · B_jᵀ per KV head j of the group.
+        let (_, _, _, r) = a.dims4()?;
+        let g = up.dim(0)? / dh;
+        let a = a.reshape((b, g, h / n_kv * t, r))?;
+        let up = up
             .reshape((g, dh, r))?
             .transpose(1, 2)?
             .contiguous()?
             .unsqueeze(0)?;
-        outs.push(a.broadcast_matmul(&up)?); // [b, g, rep·t, dh]
-        off += r;
+        ups.push(a.broadcast_matmul(&up)?); // [b, g, rep·t, dh]
     }
-    let mut out = Tensor::cat(&outs, 1)?;
+    let mut out = Tensor::cat(&ups, 1)?;
     if let Some(bias) = &vp.bias {
         // Probabilities sum to one, so the bias of V passes through attention unchanged.
         out = out.broadcast_add(&bias.reshape((1, n_kv, 1, dh))?)?;
@@ -410,6 +422,89 @@ pub fn latent_attention(
     out.reshape((b, h, t, dh))?
         .transpose(1, 2)?
         .reshape((b, t, h * dh))
+}
+
+/// Each query head's attention output in latent space, before `B_v`: per value group `i`,
+/// `[b, g·rep, t, r_i]` (query heads in order) from `probs` `[b, H_kv, rep·t, T]` over the value
+/// latents `hv` `[b, T, R_v]`. `P·(H·Bᵀ) = (P·H)·Bᵀ`: `T·r` reads instead of building `[T, g·dh]`.
+pub fn latent_value_outputs(
+    probs: &Tensor,
+    hv: &Tensor,
+    vp: &LowRankProj,
+    n_kv: usize,
+    t: usize,
+) -> Result<Vec<Tensor>> {
+    let (b, _, rows, total) = probs.dims4()?;
+    let g = n_kv / vp.ranks.len();
+    let rep = rows / t;
+    let mut outs = Vec::with_capacity(vp.ranks.len());
+    let mut off = 0;
+    for (i, &r) in vp.ranks.iter().enumerate() {
+        let p = probs.narrow(1, i * g, g)?.reshape((b, g * rows, total))?;
+        let a = p.matmul(&hv.narrow(2, off, r)?.contiguous()?)?;
+        outs.push(a.reshape((b, g * rep, t, r))?);
+        off += r;
+    }
+    Ok(outs)
+}
+
+/// [`latent_value_outputs`] laid out for a fused `o_proj` (`W_o·B_v`, [`fused_o_proj`]):
+/// `[b, t, Σ_heads r]`, query heads in order, each its group's `r_i` latent columns.
+pub fn fused_value_inputs(
+    probs: &Tensor,
+    hv: &Tensor,
+    vp: &LowRankProj,
+    n_kv: usize,
+    t: usize,
+) -> Result<Tensor> {
+    let outs = latent_value_outputs(probs, hv, vp, n_kv, t)?
+        .into_iter()
+        .map(|a| {
+            let (b, heads, t, r) = a.dims4()?;
+            a.transpose(1, 2)?.reshape((b, t, heads * r))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&outs, 2)
+}
+
+/// `o_proj` with each query head's block multiplied by its KV head's `B_v` block, so that it reads
+/// the `r`-wide latent attention outputs ([`fused_value_inputs`]) directly: `W_o` `[d, H·dh]`
+/// becomes `[d, Σ_heads r]`. A value bias passes through attention unchanged (probabilities sum
+/// to one), so it becomes the output bias `W_o·bias` (`None` without a value bias).
+pub fn fused_o_proj(
+    w_o: &Tensor,
+    vp: &LowRankProj,
+    n_heads: usize,
+    n_kv: usize,
+    dh: usize,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let rep = n_heads / n_kv;
+    let g = n_kv / vp.ranks.len();
+    let w = w_o.to_dtype(DType::F32)?;
+    let mut cols = Vec::with_capacity(n_heads);
+    for qh in 0..n_heads {
+        let kv = qh / rep;
+        let up = vp.ups[kv / g]
+            .narrow(0, (kv % g) * dh, dh)?
+            .to_dtype(DType::F32)?; // [dh, r]
+        cols.push(w.narrow(1, qh * dh, dh)?.matmul(&up)?);
+    }
+    let fused = Tensor::cat(&cols, 1)?.to_dtype(w_o.dtype())?;
+    let bias = match &vp.bias {
+        Some(bias) => {
+            let per_head = (0..n_heads)
+                .map(|qh| bias.narrow(0, qh / rep * dh, dh))
+                .collect::<Result<Vec<_>>>()?;
+            let rep_bias = Tensor::cat(&per_head, 0)?.to_dtype(DType::F32)?;
+            Some(
+                w.matmul(&rep_bias.unsqueeze(1)?)?
+                    .squeeze(1)?
+                    .to_dtype(w_o.dtype())?,
+            )
+        }
+        None => None,
+    };
+    Ok((fused, bias))
 }
 
 /// Query rows per block of [`grouped_attention`]. The probabilities of a block are

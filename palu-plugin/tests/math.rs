@@ -426,6 +426,115 @@ fn decode_op_cpu_twin_equals_model_attention() {
     }
 }
 
+/// The planner's fused values: `o_proj·B_v` applied to the latent outputs equals `o_proj` applied
+/// after `B_v` (and the value bias), for group sizes 1, 2, 4 with uneven ranks; the decode op's
+/// latent outputs are the same latent outputs.
+#[test]
+fn fused_values_equal_unfused_values_through_o_proj() {
+    use candle_core::{Device, IndexOp};
+    use palu::decode_op::LatentDecode;
+    use palu::lowrank::{linear, LowRankProj};
+    use palu::model::{
+        attention_probs, fused_o_proj, fused_value_inputs, latent_value_outputs, latent_values,
+        rebuild_k,
+    };
+    let mut r = rng();
+    let dev = Device::Cpu;
+    let cfg = palu::config::ModelConfig::from_json_str(
+        r#"{"model_type":"llama","hidden_size":128,"intermediate_size":64,"num_hidden_layers":1,
+            "num_attention_heads":8,"num_key_value_heads":4,"vocab_size":32,"rms_norm_eps":1e-5,
+            "max_position_embeddings":256,"rope_theta":10000.0}"#,
+        std::path::Path::new("config.json"),
+    )
+    .unwrap();
+    let rope = palu::model::Rope::new(&cfg, &dev);
+    let (b, h, n_kv, dh, d, total) = (2, 8, 4, 16, 48, 29);
+    for (g, with_bias, uniform) in [
+        (1usize, false, true),
+        (2, true, false),
+        (4, true, true),
+        (1, false, false),
+    ] {
+        let groups = n_kv / g;
+        let ranks: Vec<usize> = (0..groups)
+            .map(|i| if uniform { 6 + g } else { 5 + 3 * i + g })
+            .collect();
+        let rsum: usize = ranks.iter().sum();
+        let proj = |r: &mut rand::rngs::StdRng, bias: bool| {
+            let ups = ranks
+                .iter()
+                .map(|&ri| tensor(r, &[g * dh, ri], &dev))
+                .collect();
+            LowRankProj::new(
+                tensor(r, &[rsum, d], &dev),
+                ups,
+                bias.then(|| tensor(r, &[n_kv * dh], &dev)),
+            )
+            .unwrap()
+        };
+        let (kp, vp) = (proj(&mut r, false), proj(&mut r, with_bias));
+        let w_o = tensor(&mut r, &[d, h * dh], &dev);
+        let (w_fused, b_fused) = fused_o_proj(&w_o, &vp, h, n_kv, dh).unwrap();
+        assert_eq!(w_fused.dims(), &[d, h * rsum / groups]);
+        assert_eq!(b_fused.is_some(), with_bias);
+        let hk = tensor(&mut r, &[b, total, rsum], &dev);
+        let hv = tensor(&mut r, &[b, total, rsum], &dev);
+        let k = rebuild_k(&hk, &kp, n_kv, &rope, false).unwrap();
+        for t in [1usize, 3] {
+            let q = tensor(&mut r, &[b, h, t, dh], &dev);
+            let probs = attention_probs(&q, &k, total - t, None, false).unwrap();
+            let unfused = linear(
+                &latent_values(&probs, &hv, &vp, n_kv, h, dh).unwrap(),
+                &w_o,
+                None,
+            )
+            .unwrap();
+            let fused = linear(
+                &fused_value_inputs(&probs, &hv, &vp, n_kv, t).unwrap(),
+                &w_fused,
+                b_fused.as_ref(),
+            )
+            .unwrap();
+            let diff = max_abs(&(&fused - &unfused).unwrap());
+            assert!(
+                diff <= 1e-4 * max_abs(&unfused).max(1.0),
+                "g={g} t={t} bias={with_bias}: max |Δ| {diff}"
+            );
+        }
+        // The decode op's latent outputs (one token per sequence) are these latent outputs.
+        if uniform && !with_bias {
+            let lens = vec![total; b];
+            let op = LatentDecode::from_projections(
+                &kp,
+                &vp,
+                h,
+                n_kv,
+                rope.inv_freq(),
+                candle_core::DType::F32,
+            )
+            .unwrap()
+            .expect("equal ranks, no key bias")
+            .with_lens(lens)
+            .with_latent_out();
+            let q = tensor(&mut r, &[b, h, dh], &dev);
+            let got = op.forward(&q, &hk, &hv).unwrap(); // [b, H, r]
+            let probs =
+                attention_probs(&q.unsqueeze(2).unwrap(), &k, total - 1, None, false).unwrap();
+            let want = latent_value_outputs(&probs, &hv, &vp, n_kv, 1).unwrap(); // per group [b, g·rep, 1, r]
+            let want = candle_core::Tensor::cat(&want, 1)
+                .unwrap()
+                .squeeze(2)
+                .unwrap();
+            let diff = max_abs(&(&got - &want).unwrap());
+            assert!(
+                diff <= 1e-5 * max_abs(&want).max(1.0),
+                "g={g}: decode op latent out max |Δ| {diff}"
+            );
+            assert_eq!(got.i(0).unwrap().dims(), &[h, ranks[0]]);
+        }
+    }
+}
+
 /// Misuse is an error naming what is wrong, not a wrong answer.
 #[test]
 fn decode_op_rejects_bad_lengths_and_shapes() {
@@ -440,6 +549,7 @@ fn decode_op_rejects_bad_lengths_and_shapes() {
         n_heads: 4,
         n_kv: 2,
         packed: None,
+        latent_out: false,
     };
     let q = Tensor::ones((2, 4, 16), DType::F32, &dev).unwrap();
     let h = Tensor::ones((2, 5, 8), DType::F32, &dev).unwrap();
@@ -505,6 +615,7 @@ fn decode_kernel_matches_cpu_twin() {
                 n_heads: h,
                 n_kv,
                 packed: None,
+                latent_out: false,
             };
             let want = op(&cpu).forward(&cast(&q), &cast(&hk), &cast(&hv)).unwrap();
             let on = |t: &candle_core::Tensor| cast(t).to_device(&gpu).unwrap();
@@ -518,6 +629,26 @@ fn decode_kernel_matches_cpu_twin() {
             assert!(
                 err < tol && err.is_finite(),
                 "{dtype:?} {name} g={g} r={rank}: relative L2 error {err:.2e}"
+            );
+            // Fused values: the latent outputs before B_v, [B, H, r].
+            let want = op(&cpu)
+                .with_latent_out()
+                .forward(&cast(&q), &cast(&hk), &cast(&hv))
+                .unwrap();
+            let got = op(&gpu)
+                .with_latent_out()
+                .forward(&on(&q), &on(&hk), &on(&hv))
+                .unwrap()
+                .to_device(&cpu)
+                .unwrap();
+            assert_eq!(got.dims(), &[b, h, rank]);
+            let err = common::rel_l2(&got, &want);
+            println!(
+                "{dtype:?} {name} g={g} r={rank}: latent outputs, relative L2 error {err:.2e}"
+            );
+            assert!(
+                err < tol && err.is_finite(),
+                "{dtype:?} {name} g={g} r={rank} latent out: relative L2 error {err:.2e}"
             );
         }
     }
@@ -555,6 +686,7 @@ fn decode_op_on_packed_rows_equals_decode_op_on_decoded_rows() {
             n_heads: h,
             n_kv,
             packed: None,
+            latent_out: false,
         };
         let q = tensor(&mut r, &[b, h, dh], &dev)
             .to_dtype(DType::F16)
@@ -635,6 +767,7 @@ fn packed_decode_kernel_matches_cpu_twin() {
                         n_heads: h,
                         n_kv,
                         packed: None,
+                        latent_out: false,
                     }
                     .with_packed(codec.clone(), codec.clone())
                 };

@@ -53,6 +53,10 @@ struct Args {
     /// (or the checkpoint's palu.toml) `latent_bits`, else 16.
     #[arg(long)]
     palu_latent_bits: Option<u8>,
+    /// Per-layer plan (`palu plan` writes it): latent or full keys, fused or unfused values.
+    /// Default: the checkpoint's plan.toml, else a plan made at startup (printed either way).
+    #[arg(long)]
+    palu_plan: Option<PathBuf>,
     /// IP to serve on.
     #[arg(long, default_value = "127.0.0.1")]
     serve_ip: String,
@@ -148,6 +152,7 @@ fn palu_options(args: &Args) -> Result<EngineOptions> {
         model_dir,
         palu_config: args.palu_config.clone(),
         palu_calib: args.palu_calib.clone(),
+        palu_plan: args.palu_plan.clone(),
         kv_cache: KvCacheKind::Palu,
         latent_bits: args.palu_latent_bits,
         max_seqs: args.max_seqs,
@@ -250,6 +255,7 @@ async fn main() -> Result<()> {
                 model_dir: m,
                 palu_config: None,
                 palu_calib: None,
+                palu_plan: None,
                 kv_cache: KvCacheKind::Default,
                 latent_bits: None,
                 max_seqs: args.max_seqs,

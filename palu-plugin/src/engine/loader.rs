@@ -18,6 +18,7 @@ use regex::Regex;
 use super::model::{PaluGeometry, PaluTextModel};
 use super::stats::KvStats;
 use crate::config::ModelConfig;
+use crate::planner::Plan;
 
 /// Loads a Palu checkpoint as a mistral.rs text model (hand it to
 /// `NormalLoaderBuilder::build_with_loader`).
@@ -27,6 +28,8 @@ pub struct PaluLoader {
     pub latent_bits: u8,
     /// Where the model reports the bytes its live cache tensors hold.
     pub stats: Arc<KvStats>,
+    /// Per layer: latent or full keys, fused or unfused values (`None`: latent and unfused).
+    pub plan: Option<Plan>,
 }
 
 impl Default for PaluLoader {
@@ -34,6 +37,7 @@ impl Default for PaluLoader {
         PaluLoader {
             latent_bits: 16,
             stats: Arc::default(),
+            plan: None,
         }
     }
 }
@@ -66,6 +70,7 @@ impl NormalModelLoader for PaluLoader {
             vb,
             meta,
             self.latent_bits,
+            self.plan.as_ref(),
             Arc::clone(&self.stats),
         )?))
     }
@@ -188,6 +193,9 @@ impl DeviceMappedModelLoader for PaluLoader {
     fn model_config(&self, config: &str) -> Result<Box<dyn ModelConfigLike>> {
         let mut geo = PaluGeometry::from_config(&parse(config)?)?;
         geo.packed = self.latent_bits < 16;
+        if let Some(plan) = &self.plan {
+            geo.apply_plan(plan);
+        }
         Ok(Box::new(geo))
     }
 }

@@ -14,8 +14,13 @@ use mistralrs_quant::{QuantMethod, ReplicatedLayer, ShardedVarBuilder};
 use super::stats::{tensor_bytes, KvStats};
 use crate::config::ModelConfig;
 use crate::latent_codec::LatentCodec;
+use crate::lowrank::linear;
 use crate::lowrank::{KvKind, LowRankProj};
-use crate::model::{attention_mask, latent_attention, rebuild_kv, Rope, LATENT_VALUES_MAX_ROWS};
+use crate::model::{
+    attention_mask, attention_probs, fused_o_proj, fused_value_inputs, latent_values, rebuild_k,
+    Rope, LATENT_VALUES_MAX_ROWS,
+};
+use crate::planner::{Keys, Plan, Values};
 use crate::quant::ZeroPoint;
 
 /// The cache geometry the engine sees: one "KV head" per layer whose K width is `R_k[l]` and
@@ -30,6 +35,8 @@ pub struct PaluGeometry {
     /// pre-allocation (in the activation dtype) cannot hold, so it is declined per layer and the
     /// cache grows from the first appended rows instead.
     pub packed: bool,
+    /// `H_kv·dh`: the width of a full-key layer's cache rows.
+    pub kv_width: usize,
 }
 
 impl ModelConfigLike for PaluGeometry {
@@ -71,6 +78,13 @@ impl ModelConfigLike for PaluGeometry {
 }
 
 impl PaluGeometry {
+    /// Layers with full keys cache `H_kv·dh`-wide K rows instead of key latents.
+    pub fn apply_plan(&mut self, plan: &Plan) {
+        for p in plan.layers.iter().filter(|p| p.keys == Keys::Full) {
+            self.k_ranks[p.layer] = self.kv_width;
+        }
+    }
+
     pub fn from_config(cfg: &ModelConfig) -> std::result::Result<Self, crate::PaluError> {
         let hw = cfg.head_wise_ranks.as_ref().ok_or_else(|| {
             crate::PaluError::invalid(
@@ -106,6 +120,7 @@ impl PaluGeometry {
             k_ranks: ranks(KvKind::K)?,
             v_ranks: ranks(KvKind::V)?,
             packed: false,
+            kv_width: cfg.kv_width(),
         })
     }
 }
@@ -122,6 +137,12 @@ struct Attention {
     rope: Arc<Rope>,
     /// Codecs of the packed K and V latent rows, when `latent_bits < 16`.
     packed: Option<(LatentCodec, LatentCodec)>,
+    /// The planner's full keys (V-only Palu): the dense `W_k = B_k·A_k` `[H_kv·dh, d]` and key
+    /// bias; the cache then holds post-RoPE K rows instead of key latents. `None`: latent keys.
+    full_k: Option<(Tensor, Option<Tensor>)>,
+    /// The planner's fused values: `o_proj·B_v` `[d, H·r_v/G]`, reading each query head's
+    /// `r`-wide latent output, for decode steps (prefill rebuilds V and uses `o`).
+    o_fused: Option<Arc<dyn QuantMethod>>,
     /// The fused CUDA decode kernel for one-token steps, where it covers the layer (a CUDA
     /// device, a shape with an instantiation; packed latents are unpacked on the device first);
     /// `None`: candle ops.
@@ -152,7 +173,19 @@ impl Attention {
                 cache.set_len(start)?;
             }
         }
-        let hk = self.k.latent(x)?;
+        let hk = match &self.full_k {
+            None => self.k.latent(x)?,
+            Some((w, bias)) => {
+                let (n_kv, dh) = (self.n_kv, self.head_dim);
+                let k = linear(x, w, bias.as_ref())?
+                    .reshape((b, t, n_kv, dh))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                crate::model::apply_rope(&k, &cos, &sin, false)?
+                    .transpose(1, 2)?
+                    .reshape((b, t, n_kv * dh))?
+            }
+        };
         let hv = self.v.latent(x)?;
         // The cache's rows: 16-bit latents, or packed rows (then `cached` are the raw rows).
         let (cached_k, cached_v) = match &self.packed {
@@ -191,6 +224,11 @@ impl Attention {
             )?;
             let (h, dh) = (self.n_heads, self.head_dim);
             let mut y = y.to_dtype(x.dtype())?;
+            if let Some(o_fused) = &self.o_fused {
+                // [b, H, r_v]: the value bias is folded into o_fused's bias.
+                let rv = y.dim(2)?;
+                return qmatmul(&y.reshape((b, 1, h * rv))?, &**o_fused);
+            }
             if let Some(bias) = &self.v.bias {
                 // Probabilities sum to one: the bias of V passes through attention unchanged.
                 y = y
@@ -199,45 +237,50 @@ impl Attention {
             }
             return qmatmul(&y.reshape((b, 1, h * dh))?, &*self.o);
         }
+        let (hk, hv) = (hk.squeeze(1)?, hv.squeeze(1)?);
+        let k = match &self.full_k {
+            None => rebuild_k(&hk, &self.k, self.n_kv, &self.rope, false)?,
+            Some(_) => {
+                let total = hk.dim(1)?;
+                hk.reshape((b, total, self.n_kv, self.head_dim))?
+                    .transpose(1, 2)?
+            }
+        };
         if t > LATENT_VALUES_MAX_ROWS {
-            return qmatmul(&self.prefill_attention(&q, &hk, &hv, start)?, &*self.o);
+            return qmatmul(&self.prefill_attention(&q, &k, &hv, start)?, &*self.o);
         }
-        let y = latent_attention(
-            &q,
-            &hk.squeeze(1)?,
-            &hv.squeeze(1)?,
-            &self.k,
-            &self.v,
-            self.n_kv,
-            &self.rope,
-            start,
-            self.window,
-            false,
-        )?;
-        qmatmul(&y, &*self.o)
+        let probs = attention_probs(&q, &k, start, self.window, false)?;
+        match &self.o_fused {
+            Some(o_fused) => qmatmul(
+                &fused_value_inputs(&probs, &hv, &self.v, self.n_kv, t)?,
+                &**o_fused,
+            ),
+            None => qmatmul(
+                &latent_values(&probs, &hv, &self.v, self.n_kv, self.n_heads, self.head_dim)?,
+                &*self.o,
+            ),
+        }
     }
 
-    /// Prefill: rebuild K (with RoPE) and V of every cached position once, then the engine's
-    /// own attention (flash attention where the engine is built with it, else its chunked
-    /// SDPA), so a Palu prompt costs what a stock prompt does plus the rebuild. `q` is
-    /// `[b, H, t, dh]` at positions `start..start+t`; returns `[b, t, H·dh]`.
+    /// Prefill: K (rebuilt with RoPE, or the cached full K) and V (rebuilt once) of every cached
+    /// position go to the engine's own attention (flash attention where the engine is built with
+    /// it, else its chunked SDPA), so a Palu prompt costs what a stock prompt does plus the
+    /// rebuild. `q` is `[b, H, t, dh]` at positions `start..start+t`, `k` `[b, H_kv, T, dh]`,
+    /// `hv` the value latents `[b, T, R_v]`; returns `[b, t, H·dh]`.
     fn prefill_attention(
         &self,
         q: &Tensor,
-        hk: &Tensor,
+        k: &Tensor,
         hv: &Tensor,
         start: usize,
     ) -> Result<Tensor> {
         let (b, h, t, dh) = q.dims4()?;
-        let (k, v) = rebuild_kv(
-            &hk.squeeze(1)?,
-            &hv.squeeze(1)?,
-            &self.k,
-            &self.v,
-            self.n_kv,
-            &self.rope,
-            false,
-        )?;
+        let total = hv.dim(1)?;
+        let v = self
+            .v
+            .reconstruct(hv)?
+            .reshape((b, total, self.n_kv, dh))?
+            .transpose(1, 2)?;
         // [1, 1, t, T] additive mask: rank 4 keeps the engine on its chunked path for long
         // prompts (a rank-2 mask sends it to a path that materializes all t × T scores).
         let mask = attention_mask(start, t, self.window, q.device())?
@@ -329,6 +372,7 @@ impl PaluTextModel {
         vb: ShardedVarBuilder,
         meta: NormalLoadingMetadata,
         latent_bits: u8,
+        plan: Option<&Plan>,
         stats: Arc<KvStats>,
     ) -> Result<Self> {
         crate::quant::check_bits(latent_bits)
@@ -383,16 +427,51 @@ impl PaluTextModel {
             let (h, dh) = (cfg.num_heads, cfg.head_dim);
             let k = lowrank(&vb_f, cfg, l, KvKind::K)?;
             let v = lowrank(&vb_f, cfg, l, KvKind::V)?;
+            let layer_plan = plan.map(|p| &p.layers[l]);
+            let full_keys = layer_plan.is_some_and(|p| p.keys == Keys::Full);
+            let fused_values = layer_plan.is_some_and(|p| p.values == Values::Fused);
+            // Full keys: one quantization group per KV head when packed.
+            let key_groups = if full_keys {
+                vec![dh; cfg.num_kv_heads]
+            } else {
+                k.ranks.clone()
+            };
             let packed = if latent_bits < 16 {
-                let codec = |p: &LowRankProj| {
-                    LatentCodec::new(latent_bits, &p.ranks, ZeroPoint::Free)
+                let codec = |ranks: &[usize]| {
+                    LatentCodec::new(latent_bits, ranks, ZeroPoint::Free)
                         .map_err(|e| candle_core::Error::Msg(e.to_string()))
                 };
-                Some((codec(&k)?, codec(&v)?))
+                Some((codec(&key_groups)?, codec(&v.ranks)?))
             } else {
                 None
             };
-            let decode = decode_kernel(&k, &v, cfg, &rope, vb_f.dtype(), &device, packed.as_ref())?;
+            let decode = if full_keys {
+                None
+            } else {
+                decode_kernel(&k, &v, cfg, &rope, vb_f.dtype(), &device, packed.as_ref())?.map(
+                    |op| {
+                        if fused_values {
+                            op.with_latent_out()
+                        } else {
+                            op
+                        }
+                    },
+                )
+            };
+            let full_k = if full_keys {
+                Some((k.dense_weight()?, k.bias.clone()))
+            } else {
+                None
+            };
+            let o_fused = if fused_values {
+                let w_o = vb_f.pp("o_proj").get((d, h * dh), "weight")?;
+                let (w, bias) = fused_o_proj(&w_o, &v, h, cfg.num_kv_heads, dh)?;
+                Some(ReplicatedLayer::from_linear(candle_nn::Linear::new(
+                    w, bias,
+                ))?)
+            } else {
+                None
+            };
             match &decode {
                 None => on_candle.push(l),
                 Some(op) if packed.is_some() && op.packed.is_none() => unpacked_first.push(l),
@@ -409,6 +488,8 @@ impl PaluTextModel {
                 window: cfg.sliding_window,
                 rope,
                 packed,
+                full_k,
+                o_fused,
                 decode,
             };
             let comm = mapper.get_comm_for(l)?;
@@ -462,6 +543,10 @@ impl PaluTextModel {
         let mut geometry =
             PaluGeometry::from_config(cfg).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         geometry.packed = latent_bits < 16;
+        if let Some(plan) = plan {
+            geometry.apply_plan(plan);
+            tracing::info!("{}", plan.summary());
+        }
         Ok(PaluTextModel {
             embed,
             blocks,
@@ -602,6 +687,9 @@ impl IsqModel for PaluTextModel {
         for (i, b) in self.blocks.iter_mut().enumerate() {
             layers.push((&mut b.attn.q, Some(i)));
             layers.push((&mut b.attn.o, Some(i)));
+            if let Some(o_fused) = &mut b.attn.o_fused {
+                layers.push((o_fused, Some(i)));
+            }
             layers.extend(b.mlp.get_isq_layers().into_iter().map(|m| (m, Some(i))));
         }
         (layers, &*self.mapper)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use super::stats::KvStats;
+use crate::planner::{CostModel, Plan, PlanInputs};
 use mistralrs_core::{
     AutoDeviceMapParams, DefaultSchedulerMethod, DeviceMapSetting, IsqType, Loader, MistralRs,
     MistralRsBuilder, ModelDType, NormalLoaderBuilder, NormalSpecificConfig, SchedulerConfig,
@@ -29,6 +30,10 @@ pub struct EngineOptions {
     pub palu_config: Option<PathBuf>,
     /// Calibration text for that decomposition (whitening).
     pub palu_calib: Option<PathBuf>,
+    /// The per-layer plan (`palu plan`'s `plan.toml`). None: the checkpoint's `plan.toml` if it
+    /// has one, else a plan made at startup for `max_seqs` sequences (latent keys; values fused
+    /// where the cost model says so).
+    pub palu_plan: Option<PathBuf>,
     pub kv_cache: KvCacheKind,
     /// Bits of the cached latents (2, 3, 4, 8; 16 = the activation dtype). None: the
     /// `compression.latent_bits` of `palu_config`, else of the checkpoint's `palu.toml`, else 16.
@@ -96,6 +101,39 @@ pub fn resolve_latent_bits(o: &EngineOptions) -> Result<u8> {
     };
     crate::quant::check_bits(bits)?;
     Ok(bits)
+}
+
+/// The plan the Palu model runs with: `--palu-plan`, else `<checkpoint>/plan.toml`, else one made
+/// now for `max_seqs` sequences at the model's context length with the default cost model.
+pub fn resolve_plan(
+    o: &EngineOptions,
+    cfg: &crate::config::ModelConfig,
+    latent_bits: u8,
+) -> Result<Plan> {
+    let file = o
+        .palu_plan
+        .clone()
+        .or_else(|| Some(o.model_dir.join("plan.toml")).filter(|p| p.exists()));
+    let Some(path) = file else {
+        let inputs = PlanInputs {
+            context: cfg.max_position_embeddings,
+            batch: o.max_seqs.max(1),
+            latent_bits,
+            kv_budget: None,
+        };
+        return Ok(Plan::make(cfg, inputs, CostModel::default())?);
+    };
+    let plan = Plan::from_toml_file(&path)?;
+    plan.check(cfg, &path)?;
+    if plan.inputs.latent_bits != latent_bits {
+        tracing::warn!(
+            "{}: the plan was made for {}-bit latents, the cache holds {latent_bits}-bit ones; its choices apply, its time estimates do not",
+            path.display(),
+            plan.inputs.latent_bits
+        );
+    }
+    tracing::info!("palu plan from {}", path.display());
+    Ok(plan)
 }
 
 /// A running engine and, with `--kv-cache palu`, the live KV-cache measurements of its model.
@@ -191,9 +229,11 @@ pub async fn start(o: &EngineOptions) -> Result<Served> {
                 || format!("{}: not a loadable Palu checkpoint", o.model_dir.display()),
             )?;
             tracing::info!("{}", kv_summary(&o.model_dir, latent_bits)?);
+            let plan = resolve_plan(o, &cfg, latent_bits)?;
             builder.build_with_loader(Box::new(super::PaluLoader {
                 latent_bits,
                 stats: Arc::clone(&stats),
+                plan: Some(plan),
             }))?
         }
         KvCacheKind::Default => builder.build(None)?,

@@ -18,6 +18,7 @@
 //! config = "../configs/smollm2-135m-g3-r50.toml"   # decompose `model.dir` at load time
 //! calib = "../../shared/fixtures/text/c4-train-00000-first800.jsonl"
 //! # latent_bits = 4             # 2 | 3 | 4 | 8 packed, 16 = activation dtype
+//! # plan = "plan.toml"          # per-layer plan (`palu plan`); default: the checkpoint's
 //! ```
 use std::path::{Path, PathBuf};
 
@@ -95,6 +96,9 @@ pub struct KvCacheSection {
     pub calib: Option<PathBuf>,
     /// 2, 3, 4, 8 (packed) or 16; default: the allocation's or checkpoint's `latent_bits`.
     pub latent_bits: Option<u8>,
+    /// A per-layer plan (`palu plan`); default: the checkpoint's `plan.toml`, else one made at
+    /// startup.
+    pub plan: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -164,6 +168,7 @@ impl ServerConfig {
             model_dir,
             palu_config: rel(&self.kv_cache.config),
             palu_calib: rel(&self.kv_cache.calib),
+            palu_plan: rel(&self.kv_cache.plan),
             kv_cache: kind,
             latent_bits: match self.kv_cache.latent_bits {
                 Some(b) => {
