@@ -185,3 +185,30 @@ fn synth_writes_a_loadable_palu_checkpoint() {
     ]);
     assert!(!ok && stderr.contains("--palu-ratio 1.5"), "{stderr}");
 }
+
+/// `palu plan` prints the per-layer table and writes plan.toml (which loads and matches the
+/// checkpoint); `--out -` only prints; a plain model is refused in one line.
+#[test]
+fn plan_prints_the_table_and_writes_plan_toml() {
+    let src = common::fixtures().join("palu-reference/stories260K-g1-r50");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("plan.toml");
+    let s = src.to_str().unwrap();
+    let (ok, stdout, err) = palu(&[
+        "plan", s, "--context", "4096", "--batch", "8", "--kv-budget", "0.9", "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let table = stdout.replace(&tmp.path().display().to_string(), "[TMP]");
+    insta::assert_snapshot!("plan_table", table);
+    let plan = palu::planner::Plan::from_toml_file(&out).unwrap();
+    let cfg = palu::config::ModelConfig::from_file(&src.join("config.json")).unwrap();
+    plan.check(&cfg, &out).unwrap();
+    let (ok, only, _) = palu(&["plan", s, "--context", "4096", "--batch", "8", "--kv-budget", "0.9", "--out", "-"]);
+    assert!(ok);
+    assert!(!only.contains("wrote"), "{only}");
+    let plain = common::fixtures().join("models/stories260K");
+    let (ok, _, err) = palu(&["plan", plain.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("is not a Palu checkpoint"), "{err}");
+}
