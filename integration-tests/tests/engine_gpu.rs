@@ -51,11 +51,23 @@ async fn serve_bits(
     prefix_cache: bool,
     latent_bits: u8,
 ) -> Served {
+    serve_planned(model_dir, kv, dtype, gpu, prefix_cache, latent_bits, None).await
+}
+
+async fn serve_planned(
+    model_dir: &Path,
+    kv: KvCacheKind,
+    dtype: ModelDType,
+    gpu: bool,
+    prefix_cache: bool,
+    latent_bits: u8,
+    plan: Option<&Path>,
+) -> Served {
     start(&EngineOptions {
         model_dir: model_dir.to_path_buf(),
         palu_config: None,
         palu_calib: None,
-        palu_plan: None,
+        palu_plan: plan.map(Path::to_path_buf),
         kv_cache: kv,
         latent_bits: (kv == KvCacheKind::Palu).then_some(latent_bits),
         max_seqs: 4,
@@ -305,7 +317,7 @@ async fn llama3_shaped_gpu_decode_reads_packed_latents_and_agrees_with_the_cpu()
         for &dtype in dtypes {
             let packed = palu::decode_op::cuda_packed_launches();
             let launches = palu::decode_op::cuda_launches();
-            decode_agrees(&ckpt, &cpu, dtype, bits, false).await;
+            decode_agrees(&ckpt, &cpu, dtype, bits, false, None).await;
             let (p, l) = (
                 palu::decode_op::cuda_packed_launches() - packed,
                 palu::decode_op::cuda_launches() - launches,
@@ -322,20 +334,72 @@ async fn llama3_shaped_gpu_decode_reads_packed_latents_and_agrees_with_the_cpu()
 }
 
 async fn decode_agrees_with_the_cpu(ckpt: &Path, cpu: &Served, dtype: ModelDType, bits: u8) {
-    decode_agrees(ckpt, cpu, dtype, bits, true).await
+    decode_agrees(ckpt, cpu, dtype, bits, true, None).await
+}
+
+/// The planner's executors on the GPU: SmolLM2 Palu-50 % with full keys (post-RoPE K rows,
+/// candle ops) in every third layer and fused values (`o_proj·B_v`, the kernel's latent
+/// outputs) in every second, against the CPU engine with the default plan: prefill and each
+/// decode step within the GPU prefill's own distance from the CPU, the same top tokens, and
+/// one kernel launch per step in exactly the latent-key layers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn smollm2_palu50_gpu_decode_with_a_mixed_plan_agrees_with_the_cpu() {
+    use palu::planner::{CostModel, Keys, Plan, PlanInputs, Values};
+    let ckpt = smollm2_palu50();
+    let cfg = palu::config::ModelConfig::from_file(&ckpt.join("config.json")).unwrap();
+    let inputs = PlanInputs {
+        context: 4096,
+        batch: 4,
+        latent_bits: 16,
+        kv_budget: None,
+    };
+    let mut plan = Plan::make(&cfg, inputs, CostModel::default()).unwrap();
+    for p in &mut plan.layers {
+        p.keys = if p.layer % 3 == 1 {
+            Keys::Full
+        } else {
+            Keys::Latent
+        };
+        p.values = if p.layer % 2 == 0 {
+            Values::Fused
+        } else {
+            Values::Unfused
+        };
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("plan.toml");
+    std::fs::write(&path, plan.to_toml()).unwrap();
+    let cpu = serve(&ckpt, KvCacheKind::Palu, false, false).await;
+    decode_agrees(&ckpt, &cpu, ModelDType::F16, 16, true, Some(&path)).await;
 }
 
 /// `top_tokens`: also require the same top token at all but one step. A pretrained model's
 /// greedy choice is stable under 16-bit rounding; a random-weight model has no preferred
 /// continuation (its logits are close together), so there only the yardstick applies.
-async fn decode_agrees(ckpt: &Path, cpu: &Served, dtype: ModelDType, bits: u8, top_tokens: bool) {
+/// `plan`: a plan.toml for the GPU engine (the CPU keeps its own); its full-key layers decode on
+/// candle ops, so only the other layers count kernel launches.
+async fn decode_agrees(
+    ckpt: &Path,
+    cpu: &Served,
+    dtype: ModelDType,
+    bits: u8,
+    top_tokens: bool,
+    plan: Option<&Path>,
+) {
     let w = wikitext_windows(ckpt, 1024, 1).remove(0);
+    let full_keys = plan.map_or(0, |p| {
+        palu::planner::Plan::from_toml_file(p)
+            .unwrap()
+            .full_key_layers()
+            .len()
+    });
     let layers = palu::config::ModelConfig::from_file(&ckpt.join("config.json"))
         .unwrap()
-        .num_layers;
+        .num_layers
+        - full_keys;
     let steps = 16;
     {
-        let gpu = serve_bits(ckpt, KvCacheKind::Palu, dtype, true, false, bits).await;
+        let gpu = serve_planned(ckpt, KvCacheKind::Palu, dtype, true, false, bits, plan).await;
         let before = palu::decode_op::cuda_launches();
         let rec = generate_recording(&gpu.engine, w[..200].to_vec(), steps).await;
         let launches = palu::decode_op::cuda_launches() - before;
@@ -364,7 +428,7 @@ async fn decode_agrees(ckpt: &Path, cpu: &Served, dtype: ModelDType, bits: u8, t
         }
         let decoded = steps - 1;
         eprintln!(
-            "{dtype:?} {bits}-bit latents decode, {decoded} one-token steps: {launches} kernel launches ({layers} layers); relative L2 to \
+            "{dtype:?} {bits}-bit latents decode, {decoded} one-token steps: {launches} kernel launches ({layers} kernel layers); relative L2 to \
              the CPU: worst {worst:.2e} (the GPU prefill of the same {} tokens: worst {prefill_worst:.2e}); same top \
              token {agree}/{decoded}",
             full.len()

@@ -24,6 +24,7 @@ async fn serve_with(
             .as_ref()
             .map(|_| fixtures().join("text/c4-train-00000-first800.jsonl")),
         palu_config,
+        palu_plan: None,
         kv_cache: kv,
         latent_bits: None,
         max_seqs: 32,

@@ -172,11 +172,70 @@ fn unpack(c: &mut Criterion) {
     group.finish();
 }
 
+/// The planner's executors at a serving shape (Llama-3-8B attention, g = 1, Palu-50 %, batch 8,
+/// 16K tokens): latent keys on the fused kernel with unfused or fused values, and a full-key
+/// layer on candle ops (q·Kᵀ over the cached post-RoPE K, then the latent values). The full-key
+/// row calibrates the cost model's `full_keys_tbps` (docs/kernels.md, "Planner").
+#[cfg(feature = "cuda")]
+fn planner_executors(c: &mut Criterion, dev: &Device) {
+    use palu::model::{attention_probs, latent_values};
+    let s = &SHAPES[1];
+    let (b, len, dtype) = (8usize, 16384usize, DType::F16);
+    let rope = rope(s, dev);
+    let groups = s.kv_heads / s.g;
+    let rand = |shape: &[usize]| {
+        Tensor::randn(0f32, 1.0, shape, dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let proj = || {
+        let ups = (0..groups)
+            .map(|_| rand(&[s.g * s.head_dim, s.rank]))
+            .collect();
+        LowRankProj::new(rand(&[groups * s.rank, s.heads * s.head_dim]), ups, None).unwrap()
+    };
+    let (kp, vp) = (proj(), proj());
+    let op = LatentDecode::from_projections(&kp, &vp, s.heads, s.kv_heads, rope.inv_freq(), dtype)
+        .unwrap()
+        .expect("uniform ranks")
+        .with_lens(vec![len; b]);
+    let q = rand(&[b, s.heads, s.head_dim]);
+    let hk = rand(&[b, len, groups * s.rank]);
+    let hv = rand(&[b, len, groups * s.rank]);
+    let k_full = rand(&[b, s.kv_heads, len, s.head_dim]);
+    let sync = |t: Tensor| {
+        dev.synchronize().unwrap();
+        t
+    };
+    let mut group =
+        c.benchmark_group("decode step, planner executors, GPU f16, llama3-8b g1 r64, batch 8");
+    group.sample_size(10);
+    let id = |what: &str| BenchmarkId::new(what, len);
+    group.bench_function(id("latent keys, unfused values (fused kernel)"), |bch| {
+        bch.iter(|| sync(op.forward(&q, &hk, &hv).unwrap()))
+    });
+    let fused = op.clone().with_latent_out();
+    group.bench_function(
+        id("latent keys, fused values (kernel, latent out)"),
+        |bch| bch.iter(|| sync(fused.forward(&q, &hk, &hv).unwrap())),
+    );
+    let q4 = q.unsqueeze(2).unwrap();
+    group.bench_function(id("full keys (candle ops), unfused values"), |bch| {
+        bch.iter(|| {
+            let probs = attention_probs(&q4, &k_full, len - 1, None, false).unwrap();
+            sync(latent_values(&probs, &hv, &vp, s.kv_heads, s.heads, s.head_dim).unwrap())
+        })
+    });
+    group.finish();
+}
+
 fn decode(c: &mut Criterion) {
     bench_device(c, &Device::Cpu, DType::F32, "CPU f32");
     #[cfg(feature = "cuda")]
     if let Ok(gpu) = Device::new_cuda(0) {
         bench_device(c, &gpu, DType::F16, "GPU f16");
+        planner_executors(c, &gpu);
     }
     unpack(c);
 }

@@ -486,8 +486,9 @@ pub fn fused_o_proj(
         let kv = qh / rep;
         let up = vp.ups[kv / g]
             .narrow(0, (kv % g) * dh, dh)?
-            .to_dtype(DType::F32)?; // [dh, r]
-        cols.push(w.narrow(1, qh * dh, dh)?.matmul(&up)?);
+            .to_dtype(DType::F32)?
+            .contiguous()?; // [dh, r]
+        cols.push(w.narrow(1, qh * dh, dh)?.contiguous()?.matmul(&up)?);
     }
     let fused = Tensor::cat(&cols, 1)?.to_dtype(w_o.dtype())?;
     let bias = match &vp.bias {

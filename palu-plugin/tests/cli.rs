@@ -195,7 +195,15 @@ fn plan_prints_the_table_and_writes_plan_toml() {
     let out = tmp.path().join("plan.toml");
     let s = src.to_str().unwrap();
     let (ok, stdout, err) = palu(&[
-        "plan", s, "--context", "4096", "--batch", "8", "--kv-budget", "0.9", "--out",
+        "plan",
+        s,
+        "--context",
+        "4096",
+        "--batch",
+        "8",
+        "--kv-budget",
+        "0.9",
+        "--out",
         out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
@@ -204,7 +212,18 @@ fn plan_prints_the_table_and_writes_plan_toml() {
     let plan = palu::planner::Plan::from_toml_file(&out).unwrap();
     let cfg = palu::config::ModelConfig::from_file(&src.join("config.json")).unwrap();
     plan.check(&cfg, &out).unwrap();
-    let (ok, only, _) = palu(&["plan", s, "--context", "4096", "--batch", "8", "--kv-budget", "0.9", "--out", "-"]);
+    let (ok, only, _) = palu(&[
+        "plan",
+        s,
+        "--context",
+        "4096",
+        "--batch",
+        "8",
+        "--kv-budget",
+        "0.9",
+        "--out",
+        "-",
+    ]);
     assert!(ok);
     assert!(!only.contains("wrote"), "{only}");
     let plain = common::fixtures().join("models/stories260K");
