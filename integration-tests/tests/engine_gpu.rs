@@ -266,12 +266,18 @@ async fn smollm2_palu50_gpu_decode_with_packed_4_bit_latents_agrees_with_the_cpu
     let ckpt = smollm2_palu50();
     let cpu = serve_bits(&ckpt, KvCacheKind::Palu, ModelDType::F32, false, false, 4).await;
     let packed = palu::decode_op::cuda_packed_launches();
+    let writes = palu::latent_codec::cuda_fused_writes();
     decode_agrees_with_the_cpu(&ckpt, &cpu, ModelDType::F16, 4).await;
     assert_eq!(
         palu::decode_op::cuda_packed_launches(),
         packed,
         "unpacked first, not read packed"
     );
+    // New tokens' rows: projected, quantized and packed by the fused write kernel (K and V of
+    // every layer at every step).
+    let writes = palu::latent_codec::cuda_fused_writes() - writes;
+    eprintln!("fused latent writes: {writes}");
+    assert!(writes >= 2 * 30 * 15, "{writes} fused writes");
 }
 
 /// A Llama-3-shaped Palu checkpoint (head_dim 128, GQA 4, g = 1, rank 64: the packed

@@ -157,6 +157,135 @@ __global__ void latent_decode_kernel(const uint8_t* __restrict__ rows, T* __rest
     }
 }
 
+// The latent write of one decode (or prefill) step in one pass: project new tokens onto the
+// down factor (h = x·Aᵀ), round h to the activation type T as the unfused path's GEMM output
+// is, quantize per (token, group) and pack, writing finished cache rows. One block per (group,
+// tile of kTokTile tokens): A's rows of the group are read once per tile (decode: once), the
+// x rows of the tile are read from L1/L2 by every column. Groups must end on byte boundaries
+// (rank·bits % 8 == 0) so blocks of different groups never share a code byte; every rank the
+// rank search emits (multiples of 8) does.
+constexpr int kTokTile = 8;
+constexpr int kMaxGroupRank = 512;
+
+template <typename T>
+struct Vec8;  // eight T in 16 bytes, as f32
+template <>
+struct Vec8<__half> {
+    static __device__ __forceinline__ void load(const __half* p, float* f) {
+        const uint4 u = *reinterpret_cast<const uint4*>(p);
+        const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 v = __half22float2(h[i]);
+            f[2 * i] = v.x, f[2 * i + 1] = v.y;
+        }
+    }
+};
+template <>
+struct Vec8<__nv_bfloat16> {
+    static __device__ __forceinline__ void load(const __nv_bfloat16* p, float* f) {
+        const uint4 u = *reinterpret_cast<const uint4*>(p);
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 v = __bfloat1622float2(h[i]);
+            f[2 * i] = v.x, f[2 * i + 1] = v.y;
+        }
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T v);
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__global__ void latent_project_encode_kernel(const T* __restrict__ x, const T* __restrict__ a,
+                                             uint8_t* __restrict__ rows, int64_t n_rows, int d,
+                                             LatentLayout l) {
+    __shared__ float s_h[kTokTile][kMaxGroupRank];
+    const int g = blockIdx.x;
+    const int64_t t0 = (int64_t)blockIdx.y * kTokTile;
+    const int n_tok = (int)min((int64_t)kTokTile, n_rows - t0);
+    const int c0 = l.start[g], r = l.start[g + 1] - c0;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    // h[t][j] = Σ_k x[t][k]·A[c0 + j][k]: a warp per column, lanes over k in 8-wide pieces.
+    for (int j = warp; j < r; j += n_warps) {
+        const T* arow = a + (int64_t)(c0 + j) * d;
+        float acc[kTokTile];
+#pragma unroll
+        for (int t = 0; t < kTokTile; ++t) acc[t] = 0.f;
+        for (int k = 8 * lane; k < d; k += 8 * 32) {
+            float av[8];
+            Vec8<T>::load(arow + k, av);
+#pragma unroll
+            for (int t = 0; t < kTokTile; ++t) {
+                if (t >= n_tok) break;
+                float xv[8];
+                Vec8<T>::load(x + (t0 + t) * d + k, xv);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[t] = fmaf(xv[i], av[i], acc[t]);
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < kTokTile; ++t) {
+            float v = acc[t];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            // Rounded to T: the unfused path quantizes the GEMM's T output.
+            if (lane == 0 && t < n_tok) s_h[t][j] = to_f32<T>(from_f32<T>(v));
+        }
+    }
+    __syncthreads();
+    const int nc = code_bytes(l);
+    const int64_t rb = nc + 4 * l.n_groups;
+    const float qmax = (float)((1u << l.bits) - 1);
+    // Per token: the group's range (one warp per token), then its code bytes (all threads),
+    // with latent_encode_kernel's operations in its order (bit-exact on the same h).
+    __shared__ float s_scale[kTokTile], s_zero[kTokTile];
+    for (int t = warp; t < n_tok; t += n_warps) {
+        float lo = INFINITY, hi = -INFINITY;
+        for (int j = lane; j < r; j += 32) lo = fminf(lo, s_h[t][j]), hi = fmaxf(hi, s_h[t][j]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+            hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+        }
+        if (lane == 0) {
+            const float scale = fmaxf(__fdiv_rn(__fsub_rn(hi, lo), qmax), 1e-8f);
+            float zero = roundf(__fdiv_rn(-lo, scale));
+            if (l.clamped_zero) zero = fminf(fmaxf(zero, 0.0f), qmax);
+            s_scale[t] = scale, s_zero[t] = zero;
+            uint8_t* out = rows + (t0 + t) * rb;
+            const __half hs = __float2half_rn(scale);
+            const uint16_t hb = *reinterpret_cast<const uint16_t*>(&hs);
+            const float zc = isnan(zero) ? 0.0f : fminf(fmaxf(zero, -32768.0f), 32767.0f);
+            const int16_t zi = (int16_t)zc;
+            out[nc + 2 * g] = hb & 0xff;
+            out[nc + 2 * g + 1] = hb >> 8;
+            out[nc + 2 * l.n_groups + 2 * g] = (uint16_t)zi & 0xff;
+            out[nc + 2 * l.n_groups + 2 * g + 1] = (uint16_t)zi >> 8;
+        }
+    }
+    __syncthreads();
+    const int b0 = c0 * l.bits / 8, b1 = (c0 + r) * l.bits / 8;  // the group's whole bytes
+    for (int e = threadIdx.x; e < n_tok * (b1 - b0); e += blockDim.x) {
+        const int t = e / (b1 - b0), k = b0 + e % (b1 - b0);
+        const int first = (8 * k) / l.bits;
+        const int last = min((8 * k + 7) / l.bits, l.width - 1);
+        unsigned byte = 0;
+        for (int i = first; i <= last; ++i) {
+            const float q = __fadd_rn(roundf(__fdiv_rn(s_h[t][i - c0], s_scale[t])), s_zero[t]);
+            const unsigned c = (unsigned)fminf(fmaxf(q, 0.0f), qmax);
+            const int bit = i * l.bits - 8 * k;
+            byte |= bit >= 0 ? (c << bit) : (c >> -bit);
+        }
+        rows[(t0 + t) * rb + k] = (uint8_t)(byte & 0xff);
+    }
+}
+
 }  // namespace palu
 
 namespace {
@@ -199,5 +328,33 @@ extern "C" int palu_latent_decode(const uint8_t* rows, void* out, int64_t n_rows
         default:
             return 801;
     }
+    return (int)cudaGetLastError();
+}
+
+// Whether palu_latent_project_encode takes this layout and width: every group on whole bytes and
+// at most kMaxGroupRank wide, a reduction width of whole 16-byte pieces.
+extern "C" int palu_latent_project_supported(palu::LatentLayout layout, int d) {
+    if (check_layout(layout) || d % 8) return 0;
+    for (int g = 0; g < layout.n_groups; ++g) {
+        const int r = layout.start[g + 1] - layout.start[g];
+        if (r > palu::kMaxGroupRank || (layout.start[g] * layout.bits) % 8) return 0;
+    }
+    return (layout.width * layout.bits) % 8 == 0;
+}
+
+// x [n_rows, d] and a [width, d] of T (dtype 1: f16, 2: bf16), contiguous, 16-byte aligned;
+// rows [n_rows, row_bytes] of the codec's format. 801 for a layout the kernel does not take.
+extern "C" int palu_latent_project_encode(const void* x, const void* a, uint8_t* rows, int64_t n_rows, int d,
+                                          palu::LatentLayout layout, int dtype, cudaStream_t stream) {
+    if (!palu_latent_project_supported(layout, d) || (dtype != 1 && dtype != 2)) return 801;
+    if ((size_t)x % 16 || (size_t)a % 16) return (int)cudaErrorInvalidValue;
+    if (n_rows == 0) return 0;
+    const dim3 grid((unsigned)layout.n_groups, (unsigned)((n_rows + palu::kTokTile - 1) / palu::kTokTile));
+    if (dtype == 1)
+        palu::latent_project_encode_kernel<__half><<<grid, 256, 0, stream>>>(
+            (const __half*)x, (const __half*)a, rows, n_rows, d, layout);
+    else
+        palu::latent_project_encode_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(
+            (const __nv_bfloat16*)x, (const __nv_bfloat16*)a, rows, n_rows, d, layout);
     return (int)cudaGetLastError();
 }

@@ -137,6 +137,22 @@ extern "C" {
         layout: LatentLayout,
         stream: *mut c_void,
     ) -> i32;
+    /// Project `x` `[n_rows, d]` onto `a` `[width, d]` (both f16 with `dtype` 1, bf16 with 2),
+    /// round to that type, quantize and pack into `rows`, in one kernel (801: a layout it does
+    /// not take, see `palu_latent_project_supported`).
+    pub fn palu_latent_project_encode(
+        x: *const c_void,
+        a: *const c_void,
+        rows: *mut u8,
+        n_rows: i64,
+        d: i32,
+        layout: LatentLayout,
+        dtype: i32,
+        stream: *mut c_void,
+    ) -> i32;
+    /// 1 when the fused write takes the layout and reduction width `d`: every group on whole
+    /// bytes (`start·bits % 8 == 0`), at most 512 wide, `d % 8 == 0`.
+    pub fn palu_latent_project_supported(layout: LatentLayout, d: i32) -> i32;
     /// Unpack and dequantize `n_rows` packed rows into `[n_rows, width]` of `out_type`
     /// (0: f32, 1: f16, 2: bf16; rounded to nearest even from the f32 value, as candle does).
     pub fn palu_latent_decode(

@@ -230,12 +230,47 @@ fn planner_executors(c: &mut Criterion, dev: &Device) {
     group.finish();
 }
 
+/// Writing new tokens' 4-bit key latents (Llama-3-8B: d = 4096, g = 1, 8 groups of rank 64):
+/// the GEMM then the encode kernel, against the fused projection + quantization kernel, for a
+/// decode step of 8 sequences and a 4096-token prefill.
+#[cfg(feature = "cuda")]
+fn latent_write(c: &mut Criterion, dev: &Device) {
+    use palu::latent_codec::LatentCodec;
+    use palu::quant::ZeroPoint;
+    let codec = LatentCodec::new(4, &[64; 8], ZeroPoint::Free).expect("codec");
+    let down = Tensor::randn(0f32, 0.02, (512, 4096), dev)
+        .and_then(|t| t.to_dtype(DType::F16))
+        .expect("down factor");
+    let mut group = c.benchmark_group("latent write, GPU f16, llama3-8b K g1 r64, 4-bit");
+    group.sample_size(10);
+    for n in [8usize, 4096] {
+        let x = Tensor::randn(0f32, 1.0, (n, 4096), dev)
+            .and_then(|t| t.to_dtype(DType::F16))
+            .expect("x");
+        let sync = |t: Tensor| {
+            dev.synchronize().expect("sync");
+            t
+        };
+        group.bench_function(BenchmarkId::new("GPU GEMM + encode kernel", n), |bch| {
+            bch.iter(|| {
+                let h = palu::lowrank::linear(&x, &down, None).expect("gemm");
+                sync(codec.encode(&h).expect("encode"))
+            })
+        });
+        group.bench_function(BenchmarkId::new("GPU fused write kernel", n), |bch| {
+            bch.iter(|| sync(codec.project_encode(&x, &down).expect("fused")))
+        });
+    }
+    group.finish();
+}
+
 fn decode(c: &mut Criterion) {
     bench_device(c, &Device::Cpu, DType::F32, "CPU f32");
     #[cfg(feature = "cuda")]
     if let Ok(gpu) = Device::new_cuda(0) {
         bench_device(c, &gpu, DType::F16, "GPU f16");
         planner_executors(c, &gpu);
+        latent_write(c, &gpu);
     }
     unpack(c);
 }

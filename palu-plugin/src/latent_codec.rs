@@ -21,6 +21,14 @@ use half::f16;
 
 use crate::quant::{self, GroupParams, ZeroPoint};
 
+/// Fused latent writes (projection + encoding in one CUDA kernel) launched by this process.
+static CUDA_FUSED_WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many times this process wrote new tokens' packed latents with the fused CUDA kernel.
+pub fn cuda_fused_writes() -> usize {
+    CUDA_FUSED_WRITES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LatentCodec {
     bits: u8,
@@ -154,6 +162,52 @@ impl LatentCodec {
             .to_dtype(dtype)
     }
 
+    /// The latent write of new tokens: `x` `[.., d]` projected onto the down factor `down`
+    /// `[R, d]`, rounded to `x`'s dtype, then encoded: exactly `encode(linear(x, down))`. On a
+    /// CUDA device with f16/bf16 inputs and a layout the fused kernel takes (groups on whole
+    /// bytes, ≤ 512 wide) this is one kernel (`palu_latent_project_encode`); elsewhere the GEMM
+    /// and the encoder.
+    pub fn project_encode(&self, x: &Tensor, down: &Tensor) -> Result<Tensor> {
+        if self.fused_write_supported(x, down) {
+            return self.project_encode_op(x, down);
+        }
+        self.encode(&crate::lowrank::linear(x, down, None)?)
+    }
+
+    /// [`Self::project_encode`] as the fused op on any device: the CUDA kernel, or its CPU twin
+    /// (per-row loops; the reference the kernel is tested against).
+    pub fn project_encode_op(&self, x: &Tensor, down: &Tensor) -> Result<Tensor> {
+        if down.dims() != [self.width, *x.dims().last().unwrap_or(&0)] {
+            candle_core::bail!(
+                "palu latent write: down factor {:?} does not map inputs {:?} to width {}",
+                down.dims(),
+                x.dims(),
+                self.width
+            )
+        }
+        x.contiguous()?
+            .apply_op2_no_bwd(&down.contiguous()?, &ProjectEncoder(self))
+    }
+
+    /// Whether [`Self::project_encode`] runs as one fused kernel for these inputs.
+    pub fn fused_write_supported(&self, x: &Tensor, down: &Tensor) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            let d = down.dim(1).unwrap_or(0);
+            let ok = x.device().is_cuda()
+                && matches!(x.dtype(), DType::F16 | DType::BF16)
+                && down.dtype() == x.dtype()
+                && down.dim(0).ok() == Some(self.width)
+                && x.dims().last() == Some(&d);
+            if let (true, Some(layout)) = (ok, self.kernel_layout()) {
+                return unsafe { palu_kernels::palu_latent_project_supported(layout, d as i32) }
+                    == 1;
+            }
+        }
+        let _ = (x, down);
+        false
+    }
+
     /// The row format as the CUDA kernels take it; `None` with more groups than they handle.
     pub fn kernel_layout(&self) -> Option<palu_kernels::LatentLayout> {
         if self.groups.len() > palu_kernels::MAX_CODEC_GROUPS {
@@ -214,6 +268,67 @@ impl CustomOp1 for Encoder<'_> {
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         cuda::encode(self.0, storage, layout)
+    }
+}
+
+/// Projection and encoding in one op: the CPU twin computes each `h = x·Aᵀ` in f32, rounds it
+/// to the inputs' dtype and encodes it with [`LatentCodec::encode_row`]; the CUDA path is one
+/// kernel (`palu_latent_project_encode`, kernels/src/latent_codec.cu).
+struct ProjectEncoder<'a>(&'a LatentCodec);
+
+impl candle_core::CustomOp2 for ProjectEncoder<'_> {
+    fn name(&self) -> &'static str {
+        "palu-latent-project-encode"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let c = self.0;
+        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
+        else {
+            candle_core::bail!("palu latent write expects contiguous inputs")
+        };
+        let f32s = |s: &CpuStorage, r: std::ops::Range<usize>| -> Result<Vec<f32>> {
+            Ok(match s {
+                CpuStorage::F16(v) => v[r].iter().map(|x| x.to_f32()).collect(),
+                CpuStorage::BF16(v) => v[r].iter().map(|x| x.to_f32()).collect(),
+                CpuStorage::F32(v) => v[r].to_vec(),
+                _ => candle_core::bail!("palu latent write expects float inputs"),
+            })
+        };
+        let round = |v: f32| match xs {
+            CpuStorage::F16(_) => f16::from_f32(v).to_f32(),
+            CpuStorage::BF16(_) => half::bf16::from_f32(v).to_f32(),
+            _ => v,
+        };
+        let (x, w) = (f32s(xs, x0..x1)?, f32s(ws, w0..w1)?);
+        let d = *wl.dims().last().expect("[R, d]");
+        let rb = c.row_bytes();
+        let mut h = vec![0f32; c.width];
+        let mut out = vec![0u8; x.len() / d * rb];
+        for (xr, o) in x.chunks(d).zip(out.chunks_mut(rb)) {
+            for (hj, wr) in h.iter_mut().zip(w.chunks(d)) {
+                *hj = round(xr.iter().zip(wr).map(|(a, b)| a * b).sum());
+            }
+            c.encode_row(&h, o);
+        }
+        Ok((CpuStorage::U8(out), with_last(xl.dims(), rb)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::project_encode(self.0, xs, xl, ws, wl)
     }
 }
 
@@ -303,6 +418,61 @@ mod cuda {
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev),
             with_last(l.dims(), c.row_bytes()),
+        ))
+    }
+
+    pub(super) fn project_encode(
+        c: &LatentCodec,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let Some(layout) = c.kernel_layout() else {
+            candle_core::bail!("palu latent write: more groups than the CUDA kernel takes")
+        };
+        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
+        else {
+            candle_core::bail!("palu latent write expects contiguous inputs")
+        };
+        let d = *wl.dims().last().expect("[R, d]");
+        let n_rows = (x1 - x0) / d;
+        let dev = xs.device.clone();
+        let stream = dev.cuda_stream();
+        let mut out = unsafe { dev.alloc::<u8>(n_rows * c.row_bytes()) }?;
+        let err = {
+            let (o_p, _go) = out.device_ptr_mut(&stream);
+            macro_rules! launch {
+                ($t:ty, $code:expr) => {{
+                    let x = xs.as_cuda_slice::<$t>()?.slice(x0..x1);
+                    let w = ws.as_cuda_slice::<$t>()?.slice(w0..w1);
+                    let (x_p, _gx) = x.device_ptr(&stream);
+                    let (w_p, _gw) = w.device_ptr(&stream);
+                    unsafe {
+                        palu_kernels::palu_latent_project_encode(
+                            x_p as _,
+                            w_p as _,
+                            o_p as _,
+                            n_rows as i64,
+                            d as i32,
+                            layout,
+                            $code,
+                            stream.cu_stream() as _,
+                        )
+                    }
+                }};
+            }
+            match candle_core::backend::BackendStorage::dtype(xs) {
+                DType::F16 => launch!(half::f16, 1),
+                DType::BF16 => launch!(half::bf16, 2),
+                other => candle_core::bail!("palu latent write: f16 or bf16 inputs, got {other:?}"),
+            }
+        };
+        launched("write", err)?;
+        super::CUDA_FUSED_WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev),
+            with_last(xl.dims(), c.row_bytes()),
         ))
     }
 

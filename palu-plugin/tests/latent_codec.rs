@@ -124,3 +124,98 @@ fn bad_codec_input_is_an_error() {
         .to_string()
         .contains("expects u8 rows"));
 }
+
+/// Decoded rows of two encodings of nearly equal latents: the largest difference in units of
+/// each row's largest quantization step, and the fraction of identical bytes.
+fn row_agreement(c: &LatentCodec, a: &Tensor, b: &Tensor) -> (f32, f64) {
+    let da = c.decode(a, DType::F32).unwrap().flatten_to(0).unwrap();
+    let db = c.decode(b, DType::F32).unwrap().flatten_to(0).unwrap();
+    let (va, vb): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (da.to_vec2().unwrap(), db.to_vec2().unwrap());
+    let mut worst = 0f32;
+    for (ra, rb) in va.iter().zip(&vb) {
+        let (lo, hi) = ra
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+        let step = ((hi - lo) / ((1u32 << c.bits()) - 1) as f32).max(1e-6);
+        let d = ra
+            .iter()
+            .zip(rb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        worst = worst.max(d / step);
+    }
+    let (ba, bb): (Vec<u8>, Vec<u8>) = (
+        a.flatten_all().unwrap().to_vec1().unwrap(),
+        b.flatten_all().unwrap().to_vec1().unwrap(),
+    );
+    let same = ba.iter().zip(&bb).filter(|(x, y)| x == y).count();
+    (worst, same as f64 / ba.len() as f64)
+}
+
+/// The fused latent write's CPU twin (projection in f32, rounded to the input dtype, then the
+/// codec) writes what the unfused path writes (the GEMM, rounded, then `encode`): the two sum in
+/// different orders, so a value on a rounding boundary may land one code away, never more.
+#[test]
+fn fused_latent_write_twin_equals_encoding_the_projection() {
+    let mut r = rand::rngs::StdRng::seed_from_u64(common::fresh_seed());
+    let dev = Device::Cpu;
+    for (d, widths, n) in [
+        (256usize, vec![64usize; 4], 10usize),
+        (96, vec![24, 40, 8, 56], 6),
+    ] {
+        let width: usize = widths.iter().sum();
+        let x = random_latents(&mut r, n, d).reshape((n, d)).unwrap();
+        let down = (random_latents(&mut r, width, d)
+            .reshape((width, d))
+            .unwrap()
+            / (d as f64).sqrt())
+        .unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let (xd, wd) = (x.to_dtype(dtype).unwrap(), down.to_dtype(dtype).unwrap());
+            for bits in [2u8, 3, 4, 8] {
+                let c = LatentCodec::new(bits, &widths, ZeroPoint::Free).unwrap();
+                let fused = c.project_encode_op(&xd, &wd).unwrap();
+                // The unfused path on the same rounded inputs, h rounded to the dtype.
+                let h = palu::lowrank::linear(
+                    &xd.to_dtype(DType::F32).unwrap(),
+                    &wd.to_dtype(DType::F32).unwrap(),
+                    None,
+                )
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+                let unfused = c.encode(&h).unwrap();
+                assert_eq!(fused.dims(), &[n, c.row_bytes()]);
+                let (worst, same) = row_agreement(&c, &fused, &unfused);
+                assert!(
+                    worst <= 1.01,
+                    "{dtype:?} {bits}-bit d={d}: {worst} steps apart"
+                );
+                assert!(
+                    same >= 0.97,
+                    "{dtype:?} {bits}-bit d={d}: {same} of bytes equal"
+                );
+                // The engine's entry point on the CPU is the unfused path itself (f32: candle's
+                // CPU matmul has no bf16).
+                assert!(!c.fused_write_supported(&xd, &wd));
+                if dtype == DType::F32 {
+                    let via = c.project_encode(&xd, &wd).unwrap();
+                    let (worst, _) = row_agreement(&c, &via, &fused);
+                    assert!(
+                        worst <= 1.01,
+                        "{bits}-bit d={d}: entry point {worst} steps apart"
+                    );
+                }
+            }
+        }
+    }
+    let c = LatentCodec::new(4, &[64; 4], ZeroPoint::Free).unwrap();
+    let e = c
+        .project_encode_op(
+            &Tensor::zeros((2, 256), DType::F32, &dev).unwrap(),
+            &Tensor::zeros((255, 256), DType::F32, &dev).unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not map inputs"), "{e}");
+}

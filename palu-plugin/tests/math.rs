@@ -933,3 +933,85 @@ fn latent_codec_kernels_match_cpu_twin_bit_for_bit() {
         }
     }
 }
+
+/// The fused latent write (projection + quantization + packing in one kernel) against its CPU
+/// twin on fresh random inputs: f16 and bf16, Llama-3-8B's d = 4096 with 8 groups of 64 and a
+/// SmolLM2-like mixed-rank layout, 2/3/4/8 bits, decode (1, 8 tokens) and prefill (300) sizes.
+/// Both round h to the dtype after summing in different orders, so a value on a rounding
+/// boundary may land one code away: never more than one step, and almost every byte equal.
+#[cfg(feature = "cuda")]
+#[test]
+fn latent_codec_kernels_fused_write_matches_cpu_twin() {
+    use candle_core::{DType, Device, Tensor};
+    use palu::latent_codec::LatentCodec;
+    use palu::quant::ZeroPoint;
+    let mut r = rng();
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let cpu = Device::Cpu;
+    let before = palu::latent_codec::cuda_fused_writes();
+    let mut launches = 0;
+    for (d, widths) in [(4096usize, vec![64usize; 8]), (576, vec![96, 56, 184])] {
+        let width: usize = widths.iter().sum();
+        let down = (tensor(&mut r, &[width, d], &cpu) * (2.0 / (d as f64).sqrt())).unwrap();
+        for n in [1usize, 8, 300] {
+            let x = tensor(&mut r, &[n, d], &cpu);
+            for dtype in [DType::F16, DType::BF16] {
+                let (xd, wd) = (x.to_dtype(dtype).unwrap(), down.to_dtype(dtype).unwrap());
+                for bits in [2u8, 3, 4, 8] {
+                    let c = LatentCodec::new(bits, &widths, ZeroPoint::Free).unwrap();
+                    let (xg, wg) = (xd.to_device(&gpu).unwrap(), wd.to_device(&gpu).unwrap());
+                    assert!(
+                        c.fused_write_supported(&xg, &wg),
+                        "d={d} {widths:?} {bits}-bit"
+                    );
+                    let got = c.project_encode(&xg, &wg).unwrap().to_device(&cpu).unwrap();
+                    launches += 1;
+                    let want = c.project_encode_op(&xd, &wd).unwrap();
+                    let dg = c
+                        .decode(&got, DType::F32)
+                        .unwrap()
+                        .to_vec2::<f32>()
+                        .unwrap();
+                    let dw = c
+                        .decode(&want, DType::F32)
+                        .unwrap()
+                        .to_vec2::<f32>()
+                        .unwrap();
+                    let mut worst = 0f32;
+                    for (a, b) in dg.iter().zip(&dw) {
+                        let (lo, hi) = b
+                            .iter()
+                            .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+                        let step = ((hi - lo) / ((1u32 << bits) - 1) as f32).max(1e-6);
+                        let diff = a
+                            .iter()
+                            .zip(b)
+                            .map(|(x, y)| (x - y).abs())
+                            .fold(0f32, f32::max);
+                        worst = worst.max(diff / step);
+                    }
+                    let (bg, bw): (Vec<u8>, Vec<u8>) = (
+                        got.flatten_all().unwrap().to_vec1().unwrap(),
+                        want.flatten_all().unwrap().to_vec1().unwrap(),
+                    );
+                    let same =
+                        bg.iter().zip(&bw).filter(|(a, b)| a == b).count() as f64 / bg.len() as f64;
+                    println!("fused write {dtype:?} {bits}-bit d={d} groups={widths:?} n={n}: {worst:.3} steps apart at most, {:.4} of bytes equal", same);
+                    assert!(
+                        worst <= 1.01,
+                        "{dtype:?} {bits}-bit d={d} n={n}: {worst} steps apart"
+                    );
+                    assert!(
+                        same >= 0.97,
+                        "{dtype:?} {bits}-bit d={d} n={n}: {same} of bytes equal"
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(
+        palu::latent_codec::cuda_fused_writes() - before,
+        launches,
+        "every write ran on the fused kernel"
+    );
+}

@@ -173,30 +173,43 @@ impl Attention {
                 cache.set_len(start)?;
             }
         }
-        let hk = match &self.full_k {
-            None => self.k.latent(x)?,
+        // Full keys: post-RoPE K rows. Latent keys: h_k = x·A_k, computed below (fused with
+        // the quantization into one kernel for packed rows where it applies).
+        let k_full = match &self.full_k {
+            None => None,
             Some((w, bias)) => {
                 let (n_kv, dh) = (self.n_kv, self.head_dim);
                 let k = linear(x, w, bias.as_ref())?
                     .reshape((b, t, n_kv, dh))?
                     .transpose(1, 2)?
                     .contiguous()?;
-                crate::model::apply_rope(&k, &cos, &sin, false)?
-                    .transpose(1, 2)?
-                    .reshape((b, t, n_kv * dh))?
+                Some(
+                    crate::model::apply_rope(&k, &cos, &sin, false)?
+                        .transpose(1, 2)?
+                        .reshape((b, t, n_kv * dh))?,
+                )
             }
         };
-        let hv = self.v.latent(x)?;
         // The cache's rows: 16-bit latents, or packed rows (then `cached` are the raw rows).
         let (cached_k, cached_v) = match &self.packed {
-            Some((ck, cv)) => cache.append(
-                &ck.encode(&hk)?.unsqueeze(1)?,
-                &cv.encode(&hv)?.unsqueeze(1)?,
-            )?,
-            None => cache.append(
-                &hk.unsqueeze(1)?.contiguous()?,
-                &hv.unsqueeze(1)?.contiguous()?,
-            )?,
+            Some((ck, cv)) => {
+                let rows_k = match &k_full {
+                    Some(k) => ck.encode(k)?,
+                    None => ck.project_encode(x, &self.k.down)?,
+                };
+                let rows_v = cv.project_encode(x, &self.v.down)?;
+                cache.append(&rows_k.unsqueeze(1)?, &rows_v.unsqueeze(1)?)?
+            }
+            None => {
+                let hk = match k_full {
+                    Some(k) => k,
+                    None => self.k.latent(x)?,
+                };
+                cache.append(
+                    &hk.unsqueeze(1)?.contiguous()?,
+                    &self.v.latent(x)?.unsqueeze(1)?.contiguous()?,
+                )?
+            }
         };
         if cached_k.dim(2)? != start + t {
             candle_core::bail!(
