@@ -8,6 +8,7 @@
 // (the `__f*_rn` intrinsics), so a row encoded here decodes to the same floats as one encoded
 // on the CPU.
 #include <cstdint>
+#include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -157,14 +158,14 @@ __global__ void latent_decode_kernel(const uint8_t* __restrict__ rows, T* __rest
     }
 }
 
-// The latent write of one decode (or prefill) step in one pass: project new tokens onto the
-// down factor (h = x·Aᵀ), round h to the activation type T as the unfused path's GEMM output
-// is, quantize per (token, group) and pack, writing finished cache rows. One block per (group,
-// tile of kTokTile tokens): A's rows of the group are read once per tile (decode: once), the
-// x rows of the tile are read from L1/L2 by every column. Groups must end on byte boundaries
+// The latent write of one decode step in one pass: project new tokens onto the down factor
+// (h = x·Aᵀ), round h to the activation type T as the unfused path's GEMM output is, quantize
+// per (token, group) and pack, writing finished cache rows. One block per (group, tile of TOK
+// tokens), a warp per column: TOK = 1 for decode-sized inputs (n·G blocks, A's group slab read
+// from L2 by each token's block), TOK = 8 beyond. A GEMM is the better tool for prefill-sized
+// inputs (measured: docs/kernels.md); the engine sends only decode steps here. Groups must end on byte boundaries
 // (rank·bits % 8 == 0) so blocks of different groups never share a code byte; every rank the
 // rank search emits (multiples of 8) does.
-constexpr int kTokTile = 8;
 constexpr int kMaxGroupRank = 512;
 
 template <typename T>
@@ -201,27 +202,27 @@ __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(
 template <>
 __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <typename T>
+template <typename T, int TOK>
 __global__ void latent_project_encode_kernel(const T* __restrict__ x, const T* __restrict__ a,
                                              uint8_t* __restrict__ rows, int64_t n_rows, int d,
                                              LatentLayout l) {
-    __shared__ float s_h[kTokTile][kMaxGroupRank];
+    __shared__ float s_h[TOK][kMaxGroupRank];
     const int g = blockIdx.x;
-    const int64_t t0 = (int64_t)blockIdx.y * kTokTile;
-    const int n_tok = (int)min((int64_t)kTokTile, n_rows - t0);
+    const int64_t t0 = (int64_t)blockIdx.y * TOK;
+    const int n_tok = (int)min((int64_t)TOK, n_rows - t0);
     const int c0 = l.start[g], r = l.start[g + 1] - c0;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     // h[t][j] = Σ_k x[t][k]·A[c0 + j][k]: a warp per column, lanes over k in 8-wide pieces.
     for (int j = warp; j < r; j += n_warps) {
         const T* arow = a + (int64_t)(c0 + j) * d;
-        float acc[kTokTile];
+        float acc[TOK];
 #pragma unroll
-        for (int t = 0; t < kTokTile; ++t) acc[t] = 0.f;
+        for (int t = 0; t < TOK; ++t) acc[t] = 0.f;
         for (int k = 8 * lane; k < d; k += 8 * 32) {
             float av[8];
             Vec8<T>::load(arow + k, av);
 #pragma unroll
-            for (int t = 0; t < kTokTile; ++t) {
+            for (int t = 0; t < TOK; ++t) {
                 if (t >= n_tok) break;
                 float xv[8];
                 Vec8<T>::load(x + (t0 + t) * d + k, xv);
@@ -230,7 +231,7 @@ __global__ void latent_project_encode_kernel(const T* __restrict__ x, const T* _
             }
         }
 #pragma unroll
-        for (int t = 0; t < kTokTile; ++t) {
+        for (int t = 0; t < TOK; ++t) {
             float v = acc[t];
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -244,7 +245,7 @@ __global__ void latent_project_encode_kernel(const T* __restrict__ x, const T* _
     const float qmax = (float)((1u << l.bits) - 1);
     // Per token: the group's range (one warp per token), then its code bytes (all threads),
     // with latent_encode_kernel's operations in its order (bit-exact on the same h).
-    __shared__ float s_scale[kTokTile], s_zero[kTokTile];
+    __shared__ float s_scale[TOK], s_zero[TOK];
     for (int t = warp; t < n_tok; t += n_warps) {
         float lo = INFINITY, hi = -INFINITY;
         for (int j = lane; j < r; j += 32) lo = fminf(lo, s_h[t][j]), hi = fmaxf(hi, s_h[t][j]);
@@ -349,12 +350,19 @@ extern "C" int palu_latent_project_encode(const void* x, const void* a, uint8_t*
     if (!palu_latent_project_supported(layout, d) || (dtype != 1 && dtype != 2)) return 801;
     if ((size_t)x % 16 || (size_t)a % 16) return (int)cudaErrorInvalidValue;
     if (n_rows == 0) return 0;
-    const dim3 grid((unsigned)layout.n_groups, (unsigned)((n_rows + palu::kTokTile - 1) / palu::kTokTile));
-    if (dtype == 1)
-        palu::latent_project_encode_kernel<__half><<<grid, 256, 0, stream>>>(
-            (const __half*)x, (const __half*)a, rows, n_rows, d, layout);
+    auto launch = [&](auto tok) {
+        constexpr int TOK = decltype(tok)::value;
+        const dim3 grid((unsigned)layout.n_groups, (unsigned)((n_rows + TOK - 1) / TOK));
+        if (dtype == 1)
+            palu::latent_project_encode_kernel<__half, TOK><<<grid, 512, 0, stream>>>(
+                (const __half*)x, (const __half*)a, rows, n_rows, d, layout);
+        else
+            palu::latent_project_encode_kernel<__nv_bfloat16, TOK><<<grid, 512, 0, stream>>>(
+                (const __nv_bfloat16*)x, (const __nv_bfloat16*)a, rows, n_rows, d, layout);
+    };
+    if (n_rows <= 64)
+        launch(std::integral_constant<int, 1>{});
     else
-        palu::latent_project_encode_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(
-            (const __nv_bfloat16*)x, (const __nv_bfloat16*)a, rows, n_rows, d, layout);
+        launch(std::integral_constant<int, 8>{});
     return (int)cudaGetLastError();
 }

@@ -243,7 +243,7 @@ fn latent_write(c: &mut Criterion, dev: &Device) {
         .expect("down factor");
     let mut group = c.benchmark_group("latent write, GPU f16, llama3-8b K g1 r64, 4-bit");
     group.sample_size(10);
-    for n in [8usize, 4096] {
+    for n in [1usize, 8, 32, 4096] {
         let x = Tensor::randn(0f32, 1.0, (n, 4096), dev)
             .and_then(|t| t.to_dtype(DType::F16))
             .expect("x");
@@ -258,7 +258,7 @@ fn latent_write(c: &mut Criterion, dev: &Device) {
             })
         });
         group.bench_function(BenchmarkId::new("GPU fused write kernel", n), |bch| {
-            bch.iter(|| sync(codec.project_encode(&x, &down).expect("fused")))
+            bch.iter(|| sync(codec.project_encode_op(&x, &down).expect("fused")))
         });
     }
     group.finish();

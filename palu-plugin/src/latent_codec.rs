@@ -21,6 +21,9 @@ use half::f16;
 
 use crate::quant::{self, GroupParams, ZeroPoint};
 
+/// Most new tokens per step that [`LatentCodec::project_encode`] writes with the fused kernel.
+pub const FUSED_WRITE_MAX_ROWS: usize = 64;
+
 /// Fused latent writes (projection + encoding in one CUDA kernel) launched by this process.
 static CUDA_FUSED_WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -165,8 +168,8 @@ impl LatentCodec {
     /// The latent write of new tokens: `x` `[.., d]` projected onto the down factor `down`
     /// `[R, d]`, rounded to `x`'s dtype, then encoded: exactly `encode(linear(x, down))`. On a
     /// CUDA device with f16/bf16 inputs and a layout the fused kernel takes (groups on whole
-    /// bytes, ≤ 512 wide) this is one kernel (`palu_latent_project_encode`); elsewhere the GEMM
-    /// and the encoder.
+    /// bytes, ≤ 512 wide) and decode-sized inputs this is one kernel
+    /// (`palu_latent_project_encode`); elsewhere the GEMM and the encoder.
     pub fn project_encode(&self, x: &Tensor, down: &Tensor) -> Result<Tensor> {
         if self.fused_write_supported(x, down) {
             return self.project_encode_op(x, down);
@@ -189,12 +192,16 @@ impl LatentCodec {
             .apply_op2_no_bwd(&down.contiguous()?, &ProjectEncoder(self))
     }
 
-    /// Whether [`Self::project_encode`] runs as one fused kernel for these inputs.
+    /// Whether [`Self::project_encode`] runs as one fused kernel for these inputs: decode-sized
+    /// inputs (at most [`FUSED_WRITE_MAX_ROWS`] tokens; a prompt's rows go through the GEMM,
+    /// which is faster there) on a CUDA device, with a layout the kernel takes.
     pub fn fused_write_supported(&self, x: &Tensor, down: &Tensor) -> bool {
         #[cfg(feature = "cuda")]
         {
             let d = down.dim(1).unwrap_or(0);
+            let rows = x.elem_count() / d.max(1);
             let ok = x.device().is_cuda()
+                && rows <= FUSED_WRITE_MAX_ROWS
                 && matches!(x.dtype(), DType::F16 | DType::BF16)
                 && down.dtype() == x.dtype()
                 && down.dim(0).ok() == Some(self.width)

@@ -960,11 +960,18 @@ fn latent_codec_kernels_fused_write_matches_cpu_twin() {
                 for bits in [2u8, 3, 4, 8] {
                     let c = LatentCodec::new(bits, &widths, ZeroPoint::Free).unwrap();
                     let (xg, wg) = (xd.to_device(&gpu).unwrap(), wd.to_device(&gpu).unwrap());
-                    assert!(
+                    // The engine takes the fused kernel for decode-sized writes only; the op
+                    // runs it at any size.
+                    assert_eq!(
                         c.fused_write_supported(&xg, &wg),
-                        "d={d} {widths:?} {bits}-bit"
+                        n <= palu::latent_codec::FUSED_WRITE_MAX_ROWS,
+                        "d={d} {widths:?} {bits}-bit n={n}"
                     );
-                    let got = c.project_encode(&xg, &wg).unwrap().to_device(&cpu).unwrap();
+                    let got = c
+                        .project_encode_op(&xg, &wg)
+                        .unwrap()
+                        .to_device(&cpu)
+                        .unwrap();
                     launches += 1;
                     let want = c.project_encode_op(&xd, &wd).unwrap();
                     let dg = c
@@ -977,18 +984,27 @@ fn latent_codec_kernels_fused_write_matches_cpu_twin() {
                         .unwrap()
                         .to_vec2::<f32>()
                         .unwrap();
+                    // One code step (a value on a rounding boundary) plus the dtype's rounding
+                    // of h on each side (2^-11 relative for f16, 2^-8 for bf16), which moves a
+                    // group's range and so every code's dequantized value by that much.
+                    let eps = if dtype == DType::F16 {
+                        2f32.powi(-11)
+                    } else {
+                        2f32.powi(-8)
+                    };
                     let mut worst = 0f32;
                     for (a, b) in dg.iter().zip(&dw) {
                         let (lo, hi) = b
                             .iter()
                             .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
                         let step = ((hi - lo) / ((1u32 << bits) - 1) as f32).max(1e-6);
+                        let tol = step + 2.0 * eps * lo.abs().max(hi.abs());
                         let diff = a
                             .iter()
                             .zip(b)
                             .map(|(x, y)| (x - y).abs())
                             .fold(0f32, f32::max);
-                        worst = worst.max(diff / step);
+                        worst = worst.max(diff / tol);
                     }
                     let (bg, bw): (Vec<u8>, Vec<u8>) = (
                         got.flatten_all().unwrap().to_vec1().unwrap(),
@@ -996,10 +1012,10 @@ fn latent_codec_kernels_fused_write_matches_cpu_twin() {
                     );
                     let same =
                         bg.iter().zip(&bw).filter(|(a, b)| a == b).count() as f64 / bg.len() as f64;
-                    println!("fused write {dtype:?} {bits}-bit d={d} groups={widths:?} n={n}: {worst:.3} steps apart at most, {:.4} of bytes equal", same);
+                    println!("fused write {dtype:?} {bits}-bit d={d} groups={widths:?} n={n}: {worst:.3} of the bound at most, {:.4} of bytes equal", same);
                     assert!(
-                        worst <= 1.01,
-                        "{dtype:?} {bits}-bit d={d} n={n}: {worst} steps apart"
+                        worst <= 1.0,
+                        "{dtype:?} {bits}-bit d={d} n={n}: {worst} of (one step + h's rounding)"
                     );
                     assert!(
                         same >= 0.97,
