@@ -51,6 +51,15 @@ enum Cmd {
     /// into o_proj. Prints the table and writes plan.toml, which the server reads from the
     /// checkpoint directory (or --palu-plan / kv_cache.plan).
     Plan(PlanArgs),
+    /// Fit the planner's cost model to a run of the kernel harness (`palu_decode_bench`'s
+    /// output): prints the fit per row and writes the constants for `palu plan --cost-model`.
+    Calibrate {
+        /// The harness output (e.g. docs/bench/palu_decode_v6_fused.md).
+        harness: PathBuf,
+        /// Where to write the cost model TOML; `-` prints it.
+        #[arg(long, default_value = "-")]
+        out: PathBuf,
+    },
     /// Evaluate a plain model or a Palu checkpoint.
     #[command(subcommand)]
     Eval(EvalCmd),
@@ -373,6 +382,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let out = a.out.unwrap_or_else(|| a.checkpoint.join("plan.toml"));
             if out.as_os_str() != "-" {
                 std::fs::write(&out, plan.to_toml()).map_err(|e| palu::PaluError::io(&out, e))?;
+                println!("wrote {}", out.display());
+            }
+        }
+        Cmd::Calibrate { harness, out } => {
+            let text = palu::error::read_to_string(&harness)?;
+            let cal = palu::planner::CostModel::fit_harness(&text, Default::default())
+                .map_err(|m| palu::PaluError::invalid(&harness, m))?;
+            print!("{cal}");
+            let toml = format!(
+                "# palu calibrate {}\n{}",
+                harness.display(),
+                toml::to_string(&cal.cost).expect("a cost model serializes")
+            );
+            if out.as_os_str() == "-" {
+                print!("{toml}");
+            } else {
+                std::fs::write(&out, toml).map_err(|e| palu::PaluError::io(&out, e))?;
                 println!("wrote {}", out.display());
             }
         }

@@ -23,26 +23,27 @@ use crate::config::ModelConfig;
 use crate::error::{read_to_string, PaluError};
 use crate::lowrank::KvKind;
 
-/// Constants of the cost model. Defaults: one H200 (docs/kernels.md, "Planner").
+/// Constants of the cost model. Defaults: one H200, fitted by `palu calibrate` to the kernel
+/// harness's stop-10 run (docs/bench/palu_decode_v6_stop10.md, all 32 rows with batch ≥ 8, every
+/// row within ±23 % of the model) and the criterion rows of docs/kernels.md ("Planner").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CostModel {
     /// Device-to-device copy bandwidth, TB/s (measured by the kernel harness: 4.29).
     pub hbm_tbps: f64,
     /// Effective FLOP rate of the fused kernel's key rebuild, TFLOP/s: the slope of its time
-    /// between 16K and 128K tokens at batch 8 (g = 1, v6: 147).
+    /// over the rebuild FLOPs (the kernel is bound by instruction issue, not bytes).
     pub rebuild_tflops: f64,
-    /// Fixed cost of one fused decode step (launches, split combine), µs: the intercept of the
-    /// same fit (21).
+    /// Fixed cost of one fused decode step (launches, split combine), µs: the fit's intercept.
     pub step_overhead_us: f64,
-    /// Slowdown of the fused kernel when it reads packed latents (4-bit over 16-bit at 16K ×
-    /// batch 8: 199.8 / 137.6).
+    /// Slowdown of the fused kernel when it reads packed latents (median 4-bit / fp16).
     pub packed_factor: f64,
     /// Bandwidth at which a full-K layer's decode (candle ops: q·Kᵀ per KV head, softmax, the
     /// latent values) reads K, TB/s: its whole time over the K bytes (criterion on the H200,
     /// 16K × batch 8: 3.57 ms for 268 MB, 0.075).
     pub full_keys_tbps: f64,
-    /// Dense f16/bf16 GEMM rate of `o_proj`, TFLOP/s.
+    /// Dense f16/bf16 GEMM rate of `o_proj`, TFLOP/s (assumed; at decode batch sizes `o_proj`
+    /// is bound by its weight read, so this term is small).
     pub gemm_tflops: f64,
 }
 
@@ -50,9 +51,9 @@ impl Default for CostModel {
     fn default() -> Self {
         CostModel {
             hbm_tbps: 4.29,
-            rebuild_tflops: 147.0,
-            step_overhead_us: 21.0,
-            packed_factor: 1.45,
+            rebuild_tflops: 167.7,
+            step_overhead_us: 39.1,
+            packed_factor: 1.55,
             full_keys_tbps: 0.075,
             gemm_tflops: 600.0,
         }
@@ -167,7 +168,134 @@ fn row_bytes(width: usize, groups: usize, bits: u8) -> f64 {
     }
 }
 
+/// One row of the kernel harness's table as the fit saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitRow {
+    pub shape: String,
+    pub g: usize,
+    pub context: usize,
+    pub batch: usize,
+    /// Rebuild FLOPs of the step (`2·B·L·g·dh·R_k`).
+    pub flops: f64,
+    pub measured_us: f64,
+    pub predicted_us: f64,
+}
+
+/// The cost model fitted to a harness run, with the rows it was fitted to.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    pub cost: CostModel,
+    pub rows: Vec<FitRow>,
+}
+
+/// (H_kv, head_dim) of the harness's attention shapes (`kernels/bench/palu_decode_bench.cu`).
+fn harness_shape(name: &str) -> Option<(usize, usize)> {
+    match name {
+        "llama3-8b" => Some((8, 128)),
+        "llama2-7b" => Some((32, 128)),
+        _ => None,
+    }
+}
+
 impl CostModel {
+    /// Fit the fused kernel's constants to the output of `palu_decode_bench` (its shape table,
+    /// Palu-50 %: rank 64·g per group of g KV heads): `rebuild_tflops` and `step_overhead_us`
+    /// by least squares (in relative error) of `t = overhead + FLOPs / F` over the rows with
+    /// batch ≥ 8 (batch 1 is
+    /// bound by occupancy, not by the rebuild), `packed_factor` as the median 4-bit / fp16 ratio
+    /// of those rows, `hbm_tbps` from the copy line. The other constants come from `base`.
+    pub fn fit_harness(text: &str, base: CostModel) -> Result<Calibration, String> {
+        let mut cost = base;
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.starts_with("device-to-device copy:"))
+        {
+            let v = line
+                .split_whitespace()
+                .nth(2)
+                .and_then(|x| x.parse::<f64>().ok())
+                .ok_or_else(|| format!("cannot read the bandwidth in `{line}`"))?;
+            cost.hbm_tbps = v;
+        }
+        let num = |c: &str| {
+            c.split_whitespace()
+                .next()
+                .and_then(|x| x.parse::<f64>().ok())
+        };
+        let mut rows = Vec::new();
+        let mut packed = Vec::new();
+        for line in text.lines() {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            // ["", shape, g, L, batch, fp16 µs, roofline, ×, %, stock, 8-bit, 4-bit, ...]
+            let Some((h_kv, dh)) = cells.get(1).and_then(|s| harness_shape(s)) else {
+                continue;
+            };
+            let parse = || -> Option<(usize, usize, usize, f64)> {
+                let g = cells.get(2)?.parse().ok()?;
+                let l = cells.get(3)?.strip_suffix('K')?.parse::<usize>().ok()? * 1024;
+                let b = cells.get(4)?.parse().ok()?;
+                Some((g, l, b, num(cells.get(5)?)?))
+            };
+            let Some((g, l, b, us)) = parse() else {
+                return Err(format!("cannot read the harness row `{line}`"));
+            };
+            if b < 8 {
+                continue;
+            }
+            let r_k = 64 * h_kv; // Palu-50 %: 64·g per group, H_kv/g groups
+            let flops = 2.0 * (b * l * g * dh * r_k) as f64;
+            if g == 1 {
+                if let Some(p4) = cells.get(11).and_then(|c| num(c)) {
+                    packed.push(p4 / us);
+                }
+            }
+            rows.push(FitRow {
+                shape: cells[1].to_string(),
+                g,
+                context: l,
+                batch: b,
+                flops,
+                measured_us: us,
+                predicted_us: 0.0,
+            });
+        }
+        if rows.len() < 2 {
+            return Err(
+                "fewer than two harness rows with batch ≥ 8: is this palu_decode_bench's output?"
+                    .into(),
+            );
+        }
+        // Least squares of t = c + s·flops in relative error (weights 1/t²): the rows span
+        // 50 µs to 6 ms, and a plain fit would serve the largest rows only.
+        let w: Vec<f64> = rows.iter().map(|r| r.measured_us.powi(-2)).collect();
+        let sw: f64 = w.iter().sum();
+        let (mx, my) = rows.iter().zip(&w).fold((0.0, 0.0), |(a, b), (r, w)| {
+            (a + w * r.flops / sw, b + w * r.measured_us / sw)
+        });
+        let (sxy, sxx) = rows.iter().zip(&w).fold((0.0, 0.0), |(a, b), (r, w)| {
+            (
+                a + w * (r.flops - mx) * (r.measured_us - my),
+                b + w * (r.flops - mx).powi(2),
+            )
+        });
+        let slope = sxy / sxx; // µs per FLOP
+        if !(slope.is_finite() && slope > 0.0) {
+            return Err(
+                "the harness rows do not grow with the rebuild FLOPs; nothing to fit".into(),
+            );
+        }
+        cost.rebuild_tflops = 1e-6 / slope; // FLOP/µs = 1e6 FLOP/s; ÷ 1e12 for TFLOP/s
+        cost.step_overhead_us = (my - slope * mx).max(0.0);
+        if !packed.is_empty() {
+            packed.sort_by(f64::total_cmp);
+            cost.packed_factor = packed[packed.len() / 2];
+        }
+        for r in &mut rows {
+            r.predicted_us = cost.step_overhead_us + slope * r.flops;
+        }
+        Ok(Calibration { cost, rows })
+    }
+
     fn us(bytes: f64, tbps: f64) -> f64 {
         bytes / (tbps * 1e12) * 1e6
     }
@@ -432,5 +560,40 @@ impl fmt::Display for Plan {
             )?;
         }
         write!(f, "{}", self.summary())
+    }
+}
+
+impl fmt::Display for Calibration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.cost;
+        writeln!(
+            f,
+            "fitted: rebuild {:.1} TFLOP/s, step overhead {:.1} µs, packed factor {:.2}, copy bandwidth {:.2} TB/s ({} rows, batch ≥ 8)",
+            c.rebuild_tflops,
+            c.step_overhead_us,
+            c.packed_factor,
+            c.hbm_tbps,
+            self.rows.len()
+        )?;
+        writeln!(
+            f,
+            "| shape | g | L | batch | GFLOP | measured µs | model µs | error |"
+        )?;
+        writeln!(f, "|---|---|---|---|---|---|---|---|")?;
+        for r in &self.rows {
+            writeln!(
+                f,
+                "| {} | {} | {}K | {} | {:.1} | {:.1} | {:.1} | {:+.0}% |",
+                r.shape,
+                r.g,
+                r.context / 1024,
+                r.batch,
+                r.flops / 1e9,
+                r.measured_us,
+                r.predicted_us,
+                100.0 * (r.predicted_us / r.measured_us - 1.0)
+            )?;
+        }
+        Ok(())
     }
 }

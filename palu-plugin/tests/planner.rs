@@ -170,3 +170,32 @@ fn a_plan_for_other_ranks_or_layers_names_the_file_and_layer() {
     );
     assert!(e.contains("context"), "{e}");
 }
+
+/// The default cost model is the fit of the committed harness run, and `fit_harness` reads a
+/// harness table: constants, per-row predictions, and a clear error for anything else.
+#[test]
+fn the_default_cost_model_is_the_fit_of_the_committed_h200_run() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("docs/bench/palu_decode_v6_stop10.md")).unwrap();
+    let cal = CostModel::fit_harness(&text, CostModel::default()).unwrap();
+    let d = CostModel::default();
+    let close = |a: f64, b: f64| (a / b - 1.0).abs() < 2e-3;
+    assert!(close(cal.cost.rebuild_tflops, d.rebuild_tflops), "{cal}");
+    assert!(
+        close(cal.cost.step_overhead_us, d.step_overhead_us),
+        "{cal}"
+    );
+    assert!(close(cal.cost.packed_factor, d.packed_factor), "{cal}");
+    assert!(close(cal.cost.hbm_tbps, d.hbm_tbps), "{cal}");
+    assert_eq!(
+        cal.rows.len(),
+        32,
+        "both models, g = 1 and 2, batch 8 and 32"
+    );
+    for r in &cal.rows {
+        let err = r.predicted_us / r.measured_us - 1.0;
+        assert!(err.abs() < 0.25, "{r:?}");
+    }
+    let e = CostModel::fit_harness("| shape | g |\n|---|---|\n", CostModel::default()).unwrap_err();
+    assert!(e.contains("fewer than two harness rows"), "{e}");
+}
