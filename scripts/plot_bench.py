@@ -23,8 +23,37 @@ def rows(path):
         out.append(dict(model=cells[0], g=int(cells[1]), L=int(cells[2][:-1]) * 1024, B=int(cells[3]),
                         us=float(cells[4]), roof=float(cells[5]), frac=float(cells[7].rstrip("%")),
                         stock=num(cells[8]), b8=num(cells[9]) if len(cells) > 10 else None,
-                        b4=num(cells[10]) if len(cells) > 10 else None))
+                        b4=num(cells[10]) if len(cells) > 10 else None,
+                        fused=num(cells[11]) if len(cells) > 12 else None,
+                        fused4=num(cells[12]) if len(cells) > 12 else None))
     return out
+
+
+def speedup_plot():
+    """Speed-up over the stock kernel (same run) per variant, with the issue's 3x and 6x bars."""
+    fused = rows(ROOT / "docs/bench/palu_decode_v6_fused.md")
+    stop10 = rows(ROOT / "docs/bench/palu_decode_v6_stop10.md")
+    panels = [("Llama-3-8B shape, batch 8", fused, "llama3-8b", 8), ("Llama-3-8B shape, batch 32", fused, "llama3-8b", 32),
+              ("Llama-2-7B shape (MHA), batch 8", stop10, "llama2-7b", 8)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), sharey=True)
+    for ax, (title, table, model, B) in zip(axes, panels):
+        r = [x for x in table if x["model"] == model and x["g"] == 1 and x["B"] == B and x["stock"]]
+        L = [x["L"] for x in r]
+        for key, style, color, label in [("us", "o-", "C0", "fp16 latents"), ("fused", "o--", "C1", "fp16 latents, fused values"),
+                                         ("b4", "D-", "C2", "4-bit latents"), ("fused4", "D--", "C3", "4-bit latents, fused values")]:
+            pts = [(x["L"], x["stock"] / x[key]) for x in r if x.get(key)]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=label)
+        for bar, ls, label in [(1, "-", "stock"), (3, ":", "target 3x (fp16)"), (6, "-.", "target 6x (4-bit)")]:
+            ax.axhline(bar, color="k", ls=ls, lw=0.8, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length L (tokens)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("speed-up over mistral.rs paged attention (same run)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs/img/decode_speedup_vs_stock.svg")
 
 
 def main():
@@ -70,7 +99,8 @@ def main():
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(ROOT / "docs/img/decode_bandwidth_versions.svg")
-    print("wrote docs/img/decode_latency_llama3.svg, docs/img/decode_bandwidth_versions.svg")
+    speedup_plot()
+    print("wrote docs/img/decode_latency_llama3.svg, docs/img/decode_bandwidth_versions.svg, docs/img/decode_speedup_vs_stock.svg")
 
 
 if __name__ == "__main__":
