@@ -20,6 +20,7 @@ fn options(model_dir: &Path, kv: KvCacheKind, latent_bits: Option<u8>) -> Engine
         kv_cache: kv,
         latent_bits,
         max_seqs: 4,
+        paged_attention: None,
         no_prefix_cache: false,
         isq: None,
         cpu: true,

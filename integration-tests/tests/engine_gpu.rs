@@ -71,6 +71,7 @@ async fn serve_planned(
         kv_cache: kv,
         latent_bits: (kv == KvCacheKind::Palu).then_some(latent_bits),
         max_seqs: 4,
+        paged_attention: None,
         no_prefix_cache: !prefix_cache,
         isq: None,
         cpu: !gpu,

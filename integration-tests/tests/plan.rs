@@ -21,6 +21,7 @@ fn options(model_dir: &Path, plan: PathBuf, latent_bits: u8) -> EngineOptions {
         kv_cache: KvCacheKind::Palu,
         latent_bits: Some(latent_bits),
         max_seqs: 4,
+        paged_attention: None,
         no_prefix_cache: true,
         isq: None,
         cpu: true,

@@ -66,6 +66,10 @@ struct Args {
     /// Maximum running sequences.
     #[arg(long, default_value_t = 16)]
     max_seqs: usize,
+    /// Default cache only: the engine's paged attention (block size 32) with KV blocks for this
+    /// many tokens, as upstream's server runs on CUDA. Not with --kv-cache palu.
+    #[arg(long, value_name = "TOKENS")]
+    paged_attn_context: Option<usize>,
     /// Turn off the engine's prefix cache (reuse of the KV cache of earlier prompts).
     #[arg(long)]
     no_prefix_cache: bool,
@@ -156,6 +160,7 @@ fn palu_options(args: &Args) -> Result<EngineOptions> {
         kv_cache: KvCacheKind::Palu,
         latent_bits: args.palu_latent_bits,
         max_seqs: args.max_seqs,
+        paged_attention: args.paged_attn_context,
         no_prefix_cache: args.no_prefix_cache,
         isq: args.isq.clone(),
         cpu: args.cpu,
@@ -259,6 +264,7 @@ async fn main() -> Result<()> {
                 kv_cache: KvCacheKind::Default,
                 latent_bits: None,
                 max_seqs: args.max_seqs,
+                paged_attention: args.paged_attn_context,
                 no_prefix_cache: args.no_prefix_cache,
                 isq: args.isq.clone(),
                 cpu: args.cpu,

@@ -8,9 +8,9 @@ use anyhow::{Context, Result};
 use super::stats::KvStats;
 use crate::planner::{CostModel, Plan, PlanInputs};
 use mistralrs_core::{
-    AutoDeviceMapParams, DefaultSchedulerMethod, DeviceMapSetting, IsqType, Loader, MistralRs,
-    MistralRsBuilder, ModelDType, NormalLoaderBuilder, NormalSpecificConfig, SchedulerConfig,
-    TokenSource,
+    AutoDeviceMapParams, DefaultSchedulerMethod, DeviceMapSetting, IsqType, Loader,
+    MemoryGpuConfig, MistralRs, MistralRsBuilder, ModelDType, NormalLoaderBuilder,
+    NormalSpecificConfig, PagedAttentionConfig, PagedCacheType, SchedulerConfig, TokenSource,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -39,6 +39,10 @@ pub struct EngineOptions {
     /// `compression.latent_bits` of `palu_config`, else of the checkpoint's `palu.toml`, else 16.
     pub latent_bits: Option<u8>,
     pub max_seqs: usize,
+    /// Default cache only: the engine's paged attention (block size 32, bf16 or the activation
+    /// dtype) with KV blocks for this many tokens, as upstream's server runs on CUDA; `None`:
+    /// its plain KV cache. Refused with the Palu cache (latents in paged blocks are not done).
+    pub paged_attention: Option<usize>,
     /// Turn the engine's prefix cache off (it is on by default, for both caches).
     pub no_prefix_cache: bool,
     pub isq: Option<String>,
@@ -249,6 +253,17 @@ pub async fn start(o: &EngineOptions) -> Result<Served> {
         .map(|s| mistralrs_core::parse_isq_value(s, Some(&device)))
         .transpose()
         .map_err(anyhow::Error::msg)?;
+    let paged = match (o.kv_cache, o.paged_attention) {
+        (_, None) => None,
+        (KvCacheKind::Default, Some(tokens)) => Some(PagedAttentionConfig::new(
+            Some(32),
+            MemoryGpuConfig::ContextSize(tokens),
+            PagedCacheType::Auto,
+        )?),
+        (KvCacheKind::Palu, Some(_)) => anyhow::bail!(
+            "paged attention with the Palu KV cache is not available yet: run --kv-cache palu without it"
+        ),
+    };
     let pipeline = loader.load_model_from_hf(
         None,
         TokenSource::None,
@@ -257,14 +272,21 @@ pub async fn start(o: &EngineOptions) -> Result<Served> {
         true,
         DeviceMapSetting::Auto(AutoDeviceMapParams::default_text()),
         isq,
-        None,
+        paged,
     )?;
-    let method = SchedulerConfig::DefaultScheduler {
-        method: DefaultSchedulerMethod::Fixed(
-            o.max_seqs
-                .try_into()
-                .context("--max-seqs must be at least 1")?,
-        ),
+    let max_seqs = o
+        .max_seqs
+        .try_into()
+        .context("--max-seqs must be at least 1")?;
+    let cache_config = pipeline.lock().await.get_metadata().cache_config.clone();
+    let method = match cache_config {
+        Some(config) if o.paged_attention.is_some() => SchedulerConfig::PagedAttentionMeta {
+            max_num_seqs: o.max_seqs,
+            config,
+        },
+        _ => SchedulerConfig::DefaultScheduler {
+            method: DefaultSchedulerMethod::Fixed(max_seqs),
+        },
     };
     let mut b = MistralRsBuilder::new(pipeline, method, false, None);
     if o.no_prefix_cache {

@@ -179,6 +179,7 @@ impl ServerConfig {
                 None => None,
             },
             max_seqs: self.server.max_seqs,
+            paged_attention: None,
             no_prefix_cache: self.server.no_prefix_cache,
             isq: self.model.isq.clone(),
             cpu: self.model.cpu,

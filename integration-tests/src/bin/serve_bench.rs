@@ -1,0 +1,286 @@
+//! End-to-end decode throughput of the engine: a Llama-3-8B-shaped checkpoint with random weights
+//! (`palu::synth`), `--streams` concurrent requests with `--context`-token prompts and `--gen`
+//! generated tokens each, served by the stock engine (its paged attention on CUDA, block 32, as
+//! upstream's server runs there) and by `--kv-cache palu` (the same shape at Palu-50 %, g = 1),
+//! one after the other in this process. Prints one table: prefill and decode time, decode tokens
+//! per second, the KV bytes per token each cache holds, and how many `--context`-token sequences
+//! fit in `--kv-budget-gib` by that layout.
+//!
+//!   serve-bench --work DIR [--layers 4] [--context 16384] [--streams 16] [--gen 32]
+//!               [--latent-bits 16] [--kv-budget-gib 40] [--cpu]
+//!
+//! Random weights: a speed measurement, never a proof of accuracy. The vocabulary is stories260K's
+//! 512 tokens (its tokenizer serves the checkpoint), so the LM head is small next to a real
+//! Llama-3's 128K: the step is attention- and MLP-bound, as a long-context decode is.
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use mistralrs_core::{
+    Constraint, MistralRs, ModelDType, NormalRequest, Request, RequestMessage, Response,
+    SamplingParams,
+};
+use palu::engine::server::{start, EngineOptions, KvCacheKind};
+
+#[derive(Clone)]
+struct Args {
+    work: PathBuf,
+    layers: usize,
+    context: usize,
+    streams: usize,
+    gen: usize,
+    latent_bits: u8,
+    budget_gib: f64,
+    cpu: bool,
+    tokenizer: PathBuf,
+}
+
+fn parse() -> Result<Args> {
+    let mut a = Args {
+        work: PathBuf::from("serve-bench"),
+        layers: 4,
+        context: 16384,
+        streams: 16,
+        gen: 32,
+        latent_bits: 16,
+        budget_gib: 40.0,
+        cpu: false,
+        tokenizer: palu_integration_tests::fixtures().join("models/stories260K"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--cpu" {
+            a.cpu = true;
+            continue;
+        }
+        if flag == "--help" || flag == "-h" {
+            let doc: Vec<&str> = include_str!("serve_bench.rs")
+                .lines()
+                .take_while(|l| l.starts_with("//!"))
+                .map(|l| l.trim_start_matches("//!"))
+                .collect();
+            println!("{}", doc.join("\n"));
+            std::process::exit(0);
+        }
+        let v = it.next().with_context(|| format!("{flag} needs a value"))?;
+        let n = || {
+            v.parse::<usize>()
+                .with_context(|| format!("{flag} {v}: not a number"))
+        };
+        match flag.as_str() {
+            "--work" => a.work = PathBuf::from(&v),
+            "--layers" => a.layers = n()?,
+            "--context" => a.context = n()?,
+            "--streams" => a.streams = n()?,
+            "--gen" => a.gen = n()?,
+            "--latent-bits" => a.latent_bits = n()? as u8,
+            "--kv-budget-gib" => a.budget_gib = v.parse().context("--kv-budget-gib")?,
+            "--tokenizer-from" => a.tokenizer = PathBuf::from(&v),
+            other => bail!("unknown flag {other} (see --help)"),
+        }
+    }
+    if a.streams == 0 || a.gen < 2 || a.context < 16 {
+        bail!("--streams ≥ 1, --gen ≥ 2 and --context ≥ 16");
+    }
+    Ok(a)
+}
+
+/// Write the stock and the Palu-50 % checkpoint once (reused by later runs).
+fn checkpoints(a: &Args) -> Result<(PathBuf, PathBuf)> {
+    let mut out = Vec::new();
+    for palu in [false, true] {
+        let dir = a.work.join(format!(
+            "llama3-8b-{}l-{}",
+            a.layers,
+            if palu { "palu50-g1" } else { "dense" }
+        ));
+        if !dir.join("config.json").exists() {
+            let mut spec = palu::synth::SynthSpec::preset("llama3-8b", Some(a.layers), 7)
+                .context("the llama3-8b preset")?;
+            spec.dtype = candle_core::DType::BF16;
+            spec.vocab = 512;
+            spec.palu = palu.then_some(palu::synth::SynthPalu {
+                group_size: 1,
+                ratio: 0.5,
+            });
+            palu::checkpoint::write_dir_atomically(&dir, |tmp| {
+                palu::synth::write(&spec, tmp, Some(&a.tokenizer))
+            })?;
+        }
+        out.push(dir);
+    }
+    Ok((out.remove(0), out.remove(0)))
+}
+
+struct Run {
+    label: String,
+    prompt_s: f64,
+    decode_s: f64,
+    decode_tokens: usize,
+    wall: Duration,
+    kv_bytes_per_token: f64,
+}
+
+/// `streams` requests at once, each `context` prompt tokens (distinct, so no prefix is shared)
+/// and exactly `gen` new tokens. Returns the engine's own timings, worst stream: prompt
+/// (prefill) seconds, completion (decode) seconds, and the decode steps' tokens (each stream's
+/// tokens after its first, which the prefill produces).
+async fn run(engine: &MistralRs, a: &Args) -> Result<(f64, f64, usize)> {
+    let mut rxs = Vec::new();
+    for s in 0..a.streams {
+        let prompt: Vec<u32> = (0..a.context)
+            .map(|i| 3 + ((i * 7 + s * 131 + i / 5) % 500) as u32)
+            .collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut req = NormalRequest::new_simple(
+            RequestMessage::CompletionTokens(prompt),
+            SamplingParams {
+                max_len: Some(a.gen),
+                // Random weights: keep the special tokens (stories260K's 0-2, EOS among them)
+                // from ending a stream early, so every stream decodes exactly `gen` tokens.
+                logits_bias: Some((0..3).map(|t| (t, -1e4)).collect()),
+                ..SamplingParams::deterministic()
+            },
+            tx,
+            engine.next_request_id(),
+            None,
+            None,
+        );
+        req.constraint = Constraint::None;
+        engine
+            .get_sender(None)?
+            .send(Request::Normal(Box::new(req)))
+            .await
+            .context("engine request")?;
+        rxs.push(rx);
+    }
+    let (mut prompt_s, mut decode_s, mut tokens) = (0f64, 0f64, 0usize);
+    for mut rx in rxs {
+        match rx.recv().await {
+            Some(Response::CompletionDone(c)) => {
+                prompt_s = prompt_s.max(c.usage.total_prompt_time_sec as f64);
+                decode_s = decode_s.max(c.usage.total_completion_time_sec as f64);
+                tokens += c.usage.completion_tokens.saturating_sub(1);
+            }
+            Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => {
+                bail!("engine error: {e}")
+            }
+            Some(Response::CompletionModelError(e, _)) | Some(Response::ModelError(e, _)) => {
+                bail!("model error: {e}")
+            }
+            Some(_) => bail!("unexpected engine response"),
+            None => bail!("the engine dropped a request"),
+        }
+    }
+    Ok((prompt_s, decode_s, tokens))
+}
+
+async fn serve(dir: &Path, kv: KvCacheKind, a: &Args) -> Result<Run> {
+    let served = start(&EngineOptions {
+        model_dir: dir.to_path_buf(),
+        palu_config: None,
+        palu_calib: None,
+        palu_plan: None,
+        kv_cache: kv,
+        latent_bits: (kv == KvCacheKind::Palu).then_some(a.latent_bits),
+        max_seqs: a.streams,
+        // Stock on CUDA: upstream's paged attention, blocks for every stream's whole sequence.
+        paged_attention: (kv == KvCacheKind::Default && !a.cpu)
+            .then_some(a.streams * (a.context + a.gen + 64)),
+        no_prefix_cache: true,
+        isq: None,
+        cpu: a.cpu,
+        dtype: if a.cpu {
+            ModelDType::F32
+        } else {
+            ModelDType::BF16
+        },
+    })
+    .await?;
+    // A short warm-up request (kernel loading, cuBLAS handles), not timed.
+    let mut warm = a.clone();
+    (warm.streams, warm.context, warm.gen) = (1, 64, 2);
+    run(&served.engine, &warm).await?;
+    let t = Instant::now();
+    let (prompt_s, decode_s, decode_tokens) = run(&served.engine, a).await?;
+    let wall = t.elapsed();
+    let kv_bytes_per_token = kv_bytes(dir, kv, a.latent_bits)?;
+    Ok(Run {
+        label: match kv {
+            KvCacheKind::Default if a.cpu => "stock (engine KV cache)".into(),
+            KvCacheKind::Default => "stock (paged attention, bf16)".into(),
+            KvCacheKind::Palu => format!("--kv-cache palu ({}-bit latents)", a.latent_bits),
+        },
+        prompt_s,
+        decode_s,
+        decode_tokens,
+        wall,
+        kv_bytes_per_token,
+    })
+}
+
+/// KV bytes per token of the cache layout (all layers), as `palu inspect` computes it.
+fn kv_bytes(dir: &Path, kv: KvCacheKind, bits: u8) -> Result<f64> {
+    let i = palu::checkpoint::inspect(dir)?;
+    Ok(match kv {
+        KvCacheKind::Default => i.kv_bytes_default as f64,
+        KvCacheKind::Palu => i
+            .kv_bytes_palu
+            .iter()
+            .find(|x| x.0 == bits)
+            .map_or(i.kv_bytes_default as f64, |x| x.1 as f64),
+    })
+}
+
+fn main() -> Result<()> {
+    let a = parse()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()?;
+    let t = Instant::now();
+    let (dense, palu_dir) = checkpoints(&a)?;
+    eprintln!("checkpoints ready in {:.1} s", t.elapsed().as_secs_f64());
+    let mut runs = Vec::new();
+    for (dir, kv) in [
+        (&dense, KvCacheKind::Default),
+        (&palu_dir, KvCacheKind::Palu),
+    ] {
+        let r = rt.block_on(serve(dir, kv, &a))?;
+        eprintln!("{}: done in {:.2} s", r.label, r.wall.as_secs_f64());
+        runs.push(r);
+    }
+    println!(
+        "\nLlama-3-8B shape ({} layers, random weights, vocab 512), {} streams × {} prompt tokens, {} new tokens each, {}",
+        a.layers,
+        a.streams,
+        a.context,
+        a.gen,
+        if a.cpu { "CPU f32" } else { "GPU bf16" }
+    );
+    println!(
+        "| cache | prefill s (engine, worst stream) | decode s | decode tok/s | × stock | KV B/token | {}-token seqs in {} GiB | × stock | wall s |",
+        a.context, a.budget_gib
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let tps = |r: &Run| r.decode_tokens as f64 / r.decode_s;
+    let fit = |r: &Run| {
+        (a.budget_gib * (1u64 << 30) as f64 / (r.kv_bytes_per_token * a.context as f64)).floor()
+    };
+    let (base_tps, base_fit) = (tps(&runs[0]), fit(&runs[0]));
+    for r in &runs {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.1} | {:.2}× | {:.0} | {:.0} | {:.2}× | {:.1} |",
+            r.label,
+            r.prompt_s,
+            r.decode_s,
+            tps(r),
+            tps(r) / base_tps,
+            r.kv_bytes_per_token,
+            fit(r),
+            fit(r) / base_fit,
+            r.wall.as_secs_f64()
+        );
+    }
+    Ok(())
+}
