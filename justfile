@@ -54,6 +54,10 @@ kernels-check:
 gpu-bench:
     bash scripts/gpu-bench.sh
 
+# Build the end-to-end serving benchmark (stock with paged attention vs --kv-cache palu, Llama-3-8B shape) into .gpu2/ for the H200.
+serve-bench:
+    bash scripts/serve-bench.sh
+
 # Build the GPU tests (CUDA kernels vs their CPU twins) and the benchmark into .gpu/; on the H200
 # run `bash .gpu/run.sh` (tests, then the benchmark table). Needs the CUDA 13.0 toolkit, no GPU.
 gpu-test:

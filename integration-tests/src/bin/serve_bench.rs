@@ -175,18 +175,17 @@ async fn run(engine: &MistralRs, a: &Args) -> Result<(f64, f64, usize)> {
     Ok((prompt_s, decode_s, tokens))
 }
 
-async fn serve(dir: &Path, kv: KvCacheKind, a: &Args) -> Result<Run> {
+async fn serve(dir: &Path, kv: KvCacheKind, paged: bool, bits: u8, a: &Args) -> Result<Run> {
     let served = start(&EngineOptions {
         model_dir: dir.to_path_buf(),
         palu_config: None,
         palu_calib: None,
         palu_plan: None,
         kv_cache: kv,
-        latent_bits: (kv == KvCacheKind::Palu).then_some(a.latent_bits),
+        latent_bits: (kv == KvCacheKind::Palu).then_some(bits),
         max_seqs: a.streams,
         // Stock on CUDA: upstream's paged attention, blocks for every stream's whole sequence.
-        paged_attention: (kv == KvCacheKind::Default && !a.cpu)
-            .then_some(a.streams * (a.context + a.gen + 64)),
+        paged_attention: paged.then_some(a.streams * (a.context + a.gen + 64)),
         no_prefix_cache: true,
         isq: None,
         cpu: a.cpu,
@@ -204,19 +203,23 @@ async fn serve(dir: &Path, kv: KvCacheKind, a: &Args) -> Result<Run> {
     let t = Instant::now();
     let (prompt_s, decode_s, decode_tokens) = run(&served.engine, a).await?;
     let wall = t.elapsed();
-    let kv_bytes_per_token = kv_bytes(dir, kv, a.latent_bits)?;
+    let kv_bytes_per_token = kv_bytes(dir, kv, bits)?;
     Ok(Run {
-        label: match kv {
-            KvCacheKind::Default if a.cpu => "stock (engine KV cache)".into(),
-            KvCacheKind::Default => "stock (paged attention, bf16)".into(),
-            KvCacheKind::Palu => format!("--kv-cache palu ({}-bit latents)", a.latent_bits),
-        },
+        label: label(kv, paged, bits),
         prompt_s,
         decode_s,
         decode_tokens,
         wall,
         kv_bytes_per_token,
     })
+}
+
+fn label(kv: KvCacheKind, paged: bool, bits: u8) -> String {
+    match kv {
+        KvCacheKind::Default if paged => "stock, paged attention (block 32)".into(),
+        KvCacheKind::Default => "stock, engine KV cache (no paged attention)".into(),
+        KvCacheKind::Palu => format!("--kv-cache palu, {bits}-bit latents"),
+    }
 }
 
 /// KV bytes per token of the cache layout (all layers), as `palu inspect` computes it.
@@ -241,14 +244,41 @@ fn main() -> Result<()> {
     let t = Instant::now();
     let (dense, palu_dir) = checkpoints(&a)?;
     eprintln!("checkpoints ready in {:.1} s", t.elapsed().as_secs_f64());
-    let mut runs = Vec::new();
-    for (dir, kv) in [
-        (&dense, KvCacheKind::Default),
-        (&palu_dir, KvCacheKind::Palu),
-    ] {
-        let r = rt.block_on(serve(dir, kv, &a))?;
-        eprintln!("{}: done in {:.2} s", r.label, r.wall.as_secs_f64());
-        runs.push(r);
+    // Stock with its plain cache, Palu with 16-bit and `--latent-bits` latents, then stock with
+    // upstream's paged attention (CUDA). A configuration that fails is reported, not fatal;
+    // each row is printed as it finishes.
+    // Paged attention last: where its kernel fails it can take the process down with it.
+    let mut configs = vec![
+        (&dense, KvCacheKind::Default, false, 16u8),
+        (&palu_dir, KvCacheKind::Palu, false, 16),
+    ];
+    if a.latent_bits != 16 {
+        configs.push((&palu_dir, KvCacheKind::Palu, false, a.latent_bits));
+    }
+    if !a.cpu {
+        configs.push((&dense, KvCacheKind::Default, true, 16));
+    }
+    let mut runs: Vec<std::result::Result<Run, (String, String)>> = Vec::new();
+    for (dir, kv, paged, bits) in configs {
+        let r = rt.block_on(serve(dir, kv, paged, bits, &a));
+        match &r {
+            Ok(r) => eprintln!(
+                "{}: prefill {:.2} s, decode {:.2} s for {} tokens ({:.1} tok/s), wall {:.2} s",
+                r.label,
+                r.prompt_s,
+                r.decode_s,
+                r.decode_tokens,
+                r.decode_tokens as f64 / r.decode_s,
+                r.wall.as_secs_f64()
+            ),
+            Err(e) => eprintln!("{}: failed: {e:#}", label(kv, paged, bits)),
+        }
+        runs.push(r.map_err(|e| {
+            (
+                label(kv, paged, bits),
+                format!("{e:#}").lines().next().unwrap_or("").to_string(),
+            )
+        }));
     }
     println!(
         "\nLlama-3-8B shape ({} layers, random weights, vocab 512), {} streams × {} prompt tokens, {} new tokens each, {}",
@@ -267,20 +297,28 @@ fn main() -> Result<()> {
     let fit = |r: &Run| {
         (a.budget_gib * (1u64 << 30) as f64 / (r.kv_bytes_per_token * a.context as f64)).floor()
     };
-    let (base_tps, base_fit) = (tps(&runs[0]), fit(&runs[0]));
+    // The baseline: the first stock configuration that ran.
+    let Some(base) = runs.iter().flatten().next() else {
+        bail!("no configuration ran")
+    };
+    let (base_tps, base_fit) = (tps(base), fit(base));
     for r in &runs {
-        println!(
-            "| {} | {:.2} | {:.2} | {:.1} | {:.2}× | {:.0} | {:.0} | {:.2}× | {:.1} |",
-            r.label,
-            r.prompt_s,
-            r.decode_s,
-            tps(r),
-            tps(r) / base_tps,
-            r.kv_bytes_per_token,
-            fit(r),
-            fit(r) / base_fit,
-            r.wall.as_secs_f64()
-        );
+        match r {
+            Ok(r) => println!(
+                "| {} | {:.2} | {:.2} | {:.1} | {:.2}× | {:.0} | {:.0} | {:.2}× | {:.1} |",
+                r.label,
+                r.prompt_s,
+                r.decode_s,
+                tps(r),
+                tps(r) / base_tps,
+                r.kv_bytes_per_token,
+                fit(r),
+                fit(r) / base_fit,
+                r.wall.as_secs_f64()
+            ),
+            Err((label, e)) => println!("| {label} | fails: {e} | | | | | | | |"),
+        }
     }
+    println!("(× stock: against {})", base.label);
     Ok(())
 }
