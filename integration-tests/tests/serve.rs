@@ -538,7 +538,10 @@ async fn latent_bits_outside_the_supported_set_are_a_clear_startup_error() {
             .replace(&d.path().display().to_string(), "[DIR]")
     );
     opts.latent_bits = Some(4);
-    assert!(serve_opts(opts.clone()).await.is_ok(), "4 bits is supported");
+    assert!(
+        serve_opts(opts.clone()).await.is_ok(),
+        "4 bits is supported"
+    );
     // Paged attention is the stock cache's: with the Palu cache it is refused, saying what to do.
     opts.paged_attention = Some(4096);
     let err = serve_opts(opts).await.unwrap_err();

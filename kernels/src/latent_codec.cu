@@ -36,6 +36,44 @@ __device__ __forceinline__ int group_of(const LatentLayout& l, int j) {
     return g;
 }
 
+// A group's quantizer from its range, with the CPU's f32 operations in the CPU's order, and its
+// f16 scale and i16 zero written to the row's tail (`nc` code bytes, then G scales, G zeros).
+__device__ __forceinline__ void group_params(const LatentLayout& l, float lo, float hi, int g, int nc,
+                                             uint8_t* row, float& scale, float& zero) {
+    const float qmax = (float)((1u << l.bits) - 1);
+    scale = fmaxf(__fdiv_rn(__fsub_rn(hi, lo), qmax), 1e-8f);
+    zero = roundf(__fdiv_rn(-lo, scale));
+    if (l.clamped_zero) zero = fminf(fmaxf(zero, 0.0f), qmax);
+    const __half hs = __float2half_rn(scale);
+    const uint16_t hb = *reinterpret_cast<const uint16_t*>(&hs);
+    // As Rust's `clamp(..) as i16`: NaN becomes 0.
+    const float zc = isnan(zero) ? 0.0f : fminf(fmaxf(zero, -32768.0f), 32767.0f);
+    const int16_t zi = (int16_t)zc;
+    row[nc + 2 * g] = hb & 0xff;
+    row[nc + 2 * g + 1] = hb >> 8;
+    row[nc + 2 * l.n_groups + 2 * g] = (uint16_t)zi & 0xff;
+    row[nc + 2 * l.n_groups + 2 * g + 1] = (uint16_t)zi >> 8;
+}
+
+// Code byte `k` of a row: the codes overlapping its bits `8k … 8k+7`, value `i` of the row
+// quantized by `value(i)` with its group's (scale, zero) from `params(i)`.
+template <typename Value, typename Params>
+__device__ __forceinline__ uint8_t code_byte(const LatentLayout& l, int k, Value value, Params params) {
+    const float qmax = (float)((1u << l.bits) - 1);
+    const int first = (8 * k) / l.bits;
+    const int last = min((8 * k + 7) / l.bits, l.width - 1);
+    unsigned byte = 0;
+    for (int i = first; i <= last; ++i) {
+        float scale, zero;
+        params(i, scale, zero);
+        const float q = __fadd_rn(roundf(__fdiv_rn(value(i), scale)), zero);
+        const unsigned c = (unsigned)fminf(fmaxf(q, 0.0f), qmax);
+        const int bit = i * l.bits - 8 * k;  // may be negative: the code started earlier
+        byte |= bit >= 0 ? (c << bit) : (c >> -bit);
+    }
+    return (uint8_t)(byte & 0xff);
+}
+
 // One block per row. Warps reduce the groups' ranges, then every thread builds whole code bytes
 // (a byte gathers the codes that overlap it: no atomics, no read-modify-write).
 __global__ void latent_encode_kernel(const float* __restrict__ x, uint8_t* __restrict__ rows,
@@ -47,7 +85,6 @@ __global__ void latent_encode_kernel(const float* __restrict__ x, uint8_t* __res
     const float* xr = x + row * l.width;
     const int nc = code_bytes(l);
     uint8_t* out = rows + row * (int64_t)(nc + 4 * l.n_groups);
-    const float qmax = (float)((1u << l.bits) - 1);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
 
     for (int g = warp; g < l.n_groups; g += n_warps) {
@@ -60,38 +97,17 @@ __global__ void latent_encode_kernel(const float* __restrict__ x, uint8_t* __res
             lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
             hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
         }
-        if (lane == 0) {
-            const float scale = fmaxf(__fdiv_rn(__fsub_rn(hi, lo), qmax), 1e-8f);
-            float zero = roundf(__fdiv_rn(-lo, scale));
-            if (l.clamped_zero) zero = fminf(fmaxf(zero, 0.0f), qmax);
-            s_scale[g] = scale;
-            s_zero[g] = zero;
-            const __half hs = __float2half_rn(scale);
-            const uint16_t hb = *reinterpret_cast<const uint16_t*>(&hs);
-            // As Rust's `clamp(..) as i16`: NaN becomes 0.
-            const float zc = isnan(zero) ? 0.0f : fminf(fmaxf(zero, -32768.0f), 32767.0f);
-            const int16_t zi = (int16_t)zc;
-            out[nc + 2 * g] = hb & 0xff;
-            out[nc + 2 * g + 1] = hb >> 8;
-            out[nc + 2 * l.n_groups + 2 * g] = (uint16_t)zi & 0xff;
-            out[nc + 2 * l.n_groups + 2 * g + 1] = (uint16_t)zi >> 8;
-        }
+        if (lane == 0) group_params(l, lo, hi, g, nc, out, s_scale[g], s_zero[g]);
     }
     __syncthreads();
 
-    for (int k = threadIdx.x; k < nc; k += blockDim.x) {
-        const int first = (8 * k) / l.bits;
-        const int last = min((8 * k + 7) / l.bits, l.width - 1);
-        unsigned byte = 0;
-        for (int i = first; i <= last; ++i) {
-            const int g = group_of(l, i);
-            const float q = __fadd_rn(roundf(__fdiv_rn(xr[i], s_scale[g])), s_zero[g]);
-            const unsigned c = (unsigned)fminf(fmaxf(q, 0.0f), qmax);
-            const int bit = i * l.bits - 8 * k;  // may be negative: the code started earlier
-            byte |= bit >= 0 ? (c << bit) : (c >> -bit);
-        }
-        out[k] = (uint8_t)(byte & 0xff);
-    }
+    for (int k = threadIdx.x; k < nc; k += blockDim.x)
+        out[k] = code_byte(
+            l, k, [&](int i) { return xr[i]; },
+            [&](int i, float& scale, float& zero) {
+                const int g = group_of(l, i);
+                scale = s_scale[g], zero = s_zero[g];
+            });
 }
 
 template <typename T>
@@ -242,7 +258,6 @@ __global__ void latent_project_encode_kernel(const T* __restrict__ x, const T* _
     __syncthreads();
     const int nc = code_bytes(l);
     const int64_t rb = nc + 4 * l.n_groups;
-    const float qmax = (float)((1u << l.bits) - 1);
     // Per token: the group's range (one warp per token), then its code bytes (all threads),
     // with latent_encode_kernel's operations in its order (bit-exact on the same h).
     __shared__ float s_scale[TOK], s_zero[TOK];
@@ -254,36 +269,15 @@ __global__ void latent_project_encode_kernel(const T* __restrict__ x, const T* _
             lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
             hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
         }
-        if (lane == 0) {
-            const float scale = fmaxf(__fdiv_rn(__fsub_rn(hi, lo), qmax), 1e-8f);
-            float zero = roundf(__fdiv_rn(-lo, scale));
-            if (l.clamped_zero) zero = fminf(fmaxf(zero, 0.0f), qmax);
-            s_scale[t] = scale, s_zero[t] = zero;
-            uint8_t* out = rows + (t0 + t) * rb;
-            const __half hs = __float2half_rn(scale);
-            const uint16_t hb = *reinterpret_cast<const uint16_t*>(&hs);
-            const float zc = isnan(zero) ? 0.0f : fminf(fmaxf(zero, -32768.0f), 32767.0f);
-            const int16_t zi = (int16_t)zc;
-            out[nc + 2 * g] = hb & 0xff;
-            out[nc + 2 * g + 1] = hb >> 8;
-            out[nc + 2 * l.n_groups + 2 * g] = (uint16_t)zi & 0xff;
-            out[nc + 2 * l.n_groups + 2 * g + 1] = (uint16_t)zi >> 8;
-        }
+        if (lane == 0) group_params(l, lo, hi, g, nc, rows + (t0 + t) * rb, s_scale[t], s_zero[t]);
     }
     __syncthreads();
     const int b0 = c0 * l.bits / 8, b1 = (c0 + r) * l.bits / 8;  // the group's whole bytes
     for (int e = threadIdx.x; e < n_tok * (b1 - b0); e += blockDim.x) {
         const int t = e / (b1 - b0), k = b0 + e % (b1 - b0);
-        const int first = (8 * k) / l.bits;
-        const int last = min((8 * k + 7) / l.bits, l.width - 1);
-        unsigned byte = 0;
-        for (int i = first; i <= last; ++i) {
-            const float q = __fadd_rn(roundf(__fdiv_rn(s_h[t][i - c0], s_scale[t])), s_zero[t]);
-            const unsigned c = (unsigned)fminf(fmaxf(q, 0.0f), qmax);
-            const int bit = i * l.bits - 8 * k;
-            byte |= bit >= 0 ? (c << bit) : (c >> -bit);
-        }
-        rows[(t0 + t) * rb + k] = (uint8_t)(byte & 0xff);
+        rows[(t0 + t) * rb + k] = code_byte(
+            l, k, [&](int i) { return s_h[t][i - c0]; },
+            [&](int, float& scale, float& zero) { scale = s_scale[t], zero = s_zero[t]; });
     }
 }
 

@@ -125,36 +125,6 @@ fn bad_codec_input_is_an_error() {
         .contains("expects u8 rows"));
 }
 
-/// Decoded rows of two encodings of nearly equal latents: the largest difference in units of
-/// (one code step + the dtype's rounding of the latents on each side, `eps` relative), and the
-/// fraction of identical bytes. A value on a rounding boundary lands one code away; rounding h
-/// moves a group's range, so every dequantized value by up to that rounding.
-fn row_agreement(c: &LatentCodec, a: &Tensor, b: &Tensor, eps: f32) -> (f32, f64) {
-    let da = c.decode(a, DType::F32).unwrap().flatten_to(0).unwrap();
-    let db = c.decode(b, DType::F32).unwrap().flatten_to(0).unwrap();
-    let (va, vb): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (da.to_vec2().unwrap(), db.to_vec2().unwrap());
-    let mut worst = 0f32;
-    for (ra, rb) in va.iter().zip(&vb) {
-        let (lo, hi) = rb
-            .iter()
-            .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
-        let step = ((hi - lo) / ((1u32 << c.bits()) - 1) as f32).max(1e-6);
-        let tol = step + 2.0 * eps * lo.abs().max(hi.abs()) + 1e-6;
-        let d = ra
-            .iter()
-            .zip(rb)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        worst = worst.max(d / tol);
-    }
-    let (ba, bb): (Vec<u8>, Vec<u8>) = (
-        a.flatten_all().unwrap().to_vec1().unwrap(),
-        b.flatten_all().unwrap().to_vec1().unwrap(),
-    );
-    let same = ba.iter().zip(&bb).filter(|(x, y)| x == y).count();
-    (worst, same as f64 / ba.len() as f64)
-}
-
 /// The fused latent write's CPU twin (projection in f32, rounded to the input dtype, then the
 /// codec) writes what the unfused path writes (the GEMM, rounded, then `encode`): the two sum in
 /// different orders, so a value on a rounding boundary may land one code away, never more.
@@ -194,7 +164,7 @@ fn fused_latent_write_twin_equals_encoding_the_projection() {
                 } else {
                     2f32.powi(-20)
                 };
-                let (worst, same) = row_agreement(&c, &fused, &unfused, eps);
+                let (worst, same) = common::row_agreement(&c, &fused, &unfused, eps);
                 assert!(
                     worst <= 1.0,
                     "{dtype:?} {bits}-bit d={d}: {worst} of the bound"
@@ -208,7 +178,7 @@ fn fused_latent_write_twin_equals_encoding_the_projection() {
                 assert!(!c.fused_write_supported(&xd, &wd));
                 if dtype == DType::F32 {
                     let via = c.project_encode(&xd, &wd).unwrap();
-                    let (worst, _) = row_agreement(&c, &via, &fused, 2f32.powi(-20));
+                    let (worst, _) = common::row_agreement(&c, &via, &fused, 2f32.powi(-20));
                     assert!(
                         worst <= 1.0,
                         "{bits}-bit d={d}: entry point {worst} of the bound"

@@ -942,7 +942,7 @@ fn latent_codec_kernels_match_cpu_twin_bit_for_bit() {
 #[cfg(feature = "cuda")]
 #[test]
 fn latent_codec_kernels_fused_write_matches_cpu_twin() {
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{DType, Device};
     use palu::latent_codec::LatentCodec;
     use palu::quant::ZeroPoint;
     let mut r = rng();
@@ -974,16 +974,6 @@ fn latent_codec_kernels_fused_write_matches_cpu_twin() {
                         .unwrap();
                     launches += 1;
                     let want = c.project_encode_op(&xd, &wd).unwrap();
-                    let dg = c
-                        .decode(&got, DType::F32)
-                        .unwrap()
-                        .to_vec2::<f32>()
-                        .unwrap();
-                    let dw = c
-                        .decode(&want, DType::F32)
-                        .unwrap()
-                        .to_vec2::<f32>()
-                        .unwrap();
                     // One code step (a value on a rounding boundary) plus the dtype's rounding
                     // of h on each side (2^-11 relative for f16, 2^-8 for bf16), which moves a
                     // group's range and so every code's dequantized value by that much.
@@ -992,26 +982,7 @@ fn latent_codec_kernels_fused_write_matches_cpu_twin() {
                     } else {
                         2f32.powi(-8)
                     };
-                    let mut worst = 0f32;
-                    for (a, b) in dg.iter().zip(&dw) {
-                        let (lo, hi) = b
-                            .iter()
-                            .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
-                        let step = ((hi - lo) / ((1u32 << bits) - 1) as f32).max(1e-6);
-                        let tol = step + 2.0 * eps * lo.abs().max(hi.abs());
-                        let diff = a
-                            .iter()
-                            .zip(b)
-                            .map(|(x, y)| (x - y).abs())
-                            .fold(0f32, f32::max);
-                        worst = worst.max(diff / tol);
-                    }
-                    let (bg, bw): (Vec<u8>, Vec<u8>) = (
-                        got.flatten_all().unwrap().to_vec1().unwrap(),
-                        want.flatten_all().unwrap().to_vec1().unwrap(),
-                    );
-                    let same =
-                        bg.iter().zip(&bw).filter(|(a, b)| a == b).count() as f64 / bg.len() as f64;
+                    let (worst, same) = common::row_agreement(&c, &got, &want, eps);
                     println!("fused write {dtype:?} {bits}-bit d={d} groups={widths:?} n={n}: {worst:.3} of the bound at most, {:.4} of bytes equal", same);
                     assert!(
                         worst <= 1.0,

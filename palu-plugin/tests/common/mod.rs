@@ -75,3 +75,46 @@ pub fn rel_l2(got: &candle_core::Tensor, want: &candle_core::Tensor) -> f32 {
     };
     (sq(&(got - want).unwrap()) / sq(want)).sqrt()
 }
+
+/// Decoded rows of two encodings of nearly equal latents: the largest difference in units of
+/// (one code step + the dtype's rounding of the latents on each side, `eps` relative), and the
+/// fraction of identical bytes. A value on a rounding boundary lands one code away; rounding h
+/// moves a group's range, so every dequantized value by up to that rounding.
+pub fn row_agreement(
+    c: &palu::latent_codec::LatentCodec,
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    eps: f32,
+) -> (f32, f64) {
+    let da = c
+        .decode(a, candle_core::DType::F32)
+        .unwrap()
+        .flatten_to(0)
+        .unwrap();
+    let db = c
+        .decode(b, candle_core::DType::F32)
+        .unwrap()
+        .flatten_to(0)
+        .unwrap();
+    let (va, vb): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (da.to_vec2().unwrap(), db.to_vec2().unwrap());
+    let mut worst = 0f32;
+    for (ra, rb) in va.iter().zip(&vb) {
+        let (lo, hi) = rb
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+        let step = ((hi - lo) / ((1u32 << c.bits()) - 1) as f32).max(1e-6);
+        let tol = step + 2.0 * eps * lo.abs().max(hi.abs()) + 1e-6;
+        let d = ra
+            .iter()
+            .zip(rb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        worst = worst.max(d / tol);
+    }
+    let (ba, bb): (Vec<u8>, Vec<u8>) = (
+        a.flatten_all().unwrap().to_vec1().unwrap(),
+        b.flatten_all().unwrap().to_vec1().unwrap(),
+    );
+    let same = ba.iter().zip(&bb).filter(|(x, y)| x == y).count();
+    (worst, same as f64 / ba.len() as f64)
+}
