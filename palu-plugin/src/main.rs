@@ -158,6 +158,10 @@ struct PplArgs {
     /// Simulated low-bit latents (quantize-dequantize per token and group): 2, 3, 4, 8 or 16 (off).
     #[arg(long, default_value_t = 16)]
     latent_bits: u8,
+    /// Latents as float8 e4m3 (no scale, as mistral.rs's `--pa-cache-type f8e4m3` stores K/V)
+    /// instead of integer codes; implies 8 bits.
+    #[arg(long)]
+    fp8: bool,
     /// Zero point of the quantizer: free (palu-rs) or clamped to the code range (the authors').
     #[arg(long, value_enum, default_value_t = palu::quant::ZeroPoint::Free)]
     zero_point: palu::quant::ZeroPoint,
@@ -405,12 +409,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Eval(EvalCmd::Ppl(a)) => {
             palu::quant::check_bits(a.latent_bits)?;
             let mut model = palu::model::Model::load(&a.model, &candle_core::Device::Cpu)?;
-            model.latent_quant =
+            model.latent_quant = if a.fp8 {
+                Some(palu::model::LatentQuant::fp8())
+            } else {
                 palu::model::LatentQuant::bits(a.latent_bits).map(|q| palu::model::LatentQuant {
                     zero_point: a.zero_point,
                     sub_group: a.quant_group,
                     ..q
-                });
+                })
+            };
             let tok = palu::tokenizer::load(&a.model)?;
             let text =
                 std::fs::read_to_string(&a.text).map_err(|e| palu::PaluError::io(&a.text, e))?;
@@ -427,7 +434,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 println!(
                     "latents     {}",
-                    if a.latent_bits < 16 {
+                    if a.fp8 {
+                        "float8 e4m3 (simulated)".to_string()
+                    } else if a.latent_bits < 16 {
                         format!("{}-bit (simulated)", a.latent_bits)
                     } else {
                         "16-bit".into()

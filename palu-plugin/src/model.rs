@@ -230,12 +230,15 @@ pub struct Attention {
     window: Option<usize>,
 }
 
-/// Simulated low-bit latents (quantize then dequantize), per token and per low-rank group.
+/// Simulated low-bit latents (quantize then dequantize), per token and per low-rank group; or,
+/// with `fp8`, each latent rounded to float8 e4m3 (no scale, as mistral.rs's `f8e4m3` paged
+/// cache stores K/V).
 #[derive(Debug, Clone, Copy)]
 pub struct LatentQuant {
     pub bits: u8,
     pub sub_group: Option<usize>,
     pub zero_point: quant::ZeroPoint,
+    pub fp8: bool,
 }
 
 impl LatentQuant {
@@ -244,7 +247,25 @@ impl LatentQuant {
             bits,
             sub_group: None,
             zero_point: quant::ZeroPoint::Free,
+            fp8: false,
         })
+    }
+
+    /// Latents stored as float8 e4m3.
+    pub fn fp8() -> Self {
+        LatentQuant {
+            bits: 8,
+            sub_group: None,
+            zero_point: quant::ZeroPoint::Free,
+            fp8: true,
+        }
+    }
+
+    fn apply(&self, h: &Tensor, ranks: &[usize]) -> Result<Tensor> {
+        if self.fp8 {
+            return h.to_dtype(DType::F8E4M3)?.to_dtype(h.dtype());
+        }
+        quant::fake_quant(h, self.bits, ranks, self.sub_group, self.zero_point)
     }
 }
 
@@ -297,8 +318,8 @@ impl Attention {
                     p(layer, Site::Latent(KvKind::V), &hv)?;
                 }
                 if let Some(lq) = lq {
-                    hk = quant::fake_quant(&hk, lq.bits, &kp.ranks, lq.sub_group, lq.zero_point)?;
-                    hv = quant::fake_quant(&hv, lq.bits, &vp.ranks, lq.sub_group, lq.zero_point)?;
+                    hk = lq.apply(&hk, &kp.ranks)?;
+                    hv = lq.apply(&hv, &vp.ranks)?;
                 }
                 let (hk, hv) = match cache {
                     Some(c) => (append(&mut c.k, hk, 1)?, append(&mut c.v, hv, 1)?),

@@ -49,6 +49,7 @@ fn check(prefix: &str, bits: Option<u8>) {
         bits,
         sub_group: None,
         zero_point: ZeroPoint::Clamped,
+        fp8: false,
     });
     let ids = r["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
     let mut seen: HashMap<String, Tensor> = HashMap::new();
