@@ -258,5 +258,8 @@ fn eval_ppl_with_fp8_latents() {
     };
     let (full, fp8, two) = (ppl(&[]), ppl(&["--fp8"]), ppl(&["--latent-bits", "2"]));
     assert!(fp8.is_finite() && fp8 != full, "16-bit {full}, fp8 {fp8}");
-    assert!((fp8 - full).abs() < (two - full).abs(), "16-bit {full}, fp8 {fp8}, 2-bit {two}");
+    assert!(
+        (fp8 - full).abs() < (two - full).abs(),
+        "16-bit {full}, fp8 {fp8}, 2-bit {two}"
+    );
 }

@@ -17,8 +17,8 @@ use crate::latent_codec::LatentCodec;
 use crate::lowrank::linear;
 use crate::lowrank::{KvKind, LowRankProj};
 use crate::model::{
-    attention_mask, attention_probs, fused_o_proj, fused_value_inputs, latent_values, rebuild_k,
-    Rope, LATENT_VALUES_MAX_ROWS,
+    attention_probs, fused_o_proj, fused_value_inputs, latent_values, rebuild_k, Rope,
+    LATENT_VALUES_MAX_ROWS,
 };
 use crate::planner::{Keys, Plan, Values};
 use crate::quant::ZeroPoint;
@@ -157,7 +157,14 @@ fn qmatmul(x: &Tensor, layer: &dyn QuantMethod) -> Result<Tensor> {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, start: usize, cache: &mut KvCache) -> Result<Tensor> {
+    /// `mask`: the prefill mask of this forward pass, built by the first layer that needs it.
+    fn forward(
+        &self,
+        x: &Tensor,
+        start: usize,
+        cache: &mut KvCache,
+        mask: &mut Option<Tensor>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let q = qmatmul(x, &*self.q)?
             .reshape((b, t, self.n_heads, self.head_dim))?
@@ -260,7 +267,7 @@ impl Attention {
             }
         };
         if t > LATENT_VALUES_MAX_ROWS {
-            return qmatmul(&self.prefill_attention(&q, &k, &hv, start)?, &*self.o);
+            return qmatmul(&self.prefill_attention(&q, &k, &hv, start, mask)?, &*self.o);
         }
         let probs = attention_probs(&q, &k, start, self.window, false)?;
         match &self.o_fused {
@@ -286,6 +293,7 @@ impl Attention {
         k: &Tensor,
         hv: &Tensor,
         start: usize,
+        mask: &mut Option<Tensor>,
     ) -> Result<Tensor> {
         let (b, h, t, dh) = q.dims4()?;
         let total = hv.dim(1)?;
@@ -294,13 +302,15 @@ impl Attention {
             .reconstruct(hv)?
             .reshape((b, total, self.n_kv, dh))?
             .transpose(1, 2)?;
-        // [1, 1, t, T] additive mask: rank 4 keeps the engine on its chunked path for long
-        // prompts (a rank-2 mask sends it to a path that materializes all t × T scores).
-        let mask = attention_mask(start, t, self.window, q.device())?
-            .to_dtype(q.dtype())?
-            .unsqueeze(0)?
-            .unsqueeze(0)?
-            .contiguous()?;
+        // One mask per forward pass, shared by the layers on a device (at 32K tokens it holds
+        // 32K² elements); rebuilt where a layer lives on another device.
+        let stale = mask
+            .as_ref()
+            .is_none_or(|m| !m.device().same_device(q.device()) || m.dtype() != q.dtype());
+        if stale {
+            *mask = Some(prefill_mask(start, t, self.window, q.dtype(), q.device())?);
+        }
+        let mask = mask.as_ref().expect("built above");
         let params = SdpaParams {
             n_kv_groups: h / self.n_kv,
             softcap: None,
@@ -312,7 +322,7 @@ impl Attention {
             &q.contiguous()?,
             &k.contiguous()?,
             &v.contiguous()?,
-            Some(&mask),
+            Some(mask),
             // Flash attention's non-varlen causal path: every sequence of a Palu batch is at
             // the same offset (forward_inner refuses others), so no cumulative lengths.
             None,
@@ -321,6 +331,25 @@ impl Attention {
         .transpose(1, 2)?
         .reshape((b, t, h * dh))
     }
+}
+
+/// The additive prefill mask `[1, 1, t, start + t]` for queries at `start..start+t`
+/// (`model::attention_mask`: causal, within the sliding window), in `dtype` on `device`. Rank 4
+/// keeps the engine's SDPA on its chunked path for long prompts (a rank-2 mask sends it to one
+/// that materializes all scores). Built on the host as the reference builds it, once per forward
+/// pass (see `prefill_attention`).
+pub(crate) fn prefill_mask(
+    start: usize,
+    t: usize,
+    window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    crate::model::attention_mask(start, t, window, device)?
+        .to_dtype(dtype)?
+        .unsqueeze(0)?
+        .unsqueeze(0)?
+        .contiguous()
 }
 
 struct Block {
@@ -590,11 +619,15 @@ impl PaluTextModel {
         self.stats.record_fed(ids.elem_count() as u64);
         let mut x = self.embed.forward(ids)?;
         let mut cache = self.cache.normal();
+        let mut mask = None;
         for (l, blk) in self.blocks.iter().enumerate() {
             x = self.mapper.map(x, l)?;
-            let a = blk
-                .attn
-                .forward(&blk.input_norm.forward(&x)?, start, &mut cache.0[l])?;
+            let a = blk.attn.forward(
+                &blk.input_norm.forward(&x)?,
+                start,
+                &mut cache.0[l],
+                &mut mask,
+            )?;
             x = (x + a)?;
             x = (&x + blk.mlp.forward(&blk.post_norm.forward(&x)?)?)?;
         }
