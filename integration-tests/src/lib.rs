@@ -300,3 +300,43 @@ pub async fn chat(addr: std::net::SocketAddr, q: &str, n: usize, stream: bool) -
             .to_string()
     }
 }
+
+/// The checkpoint's plan (`palu plan`'s defaults for 4 × 4096 tokens) with each layer's choices
+/// set by `choose(layer)`, written to `path`.
+pub fn write_plan(
+    ckpt: &Path,
+    path: &Path,
+    choose: impl Fn(usize) -> (palu::planner::Keys, palu::planner::Values),
+) -> PathBuf {
+    use palu::planner::{CostModel, Plan, PlanInputs};
+    let cfg = palu::config::ModelConfig::from_file(&ckpt.join("config.json")).unwrap();
+    let inputs = PlanInputs {
+        context: 4096,
+        batch: 4,
+        latent_bits: 16,
+        kv_budget: None,
+    };
+    let mut plan = Plan::make(&cfg, inputs, CostModel::default()).unwrap();
+    for p in &mut plan.layers {
+        (p.keys, p.values) = choose(p.layer);
+    }
+    std::fs::write(path, plan.to_toml()).unwrap();
+    path.to_path_buf()
+}
+
+/// A plan mixing every choice: full keys in every third layer, fused values in every second.
+pub fn mixed_choice(layer: usize) -> (palu::planner::Keys, palu::planner::Values) {
+    use palu::planner::{Keys, Values};
+    (
+        if layer % 3 == 1 {
+            Keys::Full
+        } else {
+            Keys::Latent
+        },
+        if layer % 2 == 0 {
+            Values::Fused
+        } else {
+            Values::Unfused
+        },
+    )
+}

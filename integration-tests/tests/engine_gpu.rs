@@ -351,31 +351,13 @@ async fn decode_agrees_with_the_cpu(ckpt: &Path, cpu: &Served, dtype: ModelDType
 /// one kernel launch per step in exactly the latent-key layers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn smollm2_palu50_gpu_decode_with_a_mixed_plan_agrees_with_the_cpu() {
-    use palu::planner::{CostModel, Keys, Plan, PlanInputs, Values};
     let ckpt = smollm2_palu50();
-    let cfg = palu::config::ModelConfig::from_file(&ckpt.join("config.json")).unwrap();
-    let inputs = PlanInputs {
-        context: 4096,
-        batch: 4,
-        latent_bits: 16,
-        kv_budget: None,
-    };
-    let mut plan = Plan::make(&cfg, inputs, CostModel::default()).unwrap();
-    for p in &mut plan.layers {
-        p.keys = if p.layer % 3 == 1 {
-            Keys::Full
-        } else {
-            Keys::Latent
-        };
-        p.values = if p.layer % 2 == 0 {
-            Values::Fused
-        } else {
-            Values::Unfused
-        };
-    }
     let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("plan.toml");
-    std::fs::write(&path, plan.to_toml()).unwrap();
+    let path = palu_integration_tests::write_plan(
+        &ckpt,
+        &tmp.path().join("plan.toml"),
+        palu_integration_tests::mixed_choice,
+    );
     let cpu = serve(&ckpt, KvCacheKind::Palu, false, false).await;
     decode_agrees(&ckpt, &cpu, ModelDType::F16, 16, true, Some(&path)).await;
 }

@@ -5,11 +5,11 @@
 use std::path::{Path, PathBuf};
 
 use mistralrs_core::ModelDType;
-use palu::config::ModelConfig;
 use palu::engine::server::{start, EngineOptions, KvCacheKind};
-use palu::planner::{CostModel, Keys, Plan, PlanInputs, Values};
+use palu::planner::{Keys, Values};
 use palu_integration_tests::{
-    complete, engine_logits, fixtures, max_abs_diff, serve_http, smollm2_palu50, wikitext_windows,
+    complete, engine_logits, fixtures, max_abs_diff, mixed_choice, serve_http, smollm2_palu50,
+    wikitext_windows, write_plan,
 };
 
 fn options(model_dir: &Path, plan: PathBuf, latent_bits: u8) -> EngineOptions {
@@ -29,23 +29,6 @@ fn options(model_dir: &Path, plan: PathBuf, latent_bits: u8) -> EngineOptions {
     }
 }
 
-/// The checkpoint's plan with each layer's choices set by `choose(layer)`, written to `path`.
-fn write_plan(ckpt: &Path, path: &Path, choose: impl Fn(usize) -> (Keys, Values)) -> PathBuf {
-    let cfg = ModelConfig::from_file(&ckpt.join("config.json")).unwrap();
-    let inputs = PlanInputs {
-        context: 4096,
-        batch: 4,
-        latent_bits: 16,
-        kv_budget: None,
-    };
-    let mut plan = Plan::make(&cfg, inputs, CostModel::default()).unwrap();
-    for p in &mut plan.layers {
-        (p.keys, p.values) = choose(p.layer);
-    }
-    std::fs::write(path, plan.to_toml()).unwrap();
-    path.to_path_buf()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_keys_and_fused_values_compute_the_same_model_in_prefill_and_decode() {
     let ckpt = smollm2_palu50();
@@ -54,16 +37,7 @@ async fn full_keys_and_fused_values_compute_the_same_model_in_prefill_and_decode
         (Keys::Latent, Values::Unfused)
     });
     // Every combination of the two choices appears among the 30 layers.
-    let mixed = write_plan(&ckpt, &tmp.path().join("mixed.toml"), |l| {
-        (
-            if l % 3 == 1 { Keys::Full } else { Keys::Latent },
-            if l % 2 == 0 {
-                Values::Fused
-            } else {
-                Values::Unfused
-            },
-        )
-    });
+    let mixed = write_plan(&ckpt, &tmp.path().join("mixed.toml"), mixed_choice);
     // Packed latents: full keys quantize K rows (another quantizer than the latents'), so only
     // the values' fusion must leave the 4-bit model unchanged.
     let fused_only = write_plan(&ckpt, &tmp.path().join("fused.toml"), |l| {

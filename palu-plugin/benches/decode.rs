@@ -56,25 +56,31 @@ fn rope(s: &Shape, dev: &Device) -> Rope {
     Rope::new(&cfg, dev)
 }
 
+fn randn(shape: &[usize], dtype: DType, dev: &Device) -> Tensor {
+    Tensor::randn(0f32, 1.0, shape, dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// A random Palu-50 % K or V projection of the shape: groups of `g` KV heads at rank `rank`.
+fn projection(s: &Shape, dtype: DType, dev: &Device) -> LowRankProj {
+    let groups = s.kv_heads / s.g;
+    let ups = (0..groups)
+        .map(|_| randn(&[s.g * s.head_dim, s.rank], dtype, dev))
+        .collect();
+    let down = randn(&[groups * s.rank, s.heads * s.head_dim], dtype, dev);
+    LowRankProj::new(down, ups, None).unwrap()
+}
+
 fn bench_device(c: &mut Criterion, dev: &Device, dtype: DType, label: &str) {
     let mut group = c.benchmark_group(format!("decode step, one layer, {label}"));
     group.sample_size(10);
     for s in &SHAPES {
         let rope = rope(s, dev);
         let groups = s.kv_heads / s.g;
-        let rand = |shape: &[usize]| {
-            Tensor::randn(0f32, 1.0, shape, dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap()
-        };
-        let proj = || {
-            let ups = (0..groups)
-                .map(|_| rand(&[s.g * s.head_dim, s.rank]))
-                .collect();
-            LowRankProj::new(rand(&[groups * s.rank, s.heads * s.head_dim]), ups, None).unwrap()
-        };
-        let (kp, vp) = (proj(), proj());
+        let rand = |shape: &[usize]| randn(shape, dtype, dev);
+        let (kp, vp) = (projection(s, dtype, dev), projection(s, dtype, dev));
         let op =
             LatentDecode::from_projections(&kp, &vp, s.heads, s.kv_heads, rope.inv_freq(), dtype)
                 .unwrap()
@@ -183,19 +189,8 @@ fn planner_executors(c: &mut Criterion, dev: &Device) {
     let (b, len, dtype) = (8usize, 16384usize, DType::F16);
     let rope = rope(s, dev);
     let groups = s.kv_heads / s.g;
-    let rand = |shape: &[usize]| {
-        Tensor::randn(0f32, 1.0, shape, dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    };
-    let proj = || {
-        let ups = (0..groups)
-            .map(|_| rand(&[s.g * s.head_dim, s.rank]))
-            .collect();
-        LowRankProj::new(rand(&[groups * s.rank, s.heads * s.head_dim]), ups, None).unwrap()
-    };
-    let (kp, vp) = (proj(), proj());
+    let rand = |shape: &[usize]| randn(shape, dtype, dev);
+    let (kp, vp) = (projection(s, dtype, dev), projection(s, dtype, dev));
     let op = LatentDecode::from_projections(&kp, &vp, s.heads, s.kv_heads, rope.inv_freq(), dtype)
         .unwrap()
         .expect("uniform ranks")

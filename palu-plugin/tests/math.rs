@@ -607,49 +607,34 @@ fn decode_kernel_matches_cpu_twin() {
             let hv = tensor(&mut r, &[b, lmax, groups * rank], &cpu);
             // Both sides see the same rounded values.
             let cast = |t: &candle_core::Tensor| t.to_dtype(dtype).unwrap();
-            let op = |dev: &Device| LatentDecode {
-                bk: cast(&bk).to_device(dev).unwrap(),
-                bv: cast(&bv).to_device(dev).unwrap(),
-                inv_freq: candle_core::Tensor::new(inv.as_slice(), dev).unwrap(),
-                lens: lens.clone(),
-                n_heads: h,
-                n_kv,
-                packed: None,
-                latent_out: false,
-            };
-            let want = op(&cpu).forward(&cast(&q), &cast(&hk), &cast(&hv)).unwrap();
             let on = |t: &candle_core::Tensor| cast(t).to_device(&gpu).unwrap();
-            let got = op(&gpu)
-                .forward(&on(&q), &on(&hk), &on(&hv))
-                .unwrap()
-                .to_device(&cpu)
-                .unwrap();
-            let err = common::rel_l2(&got, &want);
-            println!("{dtype:?} {name} g={g} r={rank} lens={lens:?}: relative L2 error {err:.2e}");
-            assert!(
-                err < tol && err.is_finite(),
-                "{dtype:?} {name} g={g} r={rank}: relative L2 error {err:.2e}"
-            );
-            // Fused values: the latent outputs before B_v, [B, H, r].
-            let want = op(&cpu)
-                .with_latent_out()
-                .forward(&cast(&q), &cast(&hk), &cast(&hv))
-                .unwrap();
-            let got = op(&gpu)
-                .with_latent_out()
-                .forward(&on(&q), &on(&hk), &on(&hv))
-                .unwrap()
-                .to_device(&cpu)
-                .unwrap();
-            assert_eq!(got.dims(), &[b, h, rank]);
-            let err = common::rel_l2(&got, &want);
-            println!(
-                "{dtype:?} {name} g={g} r={rank}: latent outputs, relative L2 error {err:.2e}"
-            );
-            assert!(
-                err < tol && err.is_finite(),
-                "{dtype:?} {name} g={g} r={rank} latent out: relative L2 error {err:.2e}"
-            );
+            // B_v applied in the kernel ([B, H, dh]), and the fused values' latent outputs
+            // before B_v ([B, H, r]).
+            for latent_out in [false, true] {
+                let op = |dev: &Device| LatentDecode {
+                    bk: cast(&bk).to_device(dev).unwrap(),
+                    bv: cast(&bv).to_device(dev).unwrap(),
+                    inv_freq: candle_core::Tensor::new(inv.as_slice(), dev).unwrap(),
+                    lens: lens.clone(),
+                    n_heads: h,
+                    n_kv,
+                    packed: None,
+                    latent_out,
+                };
+                let want = op(&cpu).forward(&cast(&q), &cast(&hk), &cast(&hv)).unwrap();
+                let got = op(&gpu)
+                    .forward(&on(&q), &on(&hk), &on(&hv))
+                    .unwrap()
+                    .to_device(&cpu)
+                    .unwrap();
+                assert_eq!(got.dims(), &[b, h, if latent_out { rank } else { dh }]);
+                let err = common::rel_l2(&got, &want);
+                println!("{dtype:?} {name} g={g} r={rank} lens={lens:?} latent_out={latent_out}: relative L2 error {err:.2e}");
+                assert!(
+                    err < tol && err.is_finite(),
+                    "{dtype:?} {name} g={g} r={rank} latent_out={latent_out}: relative L2 error {err:.2e}"
+                );
+            }
         }
     }
 }
