@@ -17,7 +17,11 @@ mod cuda {
         let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
         let arch = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90a".to_string());
         cudaforge::KernelBuilder::new()
-            .source_files(["src/palu_decode.cu", "src/latent_codec.cu"])
+            .source_files([
+                "src/palu_decode.cu",
+                "src/latent_codec.cu",
+                "src/paged_rows.cu",
+            ])
             .watch(["src/palu_decode.cuh", "src/palu_decode_mma.cuh"])
             .compute_cap_arch(&arch)
             .args([

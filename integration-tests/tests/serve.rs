@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mistralrs_core::ModelDType;
-use palu::engine::server::{build_engine, EngineOptions, KvCacheKind};
+use palu::engine::server::{build_engine, EngineOptions, KvCacheKind, PagedOptions};
 use palu_integration_tests::{
     chat, complete, fixtures, full_rank_checkpoint, post, serve_http, smollm2,
 };
@@ -542,10 +542,19 @@ async fn latent_bits_outside_the_supported_set_are_a_clear_startup_error() {
         serve_opts(opts.clone()).await.is_ok(),
         "4 bits is supported"
     );
-    // Paged attention is the stock cache's: with the Palu cache it is refused, saying what to do.
-    opts.paged_attention = Some(4096);
+    // fp8 blocks hold 16-bit latents as fp8: with packed latents the pair is refused, naming
+    // both flags.
+    opts.paged_attention = Some(PagedOptions {
+        fp8: true,
+        ..PagedOptions::tokens(4096)
+    });
+    let err = serve_opts(opts.clone()).await.unwrap_err();
+    insta::assert_snapshot!("palu_packed_with_fp8_blocks", startup_error(err, &[]));
+    // Paged attention is the engine's CUDA path: on the CPU it is refused, saying what to do.
+    opts.latent_bits = Some(16);
+    opts.paged_attention = Some(PagedOptions::tokens(4096));
     let err = serve_opts(opts).await.unwrap_err();
-    insta::assert_snapshot!("palu_with_paged_attention", startup_error(err, &[]));
+    insta::assert_snapshot!("palu_paged_attention_on_cpu", startup_error(err, &[]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

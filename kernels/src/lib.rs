@@ -68,6 +68,13 @@ pub struct DecodeParams {
     pub v_zero_off: i32,
     /// 1: `out` is `[B, H, rv]`, the latent attention outputs before `B_v` (fused values).
     pub latent_out: i32,
+    /// Paged latents: `[B, table_stride]` i32 block tables (the engine's, u32 reinterpreted);
+    /// row `t` of sequence `b` is physical row `table[b][t / block_size]·block_size +
+    /// t % block_size` of `hk`/`hv` (then `hk_sb = hv_sb = 0`). Null: row `t` is row `t`.
+    pub block_table: *const i32,
+    /// Tokens per block, a multiple of 16.
+    pub block_size: i32,
+    pub table_stride: i32,
 }
 
 #[cfg(feature = "cuda")]
@@ -161,6 +168,25 @@ extern "C" {
         n_rows: i64,
         layout: LatentLayout,
         out_type: i32,
+        stream: *mut c_void,
+    ) -> i32;
+}
+
+#[cfg(feature = "cuda")]
+extern "C" {
+    /// Copies `n` rows of `row_bytes` bytes: dst row `dst_idx[i]` (`i` when null) ← src row
+    /// `src_idx[i]` (`i` when null); a negative index skips the row (the engine's padding
+    /// slots). Strides in bytes. Returns a `cudaError_t`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn palu_copy_rows(
+        dst: *mut u8,
+        dst_ld: i64,
+        dst_idx: *const i64,
+        src: *const u8,
+        src_ld: i64,
+        src_idx: *const i64,
+        n: i64,
+        row_bytes: i32,
         stream: *mut c_void,
     ) -> i32;
 }

@@ -66,6 +66,7 @@ cudaError_t launch(palu::DecodeParams p, cudaStream_t stream) {
         }
         return cudaErrorNotSupported;
     }
+    if (p.block_table != nullptr && p.variant != 0) return cudaErrorNotSupported;  // paged: register pipeline
     if (p.variant == 0 || p.variant > 100) {
         using S = palu::mma4::Smem<RKP, RKP, DH, G>;
         auto split = palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP>;
@@ -170,6 +171,10 @@ int palu_decode(palu::DecodeParams p, cudaStream_t stream) {
     if (p.ldk % unit || p.ldv % unit || p.hk_sb % unit || p.hk_sg % unit || p.hv_sb % unit || p.hv_sg % unit ||
         (size_t)p.hk % base || (size_t)p.hv % base || p.rk < 1 || p.rv < 1 || p.n_splits < 1 ||
         p.split_len % palu::kTile || (long long)p.n_splits * p.split_len < p.Lmax)
+        return cudaErrorInvalidValue;
+    // Paged: whole 16-row chunks per block, and no per-sequence stride (the pool is shared).
+    if (p.block_table != nullptr &&
+        (p.block_size < 16 || p.block_size % 16 || p.table_stride < 1 || p.hk_sb || p.hv_sb))
         return cudaErrorInvalidValue;
     if (p.bits && (!palu_decode_packed_supported(p.dh, p.g, p.n_rep, p.rk, p.rv, p.bits) || p.k_scale_off % 2 ||
                    p.k_zero_off % 2 || p.v_scale_off % 2 || p.v_zero_off % 2))

@@ -56,7 +56,19 @@ struct DecodeParams {
     // 1: write each query head's latent attention output `a` ([B, H, rv]) and skip B_v: the
     // caller folds B_v into o_proj (the planner's fused values). 0: out = B_v·a ([B, H, dh]).
     int latent_out;
+    // Paged latents (the engine's paged KV blocks): row t of sequence b is physical row
+    // block_table[b·table_stride + t / block_size]·block_size + t % block_size of hk / hv, whose
+    // per-sequence strides hk_sb / hv_sb are then 0. null: row t is row t. block_size is a
+    // multiple of 16, so a register-pipeline chunk of 16 rows never straddles two blocks.
+    const int* block_table;
+    int block_size, table_stride;
 };
+
+// The physical row of sequence b's logical row t (see DecodeParams::block_table).
+__device__ __forceinline__ int physical_row(const DecodeParams& p, int b, int t) {
+    if (p.block_table == nullptr) return t;
+    return p.block_table[(size_t)b * p.table_stride + t / p.block_size] * p.block_size + t % p.block_size;
+}
 
 // The 16-bit element types: conversions, and the tensor-core instruction for each.
 template <typename T>

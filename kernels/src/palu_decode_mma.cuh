@@ -90,7 +90,8 @@ struct ChunkLoader {
         col = lane % per_row * 8;
         col_ok = col < r;
     }
-    // src: the group's row 0; rows t0 … t0 + valid − 1 are copied.
+    // src: the group's row 0; rows t0 … t0 + valid − 1 are copied (t0: the chunk's physical
+    // row, see physical_row; its 16 rows are contiguous).
     __device__ __forceinline__ void load(half* dst, const half* src, int t0, int valid) const {
         if constexpr (regular) {
             const half* s = src + (t0 + row0) * ld + col;
@@ -377,10 +378,11 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
     int t0 = s0 + kChunk * warp;  // this warp's chunks: t0 = s0 + 16·(warp + 4·i)
     if (ABL != 4 && t0 < s1) {
         if constexpr (BITS == 0) {
-            loadK.load(bufK(0), hk, t0, s1 - t0);
-            loadV.load(bufV(0), hv, t0, s1 - t0);
+            const int r0 = physical_row(p, b, t0);
+            loadK.load(bufK(0), hk, r0, s1 - t0);
+            loadV.load(bufV(0), hv, r0, s1 - t0);
         } else {
-            packed.load(stageK(0), S::stage_k, stageV(0), S::stage_v, t0, s1 - t0, sz_next);
+            packed.load(stageK(0), S::stage_k, stageV(0), S::stage_v, physical_row(p, b, t0), s1 - t0, sz_next);
         }
     }
     cp_commit();
@@ -400,10 +402,11 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
         sz_cur = sz_next;
         if (ABL != 4 && t1 < s1) {
             if constexpr (BITS == 0) {
-                loadK.load(bufK(buf ^ 1), hk, t1, s1 - t1);
-                loadV.load(bufV(buf ^ 1), hv, t1, s1 - t1);
+                const int r1 = physical_row(p, b, t1);
+                loadK.load(bufK(buf ^ 1), hk, r1, s1 - t1);
+                loadV.load(bufV(buf ^ 1), hv, r1, s1 - t1);
             } else {
-                packed.load(stageK(buf ^ 1), S::stage_k, stageV(buf ^ 1), S::stage_v, t1, s1 - t1, sz_next);
+                packed.load(stageK(buf ^ 1), S::stage_k, stageV(buf ^ 1), S::stage_v, physical_row(p, b, t1), s1 - t1, sz_next);
             }
         }
         cp_commit();

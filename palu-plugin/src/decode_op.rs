@@ -29,6 +29,14 @@ static CUDA_LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::Atomic
 static CUDA_PACKED_LAUNCHES: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(0);
 
+/// Of those, launches that read the engine's paged blocks through block tables.
+static CUDA_PAGED_LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many of [`cuda_launches`] read paged latent blocks in place (through block tables).
+pub fn cuda_paged_launches() -> usize {
+    CUDA_PAGED_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// How many times this process launched the CUDA decode kernel (0 without the `cuda` feature).
 pub fn cuda_launches() -> usize {
     CUDA_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
@@ -56,6 +64,18 @@ pub struct LatentDecode {
     /// Return each query head's latent output `Σ_t p_t h_v` (`[B, H, r_v]`) without `B_v`: the
     /// caller has folded `B_v` into `o_proj` (the planner's fused values).
     pub latent_out: bool,
+    /// Paged latents: `h_k` / `h_v` are the engine's per-layer block tensors and rows are found
+    /// through these block tables ([`crate::paged`]). `None`: `[B, Lmax, row]` latents.
+    pub pages: Option<Pages>,
+}
+
+/// The engine's block tables for one decode step.
+#[derive(Debug, Clone)]
+pub struct Pages {
+    /// `[B, max_blocks]` u32 (the engine's `block_tables`), on the latents' device.
+    pub tables: Tensor,
+    /// Tokens per block.
+    pub block_size: usize,
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -96,6 +116,7 @@ impl LatentDecode {
             n_kv,
             packed: None,
             latent_out: false,
+            pages: None,
         }))
     }
 
@@ -124,18 +145,132 @@ impl LatentDecode {
         }
     }
 
-    /// Runs the op: `[B, H, dh]` f32 (`[B, H, r_v]` with [`Self::with_latent_out`]).
-    pub fn forward(&self, q: &Tensor, hk: &Tensor, hv: &Tensor) -> Result<Tensor> {
-        q.apply_op3_no_bwd(hk, hv, self)
+    /// The same op over paged latents: `h_k` / `h_v` given to [`Self::forward`] are then the
+    /// engine's block tensors of the layer, and sequence `b`'s rows are found through row `b`
+    /// of `tables`.
+    pub fn with_pages(&self, tables: Tensor, block_size: usize) -> Self {
+        Self {
+            pages: Some(Pages { tables, block_size }),
+            ..self.clone()
+        }
     }
 
-    fn dims(&self, ql: &Layout, hkl: &Layout, hvl: &Layout) -> Result<Dims> {
+    /// Runs the op: `[B, H, dh]` f32 (`[B, H, r_v]` with [`Self::with_latent_out`]).
+    ///
+    /// Paged latents go to the kernel through their block tables where it reads them (a CUDA
+    /// device, blocks of a multiple of 16 tokens, rows in q's dtype or packed); otherwise the
+    /// sequences' rows are gathered into `[B, Lmax, row]` first and the op runs on those. The
+    /// gather is the CPU twin of the kernel's paged addressing, and the path of fp8 blocks.
+    pub fn forward(&self, q: &Tensor, hk: &Tensor, hv: &Tensor) -> Result<Tensor> {
+        match &self.pages {
+            Some(pages) if !self.kernel_reads_pages(pages, q, hk, hv) => {
+                let (hk, hv) = self.gather_pages(pages, q.dtype(), hk, hv)?;
+                Self {
+                    pages: None,
+                    ..self.clone()
+                }
+                .forward(q, &hk, &hv)
+            }
+            _ => q.apply_op3_no_bwd(hk, hv, self),
+        }
+    }
+
+    fn kernel_reads_pages(&self, pages: &Pages, q: &Tensor, hk: &Tensor, hv: &Tensor) -> bool {
+        q.device().is_cuda()
+            && pages.block_size % 16 == 0
+            && (self.packed.is_some() || (hk.dtype() == q.dtype() && hv.dtype() == q.dtype()))
+    }
+
+    /// `[B, Lmax, row]` latents of the sequences (16-bit rows in `dtype`, packed rows as U8)
+    /// read from the pools through the block tables; rows past a sequence's length repeat its
+    /// first row (never attended).
+    fn gather_pages(
+        &self,
+        pages: &Pages,
+        dtype: DType,
+        hk: &Tensor,
+        hv: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let lmax = self.lens.iter().copied().max().unwrap_or(0);
+        let tables = pages
+            .tables
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::U32)?;
+        let (b, _) = tables.dims2()?;
+        if b != self.lens.len() {
+            candle_core::bail!(
+                "palu decode: {b} block tables for {} sequences",
+                self.lens.len()
+            )
+        }
+        let tables = tables.to_vec2::<u32>()?;
+        let mut idx = Vec::with_capacity(b * lmax);
+        for (table, &len) in tables.iter().zip(&self.lens) {
+            let rows = crate::paged::sequence_rows(table, pages.block_size, len)?;
+            idx.extend((0..lmax).map(|t| rows[t.min(len - 1).min(rows.len() - 1)]));
+        }
+        let idx = Tensor::from_vec(idx, b * lmax, hk.device())?;
+        let (gk, gv) = (self.bk.dim(0)?, self.bv.dim(0)?);
+        let (rk, rv) = (self.bk.dim(2)?, self.bv.dim(2)?);
+        let read = |pool: &Tensor, codec: Option<&LatentCodec>, width: usize| match codec {
+            Some(c) => crate::paged::read_rows(pool, &idx, c.row_bytes(), DType::U8),
+            None => crate::paged::read_rows(pool, &idx, width, pool.dtype())?.to_dtype(dtype),
+        };
+        let k = read(hk, self.packed.as_ref().map(|c| &c.0), gk * rk)?;
+        let v = read(hv, self.packed.as_ref().map(|c| &c.1), gv * rv)?;
+        Ok((k.reshape((b, lmax, ()))?, v.reshape((b, lmax, ()))?))
+    }
+
+    /// `latent`: the latents' dtype (paged pools are views of bytes).
+    fn dims(&self, ql: &Layout, hkl: &Layout, hvl: &Layout, latent: DType) -> Result<Dims> {
         let (b, h, dh) = ql.shape().dims3()?;
         let (bk_groups, gdh, rk) = self.bk.dims3()?;
         let (bv_groups, gdh_v, rv) = self.bv.dims3()?;
-        let (hb, lmax, rk_all) = hkl.shape().dims3()?;
-        let (vb, vlmax, rv_all) = hvl.shape().dims3()?;
         let fail = |what: String| Err(candle_core::Error::Msg(format!("palu decode: {what}")));
+        // Paged: every sequence reads the shared pools; rows per element of their dtype.
+        let (hb, lmax, rk_all, vb, vlmax, rv_all) = match &self.pages {
+            None => {
+                let (hb, lmax, rk_all) = hkl.shape().dims3()?;
+                let (vb, vlmax, rv_all) = hvl.shape().dims3()?;
+                (hb, lmax, rk_all, vb, vlmax, rv_all)
+            }
+            Some(pages) => {
+                let (pk, pv) = (
+                    crate::paged::pool_rows_of(hkl, latent)?,
+                    crate::paged::pool_rows_of(hvl, latent)?,
+                );
+                let per = if self.packed.is_some() {
+                    1
+                } else {
+                    latent.size_in_bytes()
+                };
+                let (tb, cols) = pages.tables.dims2()?;
+                if pk.block_size != pages.block_size || pv.block_size != pages.block_size {
+                    return fail(format!(
+                        "block tensors of {} / {} tokens per block, tables of {}",
+                        pk.block_size, pv.block_size, pages.block_size
+                    ));
+                }
+                let lmax = self.lens.iter().copied().max().unwrap_or(0);
+                if lmax > cols * pages.block_size {
+                    return fail(format!(
+                        "{lmax} tokens do not fit block tables of {cols} blocks of {}",
+                        pages.block_size
+                    ));
+                }
+                let (want_k, want_v) = match &self.packed {
+                    Some((ck, cv)) => (ck.row_bytes(), cv.row_bytes()),
+                    None => (bk_groups * rk, bv_groups * rv),
+                };
+                if pk.ld / per < want_k || pv.ld / per < want_v {
+                    return fail(format!(
+                        "paged rows of {} / {} bytes cannot hold latent rows of {want_k} / {want_v}",
+                        pk.ld, pv.ld
+                    ));
+                }
+                (tb, lmax, want_k, tb, lmax, want_v)
+            }
+        };
         if h != self.n_heads || self.n_kv == 0 || h % self.n_kv != 0 {
             return fail(format!(
                 "q has {h} heads, the op {} over {} KV heads",
@@ -237,7 +372,10 @@ impl CustomOp3 for LatentDecode {
         hvs: &CpuStorage,
         hvl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = self.dims(ql, hkl, hvl)?;
+        if self.pages.is_some() {
+            candle_core::bail!("palu decode: paged latents on the CPU are read by `forward`")
+        }
+        let d = self.dims(ql, hkl, hvl, hks.dtype())?;
         let [qsb, qsh, _] = strides3(ql, "q")?;
         let [mut ksb, mut kst, _] = strides3(hkl, "h_k")?;
         let [mut vsb, mut vst, _] = strides3(hvl, "h_v")?;
@@ -382,7 +520,12 @@ mod cuda {
         hvl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let dt = qs.dtype();
-        let latent = if op.packed.is_some() { DType::U8 } else { dt };
+        let latent = match (&op.packed, &op.pages) {
+            // Paged packed rows: bytes of the engine's blocks, whatever their dtype.
+            (Some(_), Some(_)) => hks.dtype(),
+            (Some(_), None) => DType::U8,
+            (None, _) => dt,
+        };
         let all = [hks.dtype(), hvs.dtype(), op.bk.dtype(), op.bv.dtype()];
         if all != [latent, latent, dt, dt] {
             candle_core::bail!(
@@ -409,12 +552,28 @@ mod cuda {
         hvl: &Layout,
         is_bf16: i32,
     ) -> Result<(CudaStorage, Shape)> {
-        let d = op.dims(ql, hkl, hvl)?;
+        let d = op.dims(ql, hkl, hvl, hks.dtype())?;
         if !ql.is_contiguous() {
             candle_core::bail!("palu decode: q must be contiguous")
         }
-        let [ksb, kst, _] = strides3(hkl, "h_k")?;
-        let [vsb, vst, _] = strides3(hvl, "h_v")?;
+        // Strides count elements of T, or bytes for packed rows. Paged: one shared pool.
+        let (ksb, kst, vsb, vst) = match &op.pages {
+            None => {
+                let [ksb, kst, _] = strides3(hkl, "h_k")?;
+                let [vsb, vst, _] = strides3(hvl, "h_v")?;
+                (ksb, kst, vsb, vst)
+            }
+            Some(_) => {
+                let per = if op.packed.is_some() {
+                    1
+                } else {
+                    hks.dtype().size_in_bytes()
+                };
+                let pk = crate::paged::pool_rows_of(hkl, hks.dtype())?;
+                let pv = crate::paged::pool_rows_of(hvl, hvs.dtype())?;
+                (0, pk.ld / per, 0, pv.ld / per)
+            }
+        };
         let dev = qs.device.clone();
         let stream = dev.cuda_stream();
         let (bk_s, bk_l) = op.bk.storage_and_layout();
@@ -474,33 +633,27 @@ mod cuda {
         let q = qs.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
         let inv_f = inv_c.as_cuda_slice::<f32>()?.slice(inv_l.start_offset()..);
         let (q_p, _g1) = q.device_ptr(&stream);
-        // Latents: T elements, or packed U8 rows (then every stride below counts bytes).
+        // Latents: T elements, or packed rows (then every stride below counts bytes).
         let packed = op.packed.is_some();
-        let (hk8, hv8) = if packed {
-            (
-                Some(hks.as_cuda_slice::<u8>()?.slice(hkl.start_offset()..)),
-                Some(hvs.as_cuda_slice::<u8>()?.slice(hvl.start_offset()..)),
-            )
-        } else {
-            (None, None)
+        let (hk_p, _g2) = crate::paged::cuda::bytes_ptr(hks, hkl.start_offset(), &stream)?;
+        let (hv_p, _g3) = crate::paged::cuda::bytes_ptr(hvs, hvl.start_offset(), &stream)?;
+        let tables = match &op.pages {
+            Some(pages) => Some((
+                pages.tables.to_dtype(DType::U32)?.contiguous()?,
+                pages.block_size,
+            )),
+            None => None,
         };
-        let (hkt, hvt) = if packed {
-            (None, None)
-        } else {
-            (
-                Some(hks.as_cuda_slice::<T>()?.slice(hkl.start_offset()..)),
-                Some(hvs.as_cuda_slice::<T>()?.slice(hvl.start_offset()..)),
-            )
-        };
-        let (hk_p, _g2) = match (&hk8, &hkt) {
-            (Some(v), _) => v.device_ptr(&stream),
-            (_, Some(v)) => v.device_ptr(&stream),
-            _ => unreachable!(),
-        };
-        let (hv_p, _g3) = match (&hv8, &hvt) {
-            (Some(v), _) => v.device_ptr(&stream),
-            (_, Some(v)) => v.device_ptr(&stream),
-            _ => unreachable!(),
+        let table_guard = tables.as_ref().map(|(t, _)| t.storage_and_layout());
+        let (table_p, _g10, block_size, table_stride) = match (&table_guard, &tables) {
+            (Some((ts, tl)), Some((t, bs))) => {
+                let Storage::Cuda(ts) = &**ts else {
+                    candle_core::bail!("palu decode: block tables must be on the GPU")
+                };
+                let (p, g) = crate::paged::cuda::bytes_ptr(ts, tl.start_offset(), &stream)?;
+                (p, Some(g), *bs as i32, t.dim(1)? as i32)
+            }
+            _ => (0, None, 0, 0),
         };
         // Packed rows: bits, one group's code bytes, and where group 0's scale and zero sit.
         let (bits, k_sg, v_sg, k_sc, k_z, v_sc, v_z) = match &op.packed {
@@ -559,6 +712,9 @@ mod cuda {
             v_scale_off: v_sc as i32,
             v_zero_off: v_z as i32,
             latent_out: op.latent_out as i32,
+            block_table: table_p as _,
+            block_size,
+            table_stride,
         };
         let err = unsafe { k::palu_decode(p, stream.cu_stream() as _) };
         match err {
@@ -566,6 +722,9 @@ mod cuda {
                 CUDA_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if packed {
                     CUDA_PACKED_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                if op.pages.is_some() {
+                    CUDA_PAGED_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             k::ERROR_NOT_SUPPORTED => candle_core::bail!(
@@ -576,7 +735,7 @@ mod cuda {
                 "palu decode: launch failed (cudaError {e}); latent rows must be 16-byte aligned (ranks and row strides multiples of 8)"
             ),
         }
-        drop((_g8, _g9));
+        drop((_g8, _g9, _g10));
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev),
             Shape::from((d.b, d.h, width)),

@@ -37,6 +37,7 @@ pub mod hadamard;
 pub mod latent_codec;
 pub mod lowrank;
 pub mod model;
+pub mod paged;
 pub mod planner;
 pub mod progress;
 pub mod quant;

@@ -550,6 +550,7 @@ fn decode_op_rejects_bad_lengths_and_shapes() {
         n_kv: 2,
         packed: None,
         latent_out: false,
+        pages: None,
     };
     let q = Tensor::ones((2, 4, 16), DType::F32, &dev).unwrap();
     let h = Tensor::ones((2, 5, 8), DType::F32, &dev).unwrap();
@@ -620,6 +621,7 @@ fn decode_kernel_matches_cpu_twin() {
                     n_kv,
                     packed: None,
                     latent_out,
+                    pages: None,
                 };
                 let want = op(&cpu).forward(&cast(&q), &cast(&hk), &cast(&hv)).unwrap();
                 let got = op(&gpu)
@@ -672,6 +674,7 @@ fn decode_op_on_packed_rows_equals_decode_op_on_decoded_rows() {
             n_kv,
             packed: None,
             latent_out: false,
+            pages: None,
         };
         let q = tensor(&mut r, &[b, h, dh], &dev)
             .to_dtype(DType::F16)
@@ -753,6 +756,7 @@ fn packed_decode_kernel_matches_cpu_twin() {
                         n_kv,
                         packed: None,
                         latent_out: false,
+                        pages: None,
                     }
                     .with_packed(codec.clone(), codec.clone())
                 };

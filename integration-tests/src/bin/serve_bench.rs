@@ -20,7 +20,7 @@ use mistralrs_core::{
     Constraint, MistralRs, ModelDType, NormalRequest, Request, RequestMessage, Response,
     SamplingParams,
 };
-use palu::engine::server::{start, EngineOptions, KvCacheKind};
+use palu::engine::server::{start, EngineOptions, KvCacheKind, PagedOptions};
 
 #[derive(Clone)]
 struct Args {
@@ -184,8 +184,9 @@ async fn serve(dir: &Path, kv: KvCacheKind, paged: bool, bits: u8, a: &Args) -> 
         kv_cache: kv,
         latent_bits: (kv == KvCacheKind::Palu).then_some(bits),
         max_seqs: a.streams,
-        // Stock on CUDA: upstream's paged attention, blocks for every stream's whole sequence.
-        paged_attention: paged.then_some(a.streams * (a.context + a.gen + 64)),
+        // Upstream's paged attention (CUDA), blocks of 32 for every stream's whole sequence:
+        // K/V blocks stock, latent rows in the blocks with Palu.
+        paged_attention: paged.then(|| PagedOptions::tokens(a.streams * (a.context + a.gen + 64))),
         no_prefix_cache: true,
         isq: None,
         cpu: a.cpu,
@@ -218,6 +219,9 @@ fn label(kv: KvCacheKind, paged: bool, bits: u8) -> String {
     match kv {
         KvCacheKind::Default if paged => "stock, paged attention (block 32)".into(),
         KvCacheKind::Default => "stock, engine KV cache (no paged attention)".into(),
+        KvCacheKind::Palu if paged => {
+            format!("--kv-cache palu, {bits}-bit latents in paged blocks (block 32)")
+        }
         KvCacheKind::Palu => format!("--kv-cache palu, {bits}-bit latents"),
     }
 }
@@ -256,6 +260,10 @@ fn main() -> Result<()> {
         configs.push((&palu_dir, KvCacheKind::Palu, false, a.latent_bits));
     }
     if !a.cpu {
+        configs.push((&palu_dir, KvCacheKind::Palu, true, 16));
+        if a.latent_bits != 16 {
+            configs.push((&palu_dir, KvCacheKind::Palu, true, a.latent_bits));
+        }
         configs.push((&dense, KvCacheKind::Default, true, 16));
     }
     let mut runs: Vec<std::result::Result<Run, (String, String)>> = Vec::new();

@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 use mistralrs_core::ModelSelected;
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
-use palu::engine::server::{router, router_for, start, EngineOptions, KvCacheKind};
+use palu::engine::server::{router, router_for, start, EngineOptions, KvCacheKind, PagedOptions};
 use palu::engine::server_config::{parse_dtype, ServerConfig};
 
 #[derive(Parser, Debug)]
@@ -66,8 +66,9 @@ struct Args {
     /// Maximum running sequences.
     #[arg(long, default_value_t = 16)]
     max_seqs: usize,
-    /// Default cache only: the engine's paged attention (block size 32) with KV blocks for this
-    /// many tokens, as upstream's server runs on CUDA. Not with --kv-cache palu.
+    /// Paged attention (CUDA) with KV blocks for this many tokens in all: K/V blocks for the
+    /// default cache, latent rows in the same blocks for --kv-cache palu. Block size from
+    /// --pa-blk-size (default 32), fp8 blocks with --pa-cache-type f8e4m3.
     #[arg(long, value_name = "TOKENS")]
     paged_attn_context: Option<usize>,
     /// Turn off the engine's prefix cache (reuse of the KV cache of earlier prompts).
@@ -160,12 +161,37 @@ fn palu_options(args: &Args) -> Result<EngineOptions> {
         kv_cache: KvCacheKind::Palu,
         latent_bits: args.palu_latent_bits,
         max_seqs: args.max_seqs,
-        paged_attention: args.paged_attn_context,
+        paged_attention: paged_options(args)?,
         no_prefix_cache: args.no_prefix_cache,
         isq: args.isq.clone(),
         cpu: args.cpu,
         dtype,
     })
+}
+
+/// Paged attention from the flags: on with --paged-attn-context or --paged-attn true.
+fn paged_options(args: &Args) -> Result<Option<PagedOptions>> {
+    let on = match args.paged_attn {
+        Some(on) => on,
+        None => args.paged_attn_context.is_some(),
+    };
+    if !on {
+        return Ok(None);
+    }
+    let fp8 = match args.cache_type.as_deref() {
+        None | Some("auto") => false,
+        Some("f8e4m3") => true,
+        Some(other) => bail!("--pa-cache-type {other}: expected `auto` or `f8e4m3`"),
+    };
+    let block_size = args.paged_attn_block_size.unwrap_or(32);
+    if ![8, 16, 32].contains(&block_size) {
+        bail!("--pa-blk-size {block_size}: the engine's paged attention takes 8, 16 or 32");
+    }
+    Ok(Some(PagedOptions {
+        context_tokens: args.paged_attn_context.or(args.paged_ctxt_len),
+        block_size,
+        fp8,
+    }))
 }
 
 fn subcommand_name(m: &ModelSelected) -> String {
@@ -246,12 +272,7 @@ async fn main() -> Result<()> {
             )
             .await;
         }
-        None if args.kv_cache == KvCacheKind::Palu => {
-            if args.paged_attn == Some(true) {
-                bail!("--paged-attn true: paged attention over Palu latents is not available yet (the CUDA work); run the Palu cache without it");
-            }
-            palu_options(&args)?
-        }
+        None if args.kv_cache == KvCacheKind::Palu => palu_options(&args)?,
         None => {
             let Some(m) = args.model.clone() else {
                 bail!("give a model: a subcommand (`plain -m DIR`, `gguf ...`, see --help), -m DIR, or --config server.toml")
@@ -264,7 +285,7 @@ async fn main() -> Result<()> {
                 kv_cache: KvCacheKind::Default,
                 latent_bits: None,
                 max_seqs: args.max_seqs,
-                paged_attention: args.paged_attn_context,
+                paged_attention: paged_options(&args)?,
                 no_prefix_cache: args.no_prefix_cache,
                 isq: args.isq.clone(),
                 cpu: args.cpu,

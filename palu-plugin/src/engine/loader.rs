@@ -61,10 +61,11 @@ impl NormalModelLoader for PaluLoader {
         meta: NormalLoadingMetadata,
         attention: AttentionImplementation,
     ) -> Result<Box<dyn NormalModel + Send + Sync>> {
-        if matches!(attention, AttentionImplementation::PagedAttention) {
-            anyhow::bail!("palu: paged attention with a Palu KV cache is not available yet; start the server without paged attention")
-        }
         let cfg = parse(config)?;
+        let paged = matches!(attention, AttentionImplementation::PagedAttention);
+        if paged && cfg.sliding_window.is_some() {
+            anyhow::bail!("palu: paged attention over a sliding-window model is not supported; start the server without paged attention")
+        }
         Ok(Box::new(PaluTextModel::new(
             &cfg,
             vb,
@@ -72,6 +73,7 @@ impl NormalModelLoader for PaluLoader {
             self.latent_bits,
             self.plan.as_ref(),
             Arc::clone(&self.stats),
+            paged,
         )?))
     }
     fn load_xlora(
@@ -92,7 +94,7 @@ impl NormalModelLoader for PaluLoader {
         Ok(true)
     }
     fn supports_paged_attention(&self, _config: &str) -> Result<bool> {
-        Ok(false)
+        Ok(true)
     }
     fn get_config_repr(&self, config: &str) -> Result<Box<dyn Debug>> {
         let c = parse(config)?;

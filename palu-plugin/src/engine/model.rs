@@ -37,6 +37,38 @@ pub struct PaluGeometry {
     pub packed: bool,
     /// `H_kv·dh`: the width of a full-key layer's cache rows.
     pub kv_width: usize,
+    /// Paged attention: the per-layer widths below are the engine's block rows
+    /// ([`Self::block_width`]) instead of the plain cache's latent widths.
+    pub paged: Option<PagedRows>,
+}
+
+/// The bytes of one token's latent row per layer, for the engine's paged blocks.
+#[derive(Clone, Debug)]
+pub struct PagedRows {
+    /// Per layer: (key row, value row) in elements of a 16-bit cache dtype, before rounding.
+    pub rows: Vec<(usize, usize)>,
+}
+
+/// Block rows are whole multiples of 16 elements: the engine splits key rows into pieces of
+/// 16 bytes (`x = 16 / dtype size`: 8 for 16-bit, 16 for fp8 blocks).
+const BLOCK_ROW_ALIGN: usize = 16;
+
+impl PaluGeometry {
+    fn block_width(w: usize) -> usize {
+        w.div_ceil(BLOCK_ROW_ALIGN) * BLOCK_ROW_ALIGN
+    }
+    fn k_width(&self, l: usize) -> usize {
+        match &self.paged {
+            Some(p) => Self::block_width(p.rows[l].0),
+            None => self.k_ranks[l],
+        }
+    }
+    fn v_width(&self, l: usize) -> usize {
+        match &self.paged {
+            Some(p) => Self::block_width(p.rows[l].1),
+            None => self.v_ranks[l],
+        }
+    }
 }
 
 impl ModelConfigLike for PaluGeometry {
@@ -56,24 +88,35 @@ impl ModelConfigLike for PaluGeometry {
         self.meta.num_attn_heads
     }
     fn k_head_dim(&self) -> usize {
-        self.k_ranks.iter().copied().max().unwrap_or(1)
+        (0..self.k_ranks.len())
+            .map(|l| self.k_width(l))
+            .max()
+            .unwrap_or(1)
     }
     fn v_head_dim(&self) -> usize {
-        self.v_ranks.iter().copied().max().unwrap_or(1)
+        (0..self.v_ranks.len())
+            .map(|l| self.v_width(l))
+            .max()
+            .unwrap_or(1)
     }
     fn k_head_dim_for_layer(&self, l: usize) -> usize {
-        self.k_ranks[l]
+        self.k_width(l)
     }
     fn v_head_dim_for_layer(&self, l: usize) -> usize {
-        self.v_ranks[l]
+        self.v_width(l)
     }
     fn uses_own_kv_cache_for_layer(&self, _layer_idx: usize) -> bool {
-        !self.packed
+        // Packed rows cannot be pre-allocated in the activation dtype; paged layers keep
+        // nothing in the plain cache.
+        !self.packed && self.paged.is_none()
     }
     fn kv_cache_elements_per_token(&self) -> usize {
         // Averaged over layers (the engine multiplies by the layer count).
-        let n = self.k_ranks.len().max(1);
-        (self.k_ranks.iter().sum::<usize>() + self.v_ranks.iter().sum::<usize>()).div_ceil(n)
+        let n = self.k_ranks.len();
+        (0..n)
+            .map(|l| self.k_width(l) + self.v_width(l))
+            .sum::<usize>()
+            .div_ceil(n.max(1))
     }
 }
 
@@ -121,6 +164,7 @@ impl PaluGeometry {
             v_ranks: ranks(KvKind::V)?,
             packed: false,
             kv_width: cfg.kv_width(),
+            paged: None,
         })
     }
 }
@@ -163,7 +207,7 @@ impl Attention {
         x: &Tensor,
         start: usize,
         cache: &mut KvCache,
-        mask: &mut Option<Tensor>,
+        mask: &mut PrefillMasks,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let q = qmatmul(x, &*self.q)?
@@ -224,15 +268,137 @@ impl Attention {
                 cached_k.dim(2)?
             )
         }
+        self.attend(x.dtype(), &q, cached_k, cached_v, start, mask)
+    }
+
+    /// One layer over the engine's paged blocks (`pools`: this layer's key and value block
+    /// tensors). The step's rows go to their slots; a decode step then reads every sequence's
+    /// rows through its block table (the kernel, or a gather where it does not apply), and a
+    /// prompt chunk attends over its sequence's cached prefix (prefix-cache hits, earlier
+    /// chunks) read the same way, followed by its own rows. Sequences may sit at different
+    /// offsets, as the engine's paged scheduler batches them.
+    fn forward_paged(
+        &self,
+        x: &Tensor,
+        offsets: &[usize],
+        pools: &(Tensor, Tensor),
+        step: &PagedStep,
+        masks: &mut PrefillMasks,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, n_kv, dh) = (self.n_heads, self.n_kv, self.head_dim);
+        if self.window.is_some() {
+            candle_core::bail!("palu: paged attention over a sliding-window model is not supported; serve it without paged attention")
+        }
+        // RoPE tables per sequence: [b, t, dh/2].
+        let mut cos = Vec::with_capacity(b);
+        let mut sin = Vec::with_capacity(b);
+        for &o in offsets {
+            let (c, s) = self.rope.tables(o, t)?;
+            cos.push(c);
+            sin.push(s);
+        }
+        let (cos, sin) = (Tensor::stack(&cos, 0)?, Tensor::stack(&sin, 0)?);
+        let q = qmatmul(x, &*self.q)?
+            .reshape((b, t, h, dh))?
+            .transpose(1, 2)?;
+        let q = crate::model::apply_rope(&q, &cos, &sin, false)?;
+        // The rows as the blocks store them: packed rows (U8), or latents / full keys in the
+        // blocks' dtype (fp8 with `--pa-cache-type f8e4m3`).
+        let k_full = match &self.full_k {
+            None => None,
+            Some((w, bias)) => {
+                let k = linear(x, w, bias.as_ref())?
+                    .reshape((b, t, n_kv, dh))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                Some(
+                    crate::model::apply_rope(&k, &cos, &sin, false)?
+                        .transpose(1, 2)?
+                        .reshape((b, t, n_kv * dh))?,
+                )
+            }
+        };
+        let (rows_k, rows_v) = match &self.packed {
+            Some((ck, cv)) => (
+                match &k_full {
+                    Some(k) => ck.encode(k)?,
+                    None => ck.project_encode(x, &self.k.down)?,
+                },
+                cv.project_encode(x, &self.v.down)?,
+            ),
+            None => {
+                let hk = match k_full {
+                    Some(k) => k,
+                    None => self.k.latent(x)?,
+                };
+                (
+                    hk.to_dtype(pools.0.dtype())?,
+                    self.v.latent(x)?.to_dtype(pools.1.dtype())?,
+                )
+            }
+        };
+        let flat = |r: &Tensor| r.reshape((b * t, ()))?.contiguous();
+        crate::paged::write_rows(&pools.0, &flat(&rows_k)?, &step.slots)?;
+        crate::paged::write_rows(&pools.1, &flat(&rows_v)?, &step.slots)?;
+        if let Some(op) = self.decode.as_ref().filter(|_| t == 1) {
+            let lens = offsets.iter().map(|&o| o + 1).collect();
+            let y = op
+                .with_lens(lens)
+                .with_pages(step.tables.clone(), step.block_size)
+                .forward(&q.squeeze(2)?.contiguous()?, &pools.0, &pools.1)?;
+            return self.kernel_output(y, x.dtype());
+        }
+        let mut outs = Vec::with_capacity(b);
+        for (i, &start) in offsets.iter().enumerate() {
+            let (mut k, mut v) = (rows_k.narrow(0, i, 1)?, rows_v.narrow(0, i, 1)?);
+            if start > 0 {
+                let rows =
+                    crate::paged::sequence_rows(&step.host_tables()?[i], step.block_size, start)?;
+                let rows = Tensor::from_vec(rows, start, x.device())?;
+                let prefix = |pool: &Tensor, new: &Tensor| -> Result<Tensor> {
+                    let w = new.dim(2)?;
+                    let old = crate::paged::read_rows(pool, &rows, w, new.dtype())?;
+                    Tensor::cat(&[&old.unsqueeze(0)?, new], 1)
+                };
+                k = prefix(&pools.0, &k)?;
+                v = prefix(&pools.1, &v)?;
+            }
+            if self.packed.is_none() {
+                k = k.to_dtype(x.dtype())?;
+                v = v.to_dtype(x.dtype())?;
+            }
+            outs.push(self.attend(
+                x.dtype(),
+                &q.narrow(0, i, 1)?,
+                k.unsqueeze(1)?.contiguous()?,
+                v.unsqueeze(1)?.contiguous()?,
+                start,
+                masks,
+            )?);
+        }
+        Tensor::cat(&outs, 0)
+    }
+
+    /// Attention of `q` (`[b, H, t, dh]`, RoPE applied at `start..start+t`) over the cached rows
+    /// `[b, 1, start + t, row]` (latents, packed rows or full keys as the layer caches them),
+    /// through `o_proj`: `[b, t, d]` in `dtype`.
+    fn attend(
+        &self,
+        dtype: DType,
+        q: &Tensor,
+        cached_k: Tensor,
+        cached_v: Tensor,
+        start: usize,
+        mask: &mut PrefillMasks,
+    ) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
         // Packed rows go to the kernel as they are where it reads them; otherwise unpacked
         // (on the tensor's device) to the activation dtype.
         let fused = self.decode.as_ref().filter(|_| t == 1);
         let (hk, hv) = match &self.packed {
             Some(_) if fused.is_some_and(|op| op.packed.is_some()) => (cached_k, cached_v),
-            Some((ck, cv)) => (
-                ck.decode(&cached_k, x.dtype())?,
-                cv.decode(&cached_v, x.dtype())?,
-            ),
+            Some((ck, cv)) => (ck.decode(&cached_k, dtype)?, cv.decode(&cached_v, dtype)?),
             None => (cached_k, cached_v),
         };
         if let Some(op) = fused {
@@ -242,20 +408,7 @@ impl Attention {
                 &hk.squeeze(1)?,
                 &hv.squeeze(1)?,
             )?;
-            let (h, dh) = (self.n_heads, self.head_dim);
-            let mut y = y.to_dtype(x.dtype())?;
-            if let Some(o_fused) = &self.o_fused {
-                // [b, H, r_v]: the value bias is folded into o_fused's bias.
-                let rv = y.dim(2)?;
-                return qmatmul(&y.reshape((b, 1, h * rv))?, &**o_fused);
-            }
-            if let Some(bias) = &self.v.bias {
-                // Probabilities sum to one: the bias of V passes through attention unchanged.
-                y = y
-                    .reshape((b, self.n_kv, h / self.n_kv, dh))?
-                    .broadcast_add(&bias.reshape((1, self.n_kv, 1, dh))?)?;
-            }
-            return qmatmul(&y.reshape((b, 1, h * dh))?, &*self.o);
+            return self.kernel_output(y, dtype);
         }
         let (hk, hv) = (hk.squeeze(1)?, hv.squeeze(1)?);
         let k = match &self.full_k {
@@ -267,9 +420,9 @@ impl Attention {
             }
         };
         if t > LATENT_VALUES_MAX_ROWS {
-            return qmatmul(&self.prefill_attention(&q, &k, &hv, start, mask)?, &*self.o);
+            return qmatmul(&self.prefill_attention(q, &k, &hv, start, mask)?, &*self.o);
         }
-        let probs = attention_probs(&q, &k, start, self.window, false)?;
+        let probs = attention_probs(q, &k, start, self.window, false)?;
         match &self.o_fused {
             Some(o_fused) => qmatmul(
                 &fused_value_inputs(&probs, &hv, &self.v, self.n_kv, t)?,
@@ -280,6 +433,26 @@ impl Attention {
                 &*self.o,
             ),
         }
+    }
+
+    /// The layer's output from the decode kernel's `[b, H, dh]` f32 (or `[b, H, r_v]` for fused
+    /// values): `[b, 1, d]` in `dtype`.
+    fn kernel_output(&self, y: Tensor, dtype: DType) -> Result<Tensor> {
+        let (b, h, _) = y.dims3()?;
+        let dh = self.head_dim;
+        let mut y = y.to_dtype(dtype)?;
+        if let Some(o_fused) = &self.o_fused {
+            // [b, H, r_v]: the value bias is folded into o_fused's bias.
+            let rv = y.dim(2)?;
+            return qmatmul(&y.reshape((b, 1, h * rv))?, &**o_fused);
+        }
+        if let Some(bias) = &self.v.bias {
+            // Probabilities sum to one: the bias of V passes through attention unchanged.
+            y = y
+                .reshape((b, self.n_kv, h / self.n_kv, dh))?
+                .broadcast_add(&bias.reshape((1, self.n_kv, 1, dh))?)?;
+        }
+        qmatmul(&y.reshape((b, 1, h * dh))?, &*self.o)
     }
 
     /// Prefill: K (rebuilt with RoPE, or the cached full K) and V (rebuilt once) of every cached
@@ -293,7 +466,7 @@ impl Attention {
         k: &Tensor,
         hv: &Tensor,
         start: usize,
-        mask: &mut Option<Tensor>,
+        masks: &mut PrefillMasks,
     ) -> Result<Tensor> {
         let (b, h, t, dh) = q.dims4()?;
         let total = hv.dim(1)?;
@@ -302,15 +475,7 @@ impl Attention {
             .reconstruct(hv)?
             .reshape((b, total, self.n_kv, dh))?
             .transpose(1, 2)?;
-        // One mask per forward pass, shared by the layers on a device (at 32K tokens it holds
-        // 32K² elements); rebuilt where a layer lives on another device.
-        let stale = mask
-            .as_ref()
-            .is_none_or(|m| !m.device().same_device(q.device()) || m.dtype() != q.dtype());
-        if stale {
-            *mask = Some(prefill_mask(start, t, self.window, q.dtype(), q.device())?);
-        }
-        let mask = mask.as_ref().expect("built above");
+        let mask = masks.get(start, t, self.window, q.dtype(), q.device())?;
         let params = SdpaParams {
             n_kv_groups: h / self.n_kv,
             softcap: None,
@@ -322,7 +487,7 @@ impl Attention {
             &q.contiguous()?,
             &k.contiguous()?,
             &v.contiguous()?,
-            Some(mask),
+            Some(&mask),
             // Flash attention's non-varlen causal path: every sequence of a Palu batch is at
             // the same offset (forward_inner refuses others), so no cumulative lengths.
             None,
@@ -330,6 +495,33 @@ impl Attention {
         )?
         .transpose(1, 2)?
         .reshape((b, t, h * dh))
+    }
+}
+
+/// The prefill masks of one forward pass, shared by the layers (at 32K tokens one holds 32K²
+/// elements): one per (start, length, device, dtype); a paged batch can hold sequences at
+/// several offsets.
+#[derive(Default)]
+pub(crate) struct PrefillMasks(Vec<((usize, usize), Tensor)>);
+
+impl PrefillMasks {
+    fn get(
+        &mut self,
+        start: usize,
+        t: usize,
+        window: Option<usize>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let hit = self.0.iter().find(|(key, m)| {
+            *key == (start, t) && m.device().same_device(device) && m.dtype() == dtype
+        });
+        if let Some((_, m)) = hit {
+            return Ok(m.clone());
+        }
+        let m = prefill_mask(start, t, window, dtype, device)?;
+        self.0.push(((start, t), m.clone()));
+        Ok(m)
     }
 }
 
@@ -350,6 +542,50 @@ pub(crate) fn prefill_mask(
         .unsqueeze(0)?
         .unsqueeze(0)?
         .contiguous()
+}
+
+/// One forward pass's paged-attention inputs on one device.
+pub(crate) struct PagedStep {
+    /// `[b·t]` i64: the slot of each new row (negative: padding, not written).
+    slots: Tensor,
+    /// `[b, max_blocks]` u32 block tables.
+    tables: Tensor,
+    block_size: usize,
+    /// The block tables on the host, read once when a prompt has a cached prefix.
+    host: std::sync::OnceLock<Vec<Vec<u32>>>,
+}
+
+impl PagedStep {
+    fn new(meta: &PagedAttentionInputMetadata, device: &Device, block_size: usize) -> Result<Self> {
+        let loc = device.location();
+        let pick = |m: Option<&std::collections::HashMap<_, Tensor>>, what: &str| {
+            m.and_then(|m| m.get(&loc)).cloned().ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "palu: paged attention metadata has no {what} for {loc:?}"
+                ))
+            })
+        };
+        Ok(Self {
+            slots: pick(Some(&meta.slot_mappings), "slot mapping")?
+                .flatten_all()?
+                .to_dtype(DType::I64)?,
+            tables: pick(meta.block_tables.as_ref(), "block tables")?,
+            block_size,
+            host: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn host_tables(&self) -> Result<&Vec<Vec<u32>>> {
+        if self.host.get().is_none() {
+            let t = self
+                .tables
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::U32)?
+                .to_vec2::<u32>()?;
+            let _ = self.host.set(t);
+        }
+        Ok(self.host.get().expect("set above"))
+    }
 }
 
 struct Block {
@@ -408,7 +644,8 @@ fn lowrank(
 
 impl PaluTextModel {
     /// `latent_bits` 16 caches the latents in the activation dtype; 2, 3, 4 or 8 caches packed
-    /// rows ([`LatentCodec`]).
+    /// rows ([`LatentCodec`]). `paged`: the engine runs paged attention, and the latents live in
+    /// its blocks ([`crate::paged`]).
     pub fn new(
         cfg: &ModelConfig,
         vb: ShardedVarBuilder,
@@ -416,6 +653,7 @@ impl PaluTextModel {
         latent_bits: u8,
         plan: Option<&Plan>,
         stats: Arc<KvStats>,
+        paged: bool,
     ) -> Result<Self> {
         crate::quant::check_bits(latent_bits)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
@@ -589,6 +827,19 @@ impl PaluTextModel {
             geometry.apply_plan(plan);
             tracing::info!("{}", plan.summary());
         }
+        if paged {
+            // Block rows: the latent row in the activation dtype, or the packed row's bytes
+            // in 16-bit elements.
+            let rows = blocks
+                .iter()
+                .enumerate()
+                .map(|(l, b)| match &b.attn.packed {
+                    Some((ck, cv)) => (ck.row_bytes().div_ceil(2), cv.row_bytes().div_ceil(2)),
+                    None => (geometry.k_ranks[l], geometry.v_ranks[l]),
+                })
+                .collect();
+            geometry.paged = Some(PagedRows { rows });
+        }
         Ok(PaluTextModel {
             embed,
             blocks,
@@ -619,7 +870,7 @@ impl PaluTextModel {
         self.stats.record_fed(ids.elem_count() as u64);
         let mut x = self.embed.forward(ids)?;
         let mut cache = self.cache.normal();
-        let mut mask = None;
+        let mut mask = PrefillMasks::default();
         for (l, blk) in self.blocks.iter().enumerate() {
             x = self.mapper.map(x, l)?;
             let a = blk.attn.forward(
@@ -633,8 +884,57 @@ impl PaluTextModel {
         }
         self.record_cache_bytes(&cache)?;
         drop(cache);
-        let x = self.norm.forward(&x.to_device(&self.device)?)?;
         // Only the positions the engine asks for reach the LM head.
+        self.head(x, context_lens)
+    }
+}
+
+impl PaluTextModel {
+    /// The forward pass over the engine's paged blocks (`pools`: per layer).
+    fn forward_paged(
+        &self,
+        ids: &Tensor,
+        seqlen_offsets: &[usize],
+        context_lens: Vec<(usize, usize)>,
+        pools: &[(Tensor, Tensor)],
+        meta: &PagedAttentionInputMetadata,
+    ) -> Result<Tensor> {
+        if pools.len() != self.blocks.len() {
+            candle_core::bail!(
+                "palu: the engine passed {} paged layers for a model of {}",
+                pools.len(),
+                self.blocks.len()
+            )
+        }
+        self.stats.record_fed(ids.elem_count() as u64);
+        let mut x = self.embed.forward(ids)?;
+        let mut masks = PrefillMasks::default();
+        let mut step: Option<PagedStep> = None;
+        for (l, blk) in self.blocks.iter().enumerate() {
+            x = self.mapper.map(x, l)?;
+            if step
+                .as_ref()
+                .is_none_or(|s| !s.slots.device().same_device(x.device()))
+            {
+                let bs = crate::paged::pool_rows(&pools[l].0)?.block_size;
+                step = Some(PagedStep::new(meta, x.device(), bs)?);
+            }
+            let a = blk.attn.forward_paged(
+                &blk.input_norm.forward(&x)?,
+                seqlen_offsets,
+                &pools[l],
+                step.as_ref().expect("set above"),
+                &mut masks,
+            )?;
+            x = (x + a)?;
+            x = (&x + blk.mlp.forward(&blk.post_norm.forward(&x)?)?)?;
+        }
+        self.head(x, context_lens)
+    }
+
+    /// The final norm and the LM head over the positions the engine asks for.
+    fn head(&self, x: Tensor, context_lens: Vec<(usize, usize)>) -> Result<Tensor> {
+        let x = self.norm.forward(&x.to_device(&self.device)?)?;
         let mut rows = Vec::with_capacity(context_lens.len());
         for (i, (s, n)) in context_lens.into_iter().enumerate() {
             rows.push(x.narrow(0, i, 1)?.narrow(1, s, n)?);
@@ -642,9 +942,7 @@ impl PaluTextModel {
         let x = Tensor::cat(&rows, 0)?;
         qmatmul(&x, &*self.lm_head)
     }
-}
 
-impl PaluTextModel {
     /// Measure the bytes the layers' cache tensors hold right now, per cached token.
     fn record_cache_bytes(&self, cache: &NormalCache) -> Result<()> {
         let (mut bytes, mut allocated, mut tokens) = (0u64, 0u64, 0u64);
@@ -677,12 +975,12 @@ impl NormalModel for PaluTextModel {
         metadata: Option<(Vec<(Tensor, Tensor)>, &PagedAttentionInputMetadata)>,
         _flash_params: &FlashParams,
     ) -> Result<Tensor> {
-        if metadata.is_some() {
-            candle_core::bail!(
-                "palu: paged attention is not supported by the Palu model yet; run without it"
-            )
+        match metadata {
+            Some((pools, meta)) => {
+                self.forward_paged(input_ids, seqlen_offsets, context_lens, &pools, meta)
+            }
+            None => self.forward_inner(input_ids, seqlen_offsets, context_lens),
         }
-        self.forward_inner(input_ids, seqlen_offsets, context_lens)
     }
     fn xlora_forward(
         &self,

@@ -39,15 +39,40 @@ pub struct EngineOptions {
     /// `compression.latent_bits` of `palu_config`, else of the checkpoint's `palu.toml`, else 16.
     pub latent_bits: Option<u8>,
     pub max_seqs: usize,
-    /// Default cache only: the engine's paged attention (block size 32, bf16 or the activation
-    /// dtype) with KV blocks for this many tokens, as upstream's server runs on CUDA; `None`:
-    /// its plain KV cache. Refused with the Palu cache (latents in paged blocks are not done).
-    pub paged_attention: Option<usize>,
+    /// The engine's paged attention (CUDA), as upstream's server runs by default there: K/V
+    /// blocks for the default cache, latent rows in the same blocks for the Palu cache
+    /// (`palu::paged`). `None`: the plain KV cache.
+    pub paged_attention: Option<PagedOptions>,
     /// Turn the engine's prefix cache off (it is on by default, for both caches).
     pub no_prefix_cache: bool,
     pub isq: Option<String>,
     pub cpu: bool,
     pub dtype: ModelDType,
+}
+
+/// Paged attention settings (`--paged-attn-context`, `--pa-blk-size`, `--pa-cache-type`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PagedOptions {
+    /// Blocks for this many tokens in all; `None`: 90 % of the free GPU memory (the engine's
+    /// default).
+    pub context_tokens: Option<usize>,
+    /// Tokens per block: 16 or 32 (the engine also takes 8; Palu's kernel reads whole 16-row
+    /// chunks, so blocks of 8 run on its gather path).
+    pub block_size: usize,
+    /// Blocks of float8 e4m3 (`--pa-cache-type f8e4m3`): with Palu, 16-bit latents stored as
+    /// fp8 (no scale, as the engine stores K/V).
+    pub fp8: bool,
+}
+
+impl PagedOptions {
+    /// Blocks of 32 tokens in the activation dtype for `tokens` tokens.
+    pub fn tokens(tokens: usize) -> Self {
+        Self {
+            context_tokens: Some(tokens),
+            block_size: 32,
+            fp8: false,
+        }
+    }
 }
 
 /// One line for the startup log: KV geometry and bytes per token, default vs Palu.
@@ -253,16 +278,30 @@ pub async fn start(o: &EngineOptions) -> Result<Served> {
         .map(|s| mistralrs_core::parse_isq_value(s, Some(&device)))
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let paged = match (o.kv_cache, o.paged_attention) {
-        (_, None) => None,
-        (KvCacheKind::Default, Some(tokens)) => Some(PagedAttentionConfig::new(
-            Some(32),
-            MemoryGpuConfig::ContextSize(tokens),
-            PagedCacheType::Auto,
-        )?),
-        (KvCacheKind::Palu, Some(_)) => anyhow::bail!(
-            "paged attention with the Palu KV cache is not available yet: run --kv-cache palu without it"
-        ),
+    let paged = match o.paged_attention {
+        None => None,
+        Some(p) => {
+            if p.fp8 && o.kv_cache == KvCacheKind::Palu && latent_bits < 16 {
+                anyhow::bail!(
+                    "--pa-cache-type f8e4m3 stores 16-bit Palu latents as fp8; it does not compose with {latent_bits}-bit packed latents: choose one (--palu-latent-bits 16 with f8e4m3, or auto blocks with packed latents)"
+                )
+            }
+            if device.is_cpu() {
+                anyhow::bail!("paged attention runs on CUDA only (the engine has no CPU paged attention); drop it or run on a GPU")
+            }
+            Some(PagedAttentionConfig::new(
+                Some(p.block_size),
+                match p.context_tokens {
+                    Some(tokens) => MemoryGpuConfig::ContextSize(tokens),
+                    None => MemoryGpuConfig::Utilization(0.9),
+                },
+                if p.fp8 {
+                    PagedCacheType::F8E4M3
+                } else {
+                    PagedCacheType::Auto
+                },
+            )?)
+        }
     };
     let pipeline = loader.load_model_from_hf(
         None,
