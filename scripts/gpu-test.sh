@@ -2,6 +2,8 @@
 # Build everything the H200 runs into .gpu/ (git-ignored; the device tool carries it):
 #   .gpu/palu-gpu-tests.xz    palu-plugin's math tests with `--features cuda`: the CUDA kernels
 #                             against their CPU twins on fresh random inputs
+#   .gpu/palu-gpu-paged.xz    palu-plugin's paged tests with `--features cuda`: the decode kernel
+#                             reading the engine's blocks, and the row copies, against CPU twins
 #   .gpu/engine-gpu-tests.xz  integration-tests/tests/engine_gpu.rs: the engine on the GPU
 #                             against the engine on the CPU, SmolLM2 Palu-50 % on WikiText-2
 #   .gpu/decode-bench.xz      the criterion decode-step bench with `--features cuda` (dense K/V vs
@@ -39,6 +41,7 @@ for l in sys.stdin:
     xz -f -T0 ".gpu/$3"
 }
 pack_test palu-plugin math palu-gpu-tests
+pack_test palu-plugin paged palu-gpu-paged
 pack_test palu-integration-tests engine_gpu engine-gpu-tests
 bench=$(cargo bench -p palu-plugin --bench decode --features cuda --no-run --message-format json 2>/dev/null |
         python3 -c 'import json,sys
@@ -68,8 +71,9 @@ set -uo pipefail
 cuda_lib=$(dirname "$(ldconfig -p | grep -m1 'libcublas.so.13' | awk '{print $NF}')")
 export LD_LIBRARY_PATH="$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-for t in palu-gpu-tests engine-gpu-tests decode-bench; do xz -dkf ".gpu/$t.xz" && chmod +x ".gpu/$t"; done
+for t in palu-gpu-tests palu-gpu-paged engine-gpu-tests decode-bench; do xz -dkf ".gpu/$t.xz" && chmod +x ".gpu/$t"; done
 ./.gpu/palu-gpu-tests decode_kernel latent_codec_kernels packed_decode_kernel --nocapture --test-threads 1; kernel_tests=$?
+./.gpu/palu-gpu-paged --nocapture --test-threads 1 || kernel_tests=$?
 engine_tests=skipped
 if [ -f .gpu-fix/a/part.aa ] && [ -f .gpu-fix/b/part.ab ]; then
     fix=$PWD/.gpu-fix/fixtures

@@ -340,3 +340,399 @@ pub fn mixed_choice(layer: usize) -> (palu::planner::Keys, palu::planner::Values
         },
     )
 }
+
+/// A Palu model loaded without the engine around it, to drive its forward pass over the
+/// engine's paged blocks with inputs built here (the engine has no paged attention on the CPU,
+/// so this is how the paged path is tested there; the GPU test drives it the same way).
+pub mod direct {
+    use std::collections::HashMap;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use anyhow::Result;
+    use candle_core::{DType, Device, Tensor};
+    use mistralrs_core::model_plugin::{
+        FlashParams, NormalLoadingMetadata, NormalModel, PagedAttentionInputMetadata,
+    };
+    use mistralrs_core::DeviceMapSetting;
+    use palu::engine::{KvStats, PaluTextModel};
+
+    /// The Palu checkpoint at `dir` on `device` in `dtype`; `paged`: as the engine loads it
+    /// for paged attention (block rows in its geometry).
+    pub fn load(
+        dir: &Path,
+        bits: u8,
+        paged: bool,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<PaluTextModel> {
+        let cfg = palu::config::ModelConfig::from_file(&dir.join("config.json"))?;
+        let files: Vec<_> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        // SAFETY: the checkpoint files are not modified while mapped (a test's own files).
+        let vb = unsafe {
+            mistralrs_quant::ShardedSafeTensors::sharded(
+                &files,
+                dtype,
+                device,
+                None,
+                Arc::new(|_| true),
+            )?
+        };
+        let mapper = DeviceMapSetting::dummy().into_mapper(
+            cfg.num_layers,
+            device,
+            None,
+            &[device.clone()],
+        )?;
+        let meta = NormalLoadingMetadata {
+            mapper,
+            loading_isq: false,
+            real_device: device.clone(),
+            multi_progress: Arc::new(indicatif::MultiProgress::new()),
+            matformer_slicing_config: None,
+        };
+        Ok(PaluTextModel::new(
+            &cfg,
+            vb,
+            meta,
+            bits,
+            None,
+            Arc::new(KvStats::default()),
+            paged,
+        )?)
+    }
+
+    /// Logits of every position of `ids` from a fresh prefill of the plain (unpaged) model.
+    pub fn prefill_logits(model: &PaluTextModel, ids: &[u32]) -> Result<Tensor> {
+        let dev = model.device().clone();
+        let x = Tensor::new(ids, &dev)?.unsqueeze(0)?;
+        Ok(model
+            .forward(
+                &x,
+                &[0],
+                vec![(0, ids.len())],
+                vec![0],
+                None,
+                &FlashParams::empty(true),
+            )?
+            .squeeze(0)?)
+    }
+
+    /// One layer's key and value block tensors per layer, as the engine's `CacheEngine`
+    /// allocates them from the model's geometry, and a free list of shuffled block ids.
+    pub struct Pools {
+        pub layers: Vec<(Tensor, Tensor)>,
+        pub block_size: usize,
+        free: Vec<u32>,
+    }
+
+    impl Pools {
+        pub fn new(
+            model: &PaluTextModel,
+            blocks: usize,
+            block_size: usize,
+            dtype: DType,
+            seed: u64,
+        ) -> Result<Self> {
+            let geo = model.model_config();
+            let dev = model.device();
+            let x = 16 / dtype.size_in_bytes();
+            let mut layers = Vec::new();
+            for l in 0..geo.num_layers() {
+                let (wk, wv) = (geo.k_head_dim_for_layer(l), geo.v_head_dim_for_layer(l));
+                layers.push((
+                    Tensor::zeros((blocks, 1, wk / x, block_size, x), dtype, dev)?,
+                    Tensor::zeros((blocks, 1, wv, block_size), dtype, dev)?,
+                ));
+            }
+            // A deterministic shuffle (block ids far from 0..n, as after some traffic).
+            let mut free: Vec<u32> = (0..blocks as u32).collect();
+            let mut s = seed | 1;
+            for i in (1..free.len()).rev() {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                free.swap(i, (s % (i as u64 + 1)) as usize);
+            }
+            Ok(Self {
+                layers,
+                block_size,
+                free,
+            })
+        }
+
+        /// A fresh block.
+        pub fn take(&mut self) -> u32 {
+            self.free.pop().expect("the test's pool has enough blocks")
+        }
+
+        /// Grows `table` to hold `len` tokens.
+        pub fn reserve(&mut self, table: &mut Vec<u32>, len: usize) {
+            while table.len() * self.block_size < len {
+                let b = self.take();
+                table.push(b);
+            }
+        }
+    }
+
+    /// One sequence of a paged step: its new tokens, the position of the first, its block
+    /// table (covering offset + new tokens).
+    pub struct Seq<'a> {
+        pub new: &'a [u32],
+        pub offset: usize,
+        pub table: &'a [u32],
+    }
+
+    /// One forward pass over the pools, with inputs laid out as the engine's
+    /// `make_prompt_chunk` / `make_completion_chunk` lay them out (right-padded tokens, slot -1
+    /// for padding, padded block tables). Returns the logits of every position, `[B, T, V]`.
+    pub fn paged_step(model: &PaluTextModel, pools: &Pools, seqs: &[Seq]) -> Result<Tensor> {
+        let dev = model.device().clone();
+        let t = seqs.iter().map(|s| s.new.len()).max().unwrap();
+        let bs = pools.block_size;
+        let (mut ids, mut slots, mut tables) = (Vec::new(), Vec::new(), Vec::new());
+        let cols = seqs.iter().map(|s| s.table.len()).max().unwrap();
+        for s in seqs {
+            for i in 0..t {
+                ids.push(s.new.get(i).copied().unwrap_or(0));
+                slots.push(if i < s.new.len() {
+                    let p = s.offset + i;
+                    (s.table[p / bs] as usize * bs + p % bs) as i64
+                } else {
+                    -1
+                });
+            }
+            tables.extend(
+                s.table
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat(0))
+                    .take(cols),
+            );
+        }
+        let b = seqs.len();
+        let loc = dev.location();
+        let one = |x: Tensor| HashMap::from([(loc.clone(), x)]);
+        let mut meta = PagedAttentionInputMetadata::dummy(&dev)?;
+        meta.slot_mappings = one(Tensor::from_vec(slots, (b, t), &dev)?);
+        meta.block_tables = Some(one(Tensor::from_vec(tables, (b, cols), &dev)?));
+        let lens: Vec<u32> = seqs
+            .iter()
+            .map(|s| (s.offset + s.new.len()) as u32)
+            .collect();
+        meta.max_context_len = lens.iter().max().map(|&m| m as usize);
+        meta.context_lens = Some(one(Tensor::new(lens.as_slice(), &dev)?));
+        let x = Tensor::from_vec(ids, (b, t), &dev)?;
+        let offsets: Vec<usize> = seqs.iter().map(|s| s.offset).collect();
+        Ok(model.forward(
+            &x,
+            &offsets,
+            vec![(0, t); b],
+            offsets.clone(),
+            Some((pools.layers.clone(), &meta)),
+            &FlashParams::empty(true),
+        )?)
+    }
+
+    /// Logits `[T, V]` (f32) of a whole sequence prefilled over fresh blocks in chunks of
+    /// `chunk` tokens: every chunk after the first reads the earlier ones from the blocks, as
+    /// the engine's chunked prefill and prefix-cache hits do.
+    pub fn paged_prefill_logits(
+        model: &PaluTextModel,
+        pools: &mut Pools,
+        ids: &[u32],
+        chunk: usize,
+    ) -> Result<Tensor> {
+        let mut table = Vec::new();
+        pools.reserve(&mut table, ids.len());
+        let mut out = Vec::new();
+        for (i, c) in ids.chunks(chunk).enumerate() {
+            let l = paged_step(
+                model,
+                pools,
+                &[Seq {
+                    new: c,
+                    offset: i * chunk,
+                    table: &table,
+                }],
+            )?;
+            out.push(l.squeeze(0)?.to_dtype(DType::F32)?);
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+
+    /// Largest |Δ| of two logit tensors relative to the largest |logit|, and how many rows' top
+    /// tokens agree.
+    pub fn compare(got: &Tensor, want: &Tensor) -> (f32, usize, usize) {
+        let got = got.to_dtype(DType::F32).unwrap();
+        let want = want.to_dtype(DType::F32).unwrap();
+        let scalar = |t: Tensor| t.max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = scalar((&got - &want).unwrap().abs().unwrap());
+        let m = scalar(want.abs().unwrap());
+        let top = |t: &Tensor| {
+            t.argmax(candle_core::D::Minus1)
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap()
+        };
+        let (a, b) = (top(&got), top(&want));
+        let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        (d / m, agree, a.len())
+    }
+
+    /// Prefill, a prefix-cache hit that shares blocks, and batched decode steps at different
+    /// offsets, each against the plain model's prefill of the whole sequence.
+    ///
+    /// `pool_dtype`: the blocks' dtype (`None`: the activation dtype; F8E4M3 as with
+    /// `--pa-cache-type f8e4m3`). Prints each step's distance and returns the report.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_steps_match_plain_prefill(
+        device: &Device,
+        dtype: DType,
+        pool_dtype: Option<DType>,
+        bits: u8,
+        block_size: usize,
+        tol: f32,
+        min_agree: f32,
+    ) -> Vec<String> {
+        let dir = crate::smollm2_palu50();
+        let tok = palu::tokenizer::load(&dir).unwrap();
+        let plain = load(&dir, bits, false, device, dtype).unwrap();
+        let paged = load(&dir, bits, true, device, dtype).unwrap();
+        let mut pools = Pools::new(&paged, 64, block_size, pool_dtype.unwrap_or(dtype), 7).unwrap();
+        let enc = |s: &str| palu::tokenizer::encode(&tok, s).unwrap();
+        // A and B share their first 32 tokens (two blocks of 16, one of 32): B's prompt is a
+        // prefix-cache hit on A's blocks.
+        let mut a = enc("The history of the city goes back to the Roman settlement on the river, when traders from the south built a bridge and a market that grew into a town over the next centuries. In the middle ages the town was ruled by a bishop, and later by the dukes who built the castle, the walls and the great church that still stands in the old market square.");
+        a.truncate(40);
+        assert_eq!(a.len(), 40, "prompt A is 40 tokens");
+        let mut b = a[..32].to_vec();
+        b.extend(enc(
+            " and the castle on the hill was built by the first duke",
+        ));
+        let mut report = Vec::new();
+        let mut check = |what: &str, got: &Tensor, want: &Tensor| {
+            let (rel, agree, rows) = compare(got, want);
+            report.push(format!(
+                "{what}: max |Δ| / max |logit| {rel:.2e}, top-1 agrees in {agree}/{rows} rows"
+            ));
+            assert!(
+                rel < tol,
+                "{what}: max |Δ| / max |logit| {rel:.2e} (tolerance {tol:.0e})"
+            );
+            assert!(
+                agree as f32 >= min_agree * rows as f32,
+                "{what}: top-1 agrees in {agree}/{rows} rows"
+            );
+        };
+        // 1. Prefill A from nothing.
+        let mut ta = Vec::new();
+        pools.reserve(&mut ta, a.len());
+        let got = paged_step(
+            &paged,
+            &pools,
+            &[Seq {
+                new: &a,
+                offset: 0,
+                table: &ta,
+            }],
+        )
+        .unwrap();
+        check(
+            "prefill A",
+            &got.squeeze(0).unwrap(),
+            &prefill_logits(&plain, &a).unwrap(),
+        );
+        // 2. B's prompt: its first 32 tokens are cached in A's blocks (shared, as the engine's
+        // prefix cache shares them), only the rest is fed.
+        let shared = 32 / block_size;
+        let mut tb = ta[..shared].to_vec();
+        pools.reserve(&mut tb, b.len());
+        let got = paged_step(
+            &paged,
+            &pools,
+            &[Seq {
+                new: &b[32..],
+                offset: 32,
+                table: &tb,
+            }],
+        )
+        .unwrap();
+        let want = prefill_logits(&plain, &b)
+            .unwrap()
+            .narrow(0, 32, b.len() - 32)
+            .unwrap();
+        check(
+            "prefill B over A's shared blocks",
+            &got.squeeze(0).unwrap(),
+            &want,
+        );
+        // 3. Decode A and B in one batch at offsets 40 and |B|, three steps, each sequence fed its
+        // plain model's greedy token.
+        for step in 0..3 {
+            let next = |ids: &[u32]| {
+                let l = prefill_logits(&plain, ids).unwrap();
+                l.get(ids.len() - 1)
+                    .unwrap()
+                    .argmax(0)
+                    .unwrap()
+                    .to_scalar::<u32>()
+                    .unwrap()
+            };
+            let (na, nb) = (next(&a), next(&b));
+            a.push(na);
+            b.push(nb);
+            pools.reserve(&mut ta, a.len());
+            pools.reserve(&mut tb, b.len());
+            let got = paged_step(
+                &paged,
+                &pools,
+                &[
+                    Seq {
+                        new: &a[a.len() - 1..],
+                        offset: a.len() - 1,
+                        table: &ta,
+                    },
+                    Seq {
+                        new: &b[b.len() - 1..],
+                        offset: b.len() - 1,
+                        table: &tb,
+                    },
+                ],
+            )
+            .unwrap();
+            let want = Tensor::stack(
+                &[
+                    prefill_logits(&plain, &a)
+                        .unwrap()
+                        .get(a.len() - 1)
+                        .unwrap(),
+                    prefill_logits(&plain, &b)
+                        .unwrap()
+                        .get(b.len() - 1)
+                        .unwrap(),
+                ],
+                0,
+            )
+            .unwrap();
+            check(
+                &format!(
+                    "decode step {step} (A at {}, B at {})",
+                    a.len() - 1,
+                    b.len() - 1
+                ),
+                &got.squeeze(1).unwrap(),
+                &want,
+            );
+        }
+        println!(
+            "{dtype:?}, {bits}-bit latents, blocks of {block_size} ({:?}):\n  {}",
+            pool_dtype.unwrap_or(dtype),
+            report.join("\n  ")
+        );
+        report
+    }
+}

@@ -436,3 +436,74 @@ async fn decode_agrees(
         );
     }
 }
+
+/// Palu latents in the engine's paged blocks on the GPU (blocks of 16 and 32, f16 and bf16,
+/// 16-bit and packed 4-bit rows, fp8 blocks): prefill, a prefix-cache hit over shared blocks and
+/// batched decode at mixed offsets against the plain cache's prefill of the whole sequence, with
+/// the decode kernel reading the blocks in place; then WikiText-2 perplexity through chunked
+/// paged prefill, plain vs paged vs fp8 blocks (`--pa-cache-type f8e4m3`'s accuracy).
+#[test]
+fn paged_latent_blocks_match_the_plain_cache_and_fp8_blocks_are_measured() {
+    use palu_integration_tests::direct::{
+        load, paged_prefill_logits, paged_steps_match_plain_prefill, prefill_logits, Pools,
+    };
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let before = palu::decode_op::cuda_paged_launches();
+    // Distances of 16-bit GPU arithmetic (the plain prefill runs the engine's SDPA, the paged
+    // decode the kernel); fp8 adds the rounding of every latent to 3 mantissa bits.
+    for (dtype, pool, bits, bs, tol, agree) in [
+        (DType::F16, None, 16u8, 16usize, 3e-2f32, 0.9f32),
+        (DType::BF16, None, 16, 32, 6e-2, 0.9),
+        (DType::F16, None, 4, 32, 3e-2, 0.9),
+        (DType::F16, Some(DType::F8E4M3), 16, 16, 0.15, 0.85),
+    ] {
+        paged_steps_match_plain_prefill(&gpu, dtype, pool, bits, bs, tol, agree);
+    }
+    // The two 16-bit cases: 3 decode steps × 30 layers each read the blocks in place.
+    let launches = palu::decode_op::cuda_paged_launches() - before;
+    println!("decode kernel launches reading paged blocks: {launches}");
+    assert!(
+        launches >= 2 * 3 * 30,
+        "only {launches} paged kernel launches"
+    );
+
+    let dir = smollm2_palu50();
+    let windows = wikitext_windows(&dir, 512, 4);
+    let plain = load(&dir, 16, false, &gpu, DType::F16).unwrap();
+    let paged = load(&dir, 16, true, &gpu, DType::F16).unwrap();
+    let ppl = |logits: &dyn Fn(&[u32]) -> Tensor| {
+        let mut all = Vec::new();
+        for w in &windows {
+            all.extend(nll(&logits(w), w).unwrap());
+        }
+        (all.iter().sum::<f64>() / all.len() as f64).exp()
+    };
+    let p_plain = ppl(&|w| {
+        prefill_logits(&plain, w)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    });
+    let mut results = vec![("plain cache", p_plain)];
+    for (name, pool) in [
+        ("paged blocks f16", DType::F16),
+        ("paged blocks f8e4m3", DType::F8E4M3),
+    ] {
+        let p = ppl(&|w| {
+            let mut pools = Pools::new(&paged, w.len() / 16 + 2, 16, pool, 11).unwrap();
+            paged_prefill_logits(&paged, &mut pools, w, 128).unwrap()
+        });
+        results.push((name, p));
+    }
+    for (name, p) in &results {
+        println!("SmolLM2 Palu-50 % f16, WikiText-2 first 4 × 512 tokens, {name}: perplexity {p:.4} ({:+.2} % vs plain)", 100.0 * (p / p_plain - 1.0));
+    }
+    assert!(
+        (results[1].1 / p_plain - 1.0).abs() < 0.005,
+        "paged f16 blocks change perplexity: {results:?}"
+    );
+    assert!(
+        (results[2].1 / p_plain - 1.0).abs() < 0.02,
+        "fp8 blocks change perplexity by more than 2 %: {results:?}"
+    );
+}

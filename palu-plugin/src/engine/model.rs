@@ -341,7 +341,12 @@ impl Attention {
         let flat = |r: &Tensor| r.reshape((b * t, ()))?.contiguous();
         crate::paged::write_rows(&pools.0, &flat(&rows_k)?, &step.slots)?;
         crate::paged::write_rows(&pools.1, &flat(&rows_v)?, &step.slots)?;
-        if let Some(op) = self.decode.as_ref().filter(|_| t == 1) {
+        // The kernel reads the blocks in place where it reads their format: 16-bit latents, or
+        // packed rows with a packed instantiation (else the rows are gathered and unpacked).
+        let reads_blocks = |op: &&crate::decode_op::LatentDecode| {
+            t == 1 && (self.packed.is_none() || op.packed.is_some())
+        };
+        if let Some(op) = self.decode.as_ref().filter(reads_blocks) {
             let lens = offsets.iter().map(|&o| o + 1).collect();
             let y = op
                 .with_lens(lens)
