@@ -319,6 +319,30 @@ fn bad_server_tomls_name_the_field() {
             .contains("unknown variant `quantized`")
     );
     assert!(check("[model]\ndirr = \"m\"\n").contains("unknown field `dirr`"));
+    assert_eq!(
+        check("[model]\ndir = \"m\"\n[paged_attention]\nblock_size = 64\n"),
+        "[DIR]/s.toml: paged_attention.block_size 64: the engine takes 8, 16 or 32"
+    );
+    assert_eq!(
+        check("[model]\ndir = \"m\"\n[paged_attention]\ncache_type = \"int8\"\n"),
+        "[DIR]/s.toml: paged_attention.cache_type `int8`: expected auto or f8e4m3"
+    );
+    // A well-formed section selects the engine's paged attention.
+    let p = d.path().join("ok.toml");
+    std::fs::write(
+        &p,
+        "[model]\ndir = \"m\"\n[paged_attention]\ncontext_tokens = 65536\nblock_size = 16\ncache_type = \"f8e4m3\"\n",
+    )
+    .unwrap();
+    let o = ServerConfig::from_file(&p).unwrap().engine_options(&p).unwrap();
+    assert_eq!(
+        o.paged_attention,
+        Some(PagedOptions {
+            context_tokens: Some(65536),
+            block_size: 16,
+            fp8: true
+        })
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -439,6 +439,66 @@ static double copy_bw() {
     return 2.0 * n / (t[t.size() / 2] * 1e-3);
 }
 
+// Latents in the engine's paged blocks (--paged): the same rows read through block tables.
+// Each sequence's Lmax rows of the model layout are cut into blocks of `bs` tokens, which
+// become one pool shared by the batch (per-sequence stride 0). With the identity table the
+// kernel must read exactly the contiguous rows (bit-identical output); timings use a shuffled
+// table, as a block pool hands blocks out after some traffic.
+static palu::DecodeParams paged_params(Problem& pr, const palu::DecodeParams& base, int bs, bool shuffle, unsigned long long seed) {
+    palu::DecodeParams q = base;
+    const int per = q.Lmax / bs;
+    std::vector<int> table((size_t)q.B * per);
+    for (size_t i = 0; i < table.size(); ++i) table[i] = (int)i;
+    if (shuffle) std::shuffle(table.begin(), table.end(), std::mt19937_64(seed));
+    int* d = (int*)dalloc(pr, table.size() * 4);
+    CK(cudaMemcpy(d, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+    q.block_table = d;
+    q.block_size = bs;
+    q.table_stride = per;
+    q.hk_sb = q.hv_sb = 0;
+    return q;
+}
+
+static bool same_output(const palu::DecodeParams& a, const palu::DecodeParams& b) {
+    const size_t n = (size_t)a.B * a.H * (a.latent_out ? a.rv : a.dh);
+    std::vector<float> x(n), y(n);
+    CK((cudaError_t)palu_decode(a, 0));
+    CK(cudaMemcpy(x.data(), a.out, n * 4, cudaMemcpyDeviceToHost));
+    CK((cudaError_t)palu_decode(b, 0));
+    CK(cudaMemcpy(y.data(), b.out, n * 4, cudaMemcpyDeviceToHost));
+    return memcmp(x.data(), y.data(), n * 4) == 0;
+}
+
+static int paged_section(unsigned long long seed) {
+    int failures = 0;
+    printf("\n| L | batch | latents | contiguous µs | blocks of 16 µs (×) | blocks of 32 µs (×) | identity table bit-identical |\n");
+    printf("|---|---|---|---|---|---|---|\n");
+    for (int L : {16384, 65536})
+        for (int B : {8, 32}) {
+            if ((double)B * L > 1.1e6) continue;
+            Problem pr;
+            setup(pr, Shape{"llama3-8b", 32, 8, 128, 1, L, B}, std::vector<int>(B, L), 64, seed++, true);
+            pr.p.variant = 0;
+            make_packed_device(pr, 4, seed++);
+            for (int k = 0; k < 2; ++k) {
+                const palu::DecodeParams base = k == 0 ? pr.p : packed_params(pr);
+                const float t0 = time_us(base, 20);
+                float t[2];
+                bool same = true;
+                for (int i = 0; i < 2; ++i) {
+                    const int bs = i == 0 ? 16 : 32;
+                    same = same && same_output(base, paged_params(pr, base, bs, false, seed));
+                    t[i] = time_us(paged_params(pr, base, bs, true, seed++), 20);
+                }
+                failures += !same;
+                printf("| %dK | %d | %s | %.1f | %.1f (%.2f×) | %.1f (%.2f×) | %s |\n", L / 1024, B, k == 0 ? "fp16" : "4-bit", t0, t[0],
+                       t[0] / t0, t[1], t[1] / t0, same ? "yes" : "NO");
+            }
+        }
+    printf("paged: %s\n", failures ? "FAILED" : "ok");
+    return failures;
+}
+
 int main(int argc, char** argv) {
     bool quick = false, llama3_only = false, with_stock = true, ablate = false;
     for (int i = 1; i < argc; ++i) {
@@ -448,6 +508,11 @@ int main(int argc, char** argv) {
         if (a == "--target" && i + 1 < argc) g_target = atoi(argv[++i]);
         if (a == "--no-stock") with_stock = false;
         if (a == "--ablate") ablate = true;
+        if (a == "--paged") {
+            const unsigned long long seed = std::chrono::high_resolution_clock::now().time_since_epoch().count();
+            printf("Llama-3-8B attention, g = 1, Palu-50 %%, model-layout rows; seed %llu\n", seed);
+            return paged_section(seed) ? 1 : 0;
+        }
         if (a == "--profile") {  // one launch of Llama-3 g = 1, 16K × batch 8, for ncu
             Problem pr;
             setup(pr, Shape{"llama3-8b", 32, 8, 128, 1, 16384, 8}, std::vector<int>(8, 16384), 64, 7);

@@ -19,6 +19,11 @@
 //! calib = "../../shared/fixtures/text/c4-train-00000-first800.jsonl"
 //! # latent_bits = 4             # 2 | 3 | 4 | 8 packed, 16 = activation dtype
 //! # plan = "plan.toml"          # per-layer plan (`palu plan`); default: the checkpoint's
+//!
+//! # [paged_attention]            # CUDA: the engine's paged blocks (latent rows with palu)
+//! # context_tokens = 65536       # blocks for this many tokens; default 90 % of free memory
+//! # block_size = 32              # 8 | 16 | 32
+//! # cache_type = "auto"          # auto | f8e4m3 (16-bit latents stored as fp8)
 //! ```
 use std::path::{Path, PathBuf};
 
@@ -35,6 +40,25 @@ pub struct ServerConfig {
     pub model: ModelSection,
     #[serde(default)]
     pub kv_cache: KvCacheSection,
+    /// Present: the engine's paged attention (CUDA).
+    pub paged_attention: Option<PagedSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PagedSection {
+    pub context_tokens: Option<usize>,
+    #[serde(default = "default_block_size")]
+    pub block_size: usize,
+    #[serde(default = "default_cache_type")]
+    pub cache_type: String,
+}
+
+fn default_block_size() -> usize {
+    32
+}
+fn default_cache_type() -> String {
+    "auto".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,7 +203,32 @@ impl ServerConfig {
                 None => None,
             },
             max_seqs: self.server.max_seqs,
-            paged_attention: None,
+            paged_attention: match &self.paged_attention {
+                None => None,
+                Some(p) => {
+                    if ![8, 16, 32].contains(&p.block_size) {
+                        return Err(PaluError::invalid(
+                            path,
+                            format!("paged_attention.block_size {}: the engine takes 8, 16 or 32", p.block_size),
+                        ));
+                    }
+                    let fp8 = match p.cache_type.as_str() {
+                        "auto" => false,
+                        "f8e4m3" => true,
+                        other => {
+                            return Err(PaluError::invalid(
+                                path,
+                                format!("paged_attention.cache_type `{other}`: expected auto or f8e4m3"),
+                            ))
+                        }
+                    };
+                    Some(super::server::PagedOptions {
+                        context_tokens: p.context_tokens,
+                        block_size: p.block_size,
+                        fp8,
+                    })
+                }
+            },
             no_prefix_cache: self.server.no_prefix_cache,
             isq: self.model.isq.clone(),
             cpu: self.model.cpu,
