@@ -583,13 +583,34 @@ pub mod direct {
         (d / m, agree, a.len())
     }
 
+    /// Logits `[t, V]` of `ids` fed to the plain (unpaged) model at `offset`: its cache keeps
+    /// the positions before `offset` (the engine's convention) and appends these.
+    pub fn plain_logits(model: &PaluTextModel, ids: &[u32], offset: usize) -> Result<Tensor> {
+        let dev = model.device().clone();
+        let x = Tensor::new(ids, &dev)?.unsqueeze(0)?;
+        Ok(model
+            .forward(
+                &x,
+                &[offset],
+                vec![(0, ids.len())],
+                vec![offset],
+                None,
+                &FlashParams::empty(true),
+            )?
+            .squeeze(0)?)
+    }
+
     /// Prefill, a prefix-cache hit that shares blocks, and batched decode steps at different
-    /// offsets, each against the plain model's prefill of the whole sequence.
+    /// offsets over paged blocks, each against the plain model running the same schedule one
+    /// sequence at a time (the same rows computed from the same batches, so packed latents
+    /// quantize identically): A (40 tokens) from nothing; B, whose first 32 tokens are A's, fed
+    /// from position 32 over A's first blocks; then A and B decoded together for three steps
+    /// with the plain model's greedy tokens.
     ///
     /// `pool_dtype`: the blocks' dtype (`None`: the activation dtype; F8E4M3 as with
     /// `--pa-cache-type f8e4m3`). Prints each step's distance and returns the report.
     #[allow(clippy::too_many_arguments)]
-    pub fn paged_steps_match_plain_prefill(
+    pub fn paged_steps_match_the_plain_cache(
         device: &Device,
         dtype: DType,
         pool_dtype: Option<DType>,
@@ -604,8 +625,6 @@ pub mod direct {
         let paged = load(&dir, bits, true, device, dtype).unwrap();
         let mut pools = Pools::new(&paged, 64, block_size, pool_dtype.unwrap_or(dtype), 7).unwrap();
         let enc = |s: &str| palu::tokenizer::encode(&tok, s).unwrap();
-        // A and B share their first 32 tokens (two blocks of 16, one of 32): B's prompt is a
-        // prefix-cache hit on A's blocks.
         let mut a = enc("The history of the city goes back to the Roman settlement on the river, when traders from the south built a bridge and a market that grew into a town over the next centuries. In the middle ages the town was ruled by a bishop, and later by the dukes who built the castle, the walls and the great church that still stands in the old market square.");
         a.truncate(40);
         assert_eq!(a.len(), 40, "prompt A is 40 tokens");
@@ -613,6 +632,36 @@ pub mod direct {
         b.extend(enc(
             " and the castle on the hill was built by the first duke",
         ));
+        let steps = 3;
+        // The plain model's schedule, one sequence at a time; greedy tokens from it.
+        let greedy = |l: &Tensor| {
+            l.get(l.dim(0).unwrap() - 1)
+                .unwrap()
+                .argmax(0)
+                .unwrap()
+                .to_scalar::<u32>()
+                .unwrap()
+        };
+        let ref_a = plain_logits(&plain, &a, 0).unwrap();
+        let mut dec_a = Vec::new();
+        let mut last = greedy(&ref_a);
+        for s in 0..steps {
+            a.push(last);
+            let l = plain_logits(&plain, &[last], 40 + s).unwrap();
+            last = greedy(&l);
+            dec_a.push(l);
+        }
+        plain_logits(&plain, &a[..40], 0).unwrap();
+        let ref_b = plain_logits(&plain, &b[32..], 32).unwrap();
+        let mut dec_b = Vec::new();
+        let mut last = greedy(&ref_b);
+        let nb = b.len();
+        for s in 0..steps {
+            b.push(last);
+            let l = plain_logits(&plain, &[last], nb + s).unwrap();
+            last = greedy(&l);
+            dec_b.push(l);
+        }
         let mut report = Vec::new();
         let mut check = |what: &str, got: &Tensor, want: &Tensor| {
             let (rel, agree, rows) = compare(got, want);
@@ -630,22 +679,18 @@ pub mod direct {
         };
         // 1. Prefill A from nothing.
         let mut ta = Vec::new();
-        pools.reserve(&mut ta, a.len());
+        pools.reserve(&mut ta, 40 + steps);
         let got = paged_step(
             &paged,
             &pools,
             &[Seq {
-                new: &a,
+                new: &a[..40],
                 offset: 0,
                 table: &ta,
             }],
         )
         .unwrap();
-        check(
-            "prefill A",
-            &got.squeeze(0).unwrap(),
-            &prefill_logits(&plain, &a).unwrap(),
-        );
+        check("prefill A", &got.squeeze(0).unwrap(), &ref_a);
         // 2. B's prompt: its first 32 tokens are cached in A's blocks (shared, as the engine's
         // prefix cache shares them), only the rest is fed.
         let shared = 32 / block_size;
@@ -655,75 +700,39 @@ pub mod direct {
             &paged,
             &pools,
             &[Seq {
-                new: &b[32..],
+                new: &b[32..nb],
                 offset: 32,
                 table: &tb,
             }],
         )
         .unwrap();
-        let want = prefill_logits(&plain, &b)
-            .unwrap()
-            .narrow(0, 32, b.len() - 32)
-            .unwrap();
         check(
             "prefill B over A's shared blocks",
             &got.squeeze(0).unwrap(),
-            &want,
+            &ref_b,
         );
-        // 3. Decode A and B in one batch at offsets 40 and |B|, three steps, each sequence fed its
-        // plain model's greedy token.
-        for step in 0..3 {
-            let next = |ids: &[u32]| {
-                let l = prefill_logits(&plain, ids).unwrap();
-                l.get(ids.len() - 1)
-                    .unwrap()
-                    .argmax(0)
-                    .unwrap()
-                    .to_scalar::<u32>()
-                    .unwrap()
-            };
-            let (na, nb) = (next(&a), next(&b));
-            a.push(na);
-            b.push(nb);
-            pools.reserve(&mut ta, a.len());
-            pools.reserve(&mut tb, b.len());
+        // 3. A and B decoded in one batch at their own offsets.
+        for s in 0..steps {
             let got = paged_step(
                 &paged,
                 &pools,
                 &[
                     Seq {
-                        new: &a[a.len() - 1..],
-                        offset: a.len() - 1,
+                        new: &a[40 + s..41 + s],
+                        offset: 40 + s,
                         table: &ta,
                     },
                     Seq {
-                        new: &b[b.len() - 1..],
-                        offset: b.len() - 1,
+                        new: &b[nb + s..nb + s + 1],
+                        offset: nb + s,
                         table: &tb,
                     },
                 ],
             )
             .unwrap();
-            let want = Tensor::stack(
-                &[
-                    prefill_logits(&plain, &a)
-                        .unwrap()
-                        .get(a.len() - 1)
-                        .unwrap(),
-                    prefill_logits(&plain, &b)
-                        .unwrap()
-                        .get(b.len() - 1)
-                        .unwrap(),
-                ],
-                0,
-            )
-            .unwrap();
+            let want = Tensor::cat(&[&dec_a[s], &dec_b[s]], 0).unwrap();
             check(
-                &format!(
-                    "decode step {step} (A at {}, B at {})",
-                    a.len() - 1,
-                    b.len() - 1
-                ),
+                &format!("decode step {s} (A at {}, B at {})", 40 + s, nb + s),
                 &got.squeeze(1).unwrap(),
                 &want,
             );

@@ -63,7 +63,17 @@ async fn serve_planned(
     latent_bits: u8,
     plan: Option<&Path>,
 ) -> Served {
-    serve_full(model_dir, kv, dtype, gpu, prefix_cache, latent_bits, plan, None).await
+    serve_full(
+        model_dir,
+        kv,
+        dtype,
+        gpu,
+        prefix_cache,
+        latent_bits,
+        plan,
+        None,
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -459,19 +469,20 @@ async fn decode_agrees(
 #[test]
 fn paged_latent_blocks_match_the_plain_cache_and_fp8_blocks_are_measured() {
     use palu_integration_tests::direct::{
-        load, paged_prefill_logits, paged_steps_match_plain_prefill, prefill_logits, Pools,
+        load, paged_prefill_logits, paged_steps_match_the_plain_cache, prefill_logits, Pools,
     };
     let gpu = Device::new_cuda(0).expect("a CUDA device");
     let before = palu::decode_op::cuda_paged_launches();
-    // Distances of 16-bit GPU arithmetic (the plain prefill runs the engine's SDPA, the paged
-    // decode the kernel); fp8 adds the rounding of every latent to 3 mantissa bits.
+    // The same schedule on the plain cache computes the same rows: what remains is 16-bit
+    // arithmetic of the kernel over blocks vs over contiguous rows (its split plan follows the
+    // longest sequence of the batch); fp8 adds the rounding of every latent to 3 mantissa bits.
     for (dtype, pool, bits, bs, tol, agree) in [
-        (DType::F16, None, 16u8, 16usize, 3e-2f32, 0.9f32),
-        (DType::BF16, None, 16, 32, 6e-2, 0.9),
-        (DType::F16, None, 4, 32, 3e-2, 0.9),
+        (DType::F16, None, 16u8, 16usize, 1e-2f32, 1.0f32),
+        (DType::BF16, None, 16, 32, 3e-2, 1.0),
+        (DType::F16, None, 4, 32, 1e-2, 1.0),
         (DType::F16, Some(DType::F8E4M3), 16, 16, 0.15, 0.85),
     ] {
-        paged_steps_match_plain_prefill(&gpu, dtype, pool, bits, bs, tol, agree);
+        paged_steps_match_the_plain_cache(&gpu, dtype, pool, bits, bs, tol, agree);
     }
     // The two 16-bit cases: 3 decode steps × 30 layers each read the blocks in place.
     let launches = palu::decode_op::cuda_paged_launches() - before;
@@ -552,14 +563,28 @@ async fn smollm2_palu50_engine_paged_blocks_decode_and_share_prefixes() {
         )
         .await;
         let stats = gpu.kv_stats.clone().expect("the Palu cache's counters");
-        for (i, prompt) in [w[..200].to_vec(), w[..264].to_vec()].into_iter().enumerate() {
-            let (fed0, paged0) = (stats.reading().tokens_fed, palu::decode_op::cuda_paged_launches());
+        for (i, prompt) in [w[..200].to_vec(), w[..264].to_vec()]
+            .into_iter()
+            .enumerate()
+        {
+            let (fed0, paged0) = (
+                stats.reading().tokens_fed,
+                palu::decode_op::cuda_paged_launches(),
+            );
             let steps = 8;
             let rec = generate_recording(&gpu.engine, prompt.clone(), steps).await;
             let fed = stats.reading().tokens_fed - fed0;
             let paged = palu::decode_op::cuda_paged_launches() - paged0;
             let mut full = rec.last().unwrap().0.clone();
-            full.push(rec.last().unwrap().1.argmax(0).unwrap().to_scalar::<u32>().unwrap());
+            full.push(
+                rec.last()
+                    .unwrap()
+                    .1
+                    .argmax(0)
+                    .unwrap()
+                    .to_scalar::<u32>()
+                    .unwrap(),
+            );
             let lc = engine_logits(&cpu.engine, full.clone()).await.unwrap();
             let lp = engine_logits(&plain_gpu.engine, full.clone())
                 .await
@@ -579,8 +604,14 @@ async fn smollm2_palu50_engine_paged_blocks_decode_and_share_prefixes() {
                 "paged blocks of {block_size}, request {i} ({} prompt tokens): {fed} tokens fed, {paged} kernel launches on blocks; relative L2 to the CPU: worst {worst:.2e} (unpaged GPU prefill: {prefill_worst:.2e}); same top token {agree}/{steps}",
                 prompt.len()
             );
-            assert!(paged >= (steps - 1) * layers, "{paged} launches read the blocks");
-            assert!(worst <= prefill_worst, "worst {worst:.2e} vs prefill {prefill_worst:.2e}");
+            assert!(
+                paged >= (steps - 1) * layers,
+                "{paged} launches read the blocks"
+            );
+            assert!(
+                worst <= prefill_worst,
+                "worst {worst:.2e} vs prefill {prefill_worst:.2e}"
+            );
             assert!(agree + 1 >= steps, "top tokens agree at {agree}/{steps}");
             if i == 1 {
                 // The first 192 of its tokens sit in the first request's full blocks.

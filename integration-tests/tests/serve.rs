@@ -334,7 +334,10 @@ fn bad_server_tomls_name_the_field() {
         "[model]\ndir = \"m\"\n[paged_attention]\ncontext_tokens = 65536\nblock_size = 16\ncache_type = \"f8e4m3\"\n",
     )
     .unwrap();
-    let o = ServerConfig::from_file(&p).unwrap().engine_options(&p).unwrap();
+    let o = ServerConfig::from_file(&p)
+        .unwrap()
+        .engine_options(&p)
+        .unwrap();
     assert_eq!(
         o.paged_attention,
         Some(PagedOptions {

@@ -8,6 +8,12 @@
 //!
 //!   serve-bench --work DIR [--layers 4] [--context 16384] [--streams 16] [--gen 32]
 //!               [--latent-bits 16] [--kv-budget-gib 40] [--cpu]
+//!               [--configs stock,palu,palu-paged,stock-paged]
+//!
+//! `--configs` picks the servers, in that order: `stock` (the engine's plain KV cache), `palu`
+//! (latents in the plain cache, 16-bit and `--latent-bits`), `palu-paged` (latents in the
+//! engine's paged blocks, CUDA), `stock-paged` (upstream's paged attention, CUDA: the default
+//! server there). The × column compares with the first stock server that ran.
 //!
 //! Random weights: a speed measurement, never a proof of accuracy. The vocabulary is stories260K's
 //! 512 tokens (its tokenizer serves the checkpoint), so the LM head is small next to a real
@@ -33,6 +39,7 @@ struct Args {
     budget_gib: f64,
     cpu: bool,
     tokenizer: PathBuf,
+    configs: Vec<String>,
 }
 
 fn parse() -> Result<Args> {
@@ -46,6 +53,9 @@ fn parse() -> Result<Args> {
         budget_gib: 40.0,
         cpu: false,
         tokenizer: palu_integration_tests::fixtures().join("models/stories260K"),
+        configs: ["stock", "palu", "palu-paged", "stock-paged"]
+            .map(String::from)
+            .to_vec(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -76,6 +86,18 @@ fn parse() -> Result<Args> {
             "--latent-bits" => a.latent_bits = n()? as u8,
             "--kv-budget-gib" => a.budget_gib = v.parse().context("--kv-budget-gib")?,
             "--tokenizer-from" => a.tokenizer = PathBuf::from(&v),
+            "--configs" => {
+                a.configs = v.split(',').map(|c| c.trim().to_string()).collect();
+                if let Some(bad) = a
+                    .configs
+                    .iter()
+                    .find(|c| !["stock", "palu", "palu-paged", "stock-paged"].contains(&c.as_str()))
+                {
+                    bail!(
+                        "--configs: unknown server `{bad}` (stock, palu, palu-paged, stock-paged)"
+                    )
+                }
+            }
             other => bail!("unknown flag {other} (see --help)"),
         }
     }
@@ -252,19 +274,26 @@ fn main() -> Result<()> {
     // upstream's paged attention (CUDA). A configuration that fails is reported, not fatal;
     // each row is printed as it finishes.
     // Paged attention last: where its kernel fails it can take the process down with it.
-    let mut configs = vec![
-        (&dense, KvCacheKind::Default, false, 16u8),
-        (&palu_dir, KvCacheKind::Palu, false, 16),
-    ];
-    if a.latent_bits != 16 {
-        configs.push((&palu_dir, KvCacheKind::Palu, false, a.latent_bits));
-    }
-    if !a.cpu {
-        configs.push((&palu_dir, KvCacheKind::Palu, true, 16));
-        if a.latent_bits != 16 {
-            configs.push((&palu_dir, KvCacheKind::Palu, true, a.latent_bits));
+    let mut configs = Vec::new();
+    let bits: &[u8] = if a.latent_bits == 16 {
+        &[16]
+    } else {
+        &[16, a.latent_bits]
+    };
+    for c in &a.configs {
+        match c.as_str() {
+            "stock" => configs.push((&dense, KvCacheKind::Default, false, 16u8)),
+            "palu" => configs.extend(
+                bits.iter()
+                    .map(|&b| (&palu_dir, KvCacheKind::Palu, false, b)),
+            ),
+            "palu-paged" if !a.cpu => configs.extend(
+                bits.iter()
+                    .map(|&b| (&palu_dir, KvCacheKind::Palu, true, b)),
+            ),
+            "stock-paged" if !a.cpu => configs.push((&dense, KvCacheKind::Default, true, 16)),
+            _ => eprintln!("{c}: paged attention runs on CUDA only; skipped with --cpu"),
         }
-        configs.push((&dense, KvCacheKind::Default, true, 16));
     }
     let mut runs: Vec<std::result::Result<Run, (String, String)>> = Vec::new();
     for (dir, kv, paged, bits) in configs {

@@ -209,7 +209,10 @@ impl ServerConfig {
                     if ![8, 16, 32].contains(&p.block_size) {
                         return Err(PaluError::invalid(
                             path,
-                            format!("paged_attention.block_size {}: the engine takes 8, 16 or 32", p.block_size),
+                            format!(
+                                "paged_attention.block_size {}: the engine takes 8, 16 or 32",
+                                p.block_size
+                            ),
                         ));
                     }
                     let fp8 = match p.cache_type.as_str() {
@@ -218,7 +221,9 @@ impl ServerConfig {
                         other => {
                             return Err(PaluError::invalid(
                                 path,
-                                format!("paged_attention.cache_type `{other}`: expected auto or f8e4m3"),
+                                format!(
+                                    "paged_attention.cache_type `{other}`: expected auto or f8e4m3"
+                                ),
                             ))
                         }
                     };
