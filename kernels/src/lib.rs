@@ -189,6 +189,33 @@ extern "C" {
         row_bytes: i32,
         stream: *mut c_void,
     ) -> i32;
+    /// [`palu_copy_rows`] with element types ([`RowType`]): `width` elements per row, converted
+    /// element by element where the types differ (float types only; fp8 saturates to ±448).
+    #[allow(clippy::too_many_arguments)]
+    pub fn palu_convert_rows(
+        dst: *mut u8,
+        dst_ld: i64,
+        dst_idx: *const i64,
+        dst_type: i32,
+        src: *const u8,
+        src_ld: i64,
+        src_idx: *const i64,
+        src_type: i32,
+        n: i64,
+        width: i32,
+        stream: *mut c_void,
+    ) -> i32;
+}
+
+/// Element types of [`palu_convert_rows`] (`RowType` in paged_rows.cu).
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowType {
+    Bytes = 0,
+    F32 = 1,
+    F16 = 2,
+    BF16 = 3,
+    F8E4M3 = 4,
 }
 
 /// `cudaErrorNotSupported`: the shape has no instantiation (the caller falls back to candle ops).

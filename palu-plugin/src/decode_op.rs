@@ -214,7 +214,7 @@ impl LatentDecode {
         let (rk, rv) = (self.bk.dim(2)?, self.bv.dim(2)?);
         let read = |pool: &Tensor, codec: Option<&LatentCodec>, width: usize| match codec {
             Some(c) => crate::paged::read_rows(pool, &idx, c.row_bytes(), DType::U8),
-            None => crate::paged::read_rows(pool, &idx, width, pool.dtype())?.to_dtype(dtype),
+            None => crate::paged::read_rows(pool, &idx, width, dtype),
         };
         let k = read(hk, self.packed.as_ref().map(|c| &c.0), gk * rk)?;
         let v = read(hv, self.packed.as_ref().map(|c| &c.1), gv * rv)?;

@@ -12,6 +12,11 @@
 //! low-bit rows with their scales. The engine never reads the blocks itself (Palu's model does
 //! the attention), so the layout inside a block is Palu's: token-major rows.
 //!
+//! Rows of one float type written to blocks of another (16-bit latents into `f8e4m3` blocks) are
+//! converted element by element, and read back converted: on the CPU by candle's casts, on CUDA
+//! by the copy kernel itself (candle 0.10.2's CUDA casts to and from F8E4M3 ask for kernels under
+//! names its PTX does not define).
+//!
 //! Both copies have a CPU twin (the reference) and a CUDA kernel (`kernels/src/paged_rows.cu`).
 
 use candle_core::backend::BackendStorage;
@@ -115,6 +120,16 @@ fn cpu_bytes_mut(s: &mut CpuStorage) -> &mut [u8] {
     }
 }
 
+/// Float types a copy converts between (fp8 blocks of 16- or 32-bit rows).
+fn is_float(d: DType) -> bool {
+    matches!(d, DType::F32 | DType::F16 | DType::BF16 | DType::F8E4M3)
+}
+
+/// Whether rows of type `rows` are stored in blocks of type `pool` by conversion (else as bytes).
+fn converts(rows: DType, pool: DType) -> bool {
+    rows != pool && is_float(rows) && is_float(pool)
+}
+
 /// `[n, w]` contiguous rows of `w·size` bytes each.
 fn row_bytes(rows: &Layout, dtype: DType) -> Result<(usize, usize)> {
     let (n, w) = rows.shape().dims2()?;
@@ -131,11 +146,22 @@ fn host_indices(idx: &Tensor) -> Result<Vec<i64>> {
         .to_vec1::<i64>()
 }
 
-/// Writes `rows` (`[n, w]`, any dtype, `w·size ≤` the pool's row bytes) into the pool's slots
-/// `slots` (`[n]` i64, on the pool's device; negative: skipped, the engine's padding). In place.
+/// Writes `rows` (`[n, w]`) into the pool's slots `slots` (`[n]` i64, on the pool's device;
+/// negative: skipped, the engine's padding). In place. Rows of the pool's dtype, or bytes
+/// (packed latents), are copied as they are; float rows of another float type are converted to
+/// the pool's (16-bit latents into fp8 blocks). The stored row may not exceed the block row.
 pub fn write_rows(pool: &Tensor, rows: &Tensor, slots: &Tensor) -> Result<()> {
     let view = pool_rows(pool)?;
-    let (n, bytes) = row_bytes(rows.layout(), rows.dtype())?;
+    let convert = converts(rows.dtype(), pool.dtype());
+    // On the CPU, candle's cast is the conversion; the op then copies bytes.
+    let rows = if convert && pool.device().is_cpu() {
+        rows.to_dtype(pool.dtype())?
+    } else {
+        rows.clone()
+    };
+    let rows = &rows;
+    let stored = if convert { pool.dtype() } else { rows.dtype() };
+    let (n, bytes) = row_bytes(rows.layout(), stored)?;
     if bytes > view.ld || slots.elem_count() != n {
         candle_core::bail!(
             "palu: {n} latent rows of {bytes} bytes do not fit the paged block rows of {} bytes ({} slots given)",
@@ -148,15 +174,25 @@ pub fn write_rows(pool: &Tensor, rows: &Tensor, slots: &Tensor) -> Result<()> {
         &WriteRows {
             slots: slots.flatten_all()?.to_dtype(DType::I64)?.contiguous()?,
             view,
+            convert_to: convert.then_some(pool.dtype()),
         },
     )
 }
 
 /// Reads the pool's rows `rows` (`[n]` i64 physical rows, on the pool's device) as `[n, w]` of
-/// `dtype` (the first `w·size` bytes of each row).
+/// `dtype`: the first `w` elements of each row converted from the pool's float type where
+/// `dtype` is another float type, else the first `w·size` bytes as they are.
 pub fn read_rows(pool: &Tensor, rows: &Tensor, w: usize, dtype: DType) -> Result<Tensor> {
+    if converts(dtype, pool.dtype()) && pool.device().is_cpu() {
+        return read_rows(pool, rows, w, pool.dtype())?.to_dtype(dtype);
+    }
     let view = pool_rows(pool)?;
-    let bytes = w * dtype.size_in_bytes();
+    let stored = if converts(dtype, pool.dtype()) {
+        pool.dtype()
+    } else {
+        dtype
+    };
+    let bytes = w * stored.size_in_bytes();
     if bytes > view.ld {
         candle_core::bail!(
             "palu: reading rows of {bytes} bytes from paged block rows of {} bytes",
@@ -170,6 +206,49 @@ pub fn read_rows(pool: &Tensor, rows: &Tensor, w: usize, dtype: DType) -> Result
         dtype,
         view,
     })
+}
+
+/// `rows` rounded through `dtype` and back (what a row stored in blocks of `dtype` reads back
+/// as): the new rows a step attends to are the ones later steps will read.
+pub fn round_through(rows: &Tensor, dtype: DType) -> Result<Tensor> {
+    if !converts(rows.dtype(), dtype) {
+        return Ok(rows.clone());
+    }
+    match rows.device() {
+        Device::Cpu => rows.to_dtype(dtype)?.to_dtype(rows.dtype()),
+        _ => {
+            let shape = rows.shape().clone();
+            let w = shape.dims().last().copied().unwrap_or(1);
+            rows.reshape(((), w))?
+                .contiguous()?
+                .apply_op1_no_bwd(&RoundThrough { dtype })?
+                .reshape(shape)
+        }
+    }
+}
+
+struct RoundThrough {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    dtype: DType,
+}
+
+impl CustomOp1 for RoundThrough {
+    fn name(&self) -> &'static str {
+        "palu-round-through"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("palu: round_through runs candle's casts on the CPU")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::round_through(self.dtype, s, l)
+    }
 }
 
 /// The physical pool rows of logical rows `0..len` of a sequence with block table `table`.
@@ -188,6 +267,9 @@ pub fn sequence_rows(table: &[u32], block_size: usize, len: usize) -> Result<Vec
 struct WriteRows {
     slots: Tensor,
     view: PoolRows,
+    /// CUDA: convert the rows' elements to this (the pool's) float type.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    convert_to: Option<DType>,
 }
 
 impl InplaceOp2 for WriteRows {
@@ -330,6 +412,16 @@ pub(crate) mod cuda {
         })
     }
 
+    fn row_type(d: DType) -> i32 {
+        (match d {
+            DType::F32 => palu_kernels::RowType::F32,
+            DType::F16 => palu_kernels::RowType::F16,
+            DType::BF16 => palu_kernels::RowType::BF16,
+            DType::F8E4M3 => palu_kernels::RowType::F8E4M3,
+            _ => palu_kernels::RowType::Bytes,
+        }) as i32
+    }
+
     fn check(err: i32) -> Result<()> {
         if err != 0 {
             candle_core::bail!("palu: paged row copy failed (cudaError {err})")
@@ -344,7 +436,8 @@ pub(crate) mod cuda {
         rows: &CudaStorage,
         rl: &Layout,
     ) -> Result<()> {
-        let (n, bytes) = row_bytes(rl, rows.dtype())?;
+        let stored = op.convert_to.unwrap_or(rows.dtype());
+        let (n, bytes) = row_bytes(rl, stored)?;
         let stream = rows.device.cuda_stream();
         let (sl_s, sl_l) = op.slots.storage_and_layout();
         let Storage::Cuda(sl) = &*sl_s else {
@@ -353,18 +446,34 @@ pub(crate) mod cuda {
         let (src, _g1) = bytes_ptr(rows, rl.start_offset(), &stream)?;
         let (idx, _g2) = bytes_ptr(sl, sl_l.start_offset(), &stream)?;
         let (dst, _g3) = bytes_ptr_mut(pool, pl.start_offset(), &stream)?;
+        let w = rl.shape().dims2()?.1;
         check(unsafe {
-            palu_kernels::palu_copy_rows(
-                dst as _,
-                op.view.ld as i64,
-                idx as _,
-                src as _,
-                bytes as i64,
-                std::ptr::null(),
-                n as i64,
-                bytes as i32,
-                stream.cu_stream() as _,
-            )
+            match op.convert_to {
+                Some(to) => palu_kernels::palu_convert_rows(
+                    dst as _,
+                    op.view.ld as i64,
+                    idx as _,
+                    row_type(to),
+                    src as _,
+                    (w * rows.dtype().size_in_bytes()) as i64,
+                    std::ptr::null(),
+                    row_type(rows.dtype()),
+                    n as i64,
+                    w as i32,
+                    stream.cu_stream() as _,
+                ),
+                None => palu_kernels::palu_copy_rows(
+                    dst as _,
+                    op.view.ld as i64,
+                    idx as _,
+                    src as _,
+                    bytes as i64,
+                    std::ptr::null(),
+                    n as i64,
+                    bytes as i32,
+                    stream.cu_stream() as _,
+                ),
+            }
         })
     }
 
@@ -374,6 +483,7 @@ pub(crate) mod cuda {
         pl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let (n, w) = (op.idx.elem_count(), op.w);
+        let convert = converts(op.dtype, pool.dtype());
         let bytes = w * op.dtype.size_in_bytes();
         let dev = &pool.device;
         let stream = dev.cuda_stream();
@@ -402,15 +512,97 @@ pub(crate) mod cuda {
             let (ids, _g2) = bytes_ptr(is, il.start_offset(), &stream)?;
             let (dst, _g3) = bytes_ptr_mut(&mut out, 0, &stream)?;
             check(unsafe {
-                palu_kernels::palu_copy_rows(
-                    dst as _,
-                    bytes as i64,
+                if convert {
+                    palu_kernels::palu_convert_rows(
+                        dst as _,
+                        bytes as i64,
+                        std::ptr::null(),
+                        row_type(op.dtype),
+                        src as _,
+                        op.view.ld as i64,
+                        ids as _,
+                        row_type(pool.dtype()),
+                        n as i64,
+                        w as i32,
+                        stream.cu_stream() as _,
+                    )
+                } else {
+                    palu_kernels::palu_copy_rows(
+                        dst as _,
+                        bytes as i64,
+                        std::ptr::null(),
+                        src as _,
+                        op.view.ld as i64,
+                        ids as _,
+                        n as i64,
+                        bytes as i32,
+                        stream.cu_stream() as _,
+                    )
+                }
+            })?;
+        }
+        Ok((out, Shape::from((n, w))))
+    }
+
+    pub(super) fn round_through(
+        to: DType,
+        s: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, w) = l.shape().dims2()?;
+        let dev = &s.device;
+        let stream = dev.cuda_stream();
+        let from = s.dtype();
+        let mut tmp = CudaStorage::wrap_cuda_slice(
+            unsafe { dev.alloc::<u8>(n * w * to.size_in_bytes()) }?,
+            dev.clone(),
+        );
+        let mut out = match from {
+            DType::F32 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n * w) }?, dev.clone())
+            }
+            DType::F16 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f16>(n * w) }?, dev.clone())
+            }
+            DType::BF16 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<bf16>(n * w) }?, dev.clone())
+            }
+            other => candle_core::bail!("palu: rounding {other:?} rows through {to:?}"),
+        };
+        {
+            let (src, _g1) = bytes_ptr(s, l.start_offset(), &stream)?;
+            let (t, _g2) = bytes_ptr_mut(&mut tmp, 0, &stream)?;
+            check(unsafe {
+                palu_kernels::palu_convert_rows(
+                    t as _,
+                    (w * to.size_in_bytes()) as i64,
                     std::ptr::null(),
+                    row_type(to),
                     src as _,
-                    op.view.ld as i64,
-                    ids as _,
+                    (w * from.size_in_bytes()) as i64,
+                    std::ptr::null(),
+                    row_type(from),
                     n as i64,
-                    bytes as i32,
+                    w as i32,
+                    stream.cu_stream() as _,
+                )
+            })?;
+        }
+        {
+            let (t, _g1) = bytes_ptr(&tmp, 0, &stream)?;
+            let (dst, _g2) = bytes_ptr_mut(&mut out, 0, &stream)?;
+            check(unsafe {
+                palu_kernels::palu_convert_rows(
+                    dst as _,
+                    (w * from.size_in_bytes()) as i64,
+                    std::ptr::null(),
+                    row_type(from),
+                    t as _,
+                    (w * to.size_in_bytes()) as i64,
+                    std::ptr::null(),
+                    row_type(to),
+                    n as i64,
+                    w as i32,
                     stream.cu_stream() as _,
                 )
             })?;

@@ -303,8 +303,8 @@ impl Attention {
             .reshape((b, t, h, dh))?
             .transpose(1, 2)?;
         let q = crate::model::apply_rope(&q, &cos, &sin, false)?;
-        // The rows as the blocks store them: packed rows (U8), or latents / full keys in the
-        // blocks' dtype (fp8 with `--pa-cache-type f8e4m3`).
+        // The new rows: packed rows (U8), or latents / full keys in the activation dtype (the
+        // copy into fp8 blocks, `--pa-cache-type f8e4m3`, converts them).
         let k_full = match &self.full_k {
             None => None,
             Some((w, bias)) => {
@@ -327,20 +327,22 @@ impl Attention {
                 },
                 cv.project_encode(x, &self.v.down)?,
             ),
-            None => {
-                let hk = match k_full {
+            None => (
+                match k_full {
                     Some(k) => k,
                     None => self.k.latent(x)?,
-                };
-                (
-                    hk.to_dtype(pools.0.dtype())?,
-                    self.v.latent(x)?.to_dtype(pools.1.dtype())?,
-                )
-            }
+                },
+                self.v.latent(x)?,
+            ),
         };
         let flat = |r: &Tensor| r.reshape((b * t, ()))?.contiguous();
         crate::paged::write_rows(&pools.0, &flat(&rows_k)?, &step.slots)?;
         crate::paged::write_rows(&pools.1, &flat(&rows_v)?, &step.slots)?;
+        // fp8 blocks: this step attends to its own rows as the blocks hold them.
+        let (rows_k, rows_v) = (
+            crate::paged::round_through(&rows_k, pools.0.dtype())?,
+            crate::paged::round_through(&rows_v, pools.1.dtype())?,
+        );
         // The kernel reads the blocks in place where it reads their format: 16-bit latents, or
         // packed rows with a packed instantiation (else the rows are gathered and unpacked).
         let reads_blocks = |op: &&crate::decode_op::LatentDecode| {
@@ -368,10 +370,6 @@ impl Attention {
                 };
                 k = prefix(&pools.0, &k)?;
                 v = prefix(&pools.1, &v)?;
-            }
-            if self.packed.is_none() {
-                k = k.to_dtype(x.dtype())?;
-                v = v.to_dtype(x.dtype())?;
             }
             outs.push(self.attend(
                 x.dtype(),
