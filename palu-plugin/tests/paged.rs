@@ -398,6 +398,9 @@ fn paged_decode_kernel_matches_cpu_twin() {
         (DType::BF16, DType::BF16, 64usize),
         (DType::BF16, DType::U8, 72),
         (DType::F8E4M3, DType::F8E4M3, 48),
+        // 16-bit latents into fp8 blocks: converted on the way in and out.
+        (DType::F8E4M3, DType::BF16, 64),
+        (DType::F8E4M3, DType::F16, 40),
     ] {
         let (k, _) = engine_pools(9, 16, 64, 64, pool_dtype, &cpu);
         let rows = tensor(&mut r, &[50, w], &cpu);
@@ -439,6 +442,31 @@ fn paged_decode_kernel_matches_cpu_twin() {
         assert_eq!(
             diff, 0.0,
             "{pool_dtype:?}/{row_dtype:?}: GPU row copies differ from the CPU's"
+        );
+    }
+    // The rounding a step applies to its own rows for fp8 blocks: the kernel's conversion
+    // against candle's CPU casts.
+    for dt in [DType::F16, DType::BF16, DType::F32] {
+        let x = (tensor(&mut r, &[37, 72], &cpu) * 3.0)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        let want = palu::paged::round_through(&x, DType::F8E4M3).unwrap();
+        let got = palu::paged::round_through(&on(&x), DType::F8E4M3)
+            .unwrap()
+            .to_device(&cpu)
+            .unwrap();
+        let diff = (&got.to_dtype(DType::F32).unwrap() - &want.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(
+            diff, 0.0,
+            "{dt:?} rows rounded through fp8: GPU differs from the CPU by {diff}"
         );
     }
 }
