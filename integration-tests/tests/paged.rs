@@ -31,3 +31,47 @@ fn paged_forward_on_cpu_with_fp8_blocks_stays_close_to_the_plain_cache() {
         0.9,
     );
 }
+
+/// The accuracy of fp8 blocks through the serving code path: WikiText-2 perplexity of SmolLM2
+/// Palu-50 % prefilled over paged blocks in chunks of 128 (every chunk after the first reads the
+/// earlier ones from the blocks), blocks in f32 and in float8 e4m3, against the plain cache.
+#[test]
+fn fp8_blocks_cost_little_perplexity_through_the_paged_path() {
+    use palu_integration_tests::direct::{load, paged_prefill_logits, prefill_logits, Pools};
+    use palu_integration_tests::{nll, smollm2_palu50, wikitext_windows};
+    let dir = smollm2_palu50();
+    let windows = wikitext_windows(&dir, 512, 2);
+    let cpu = Device::Cpu;
+    let plain = load(&dir, 16, false, &cpu, DType::F32).unwrap();
+    let paged = load(&dir, 16, true, &cpu, DType::F32).unwrap();
+    let ppl = |logits: &dyn Fn(&[u32]) -> candle_core::Tensor| {
+        let mut all = Vec::new();
+        for w in &windows {
+            all.extend(nll(&logits(w), w).unwrap());
+        }
+        (all.iter().sum::<f64>() / all.len() as f64).exp()
+    };
+    let p_plain = ppl(&|w| prefill_logits(&plain, w).unwrap());
+    let mut p = Vec::new();
+    for pool in [DType::F32, DType::F8E4M3] {
+        p.push(ppl(&|w| {
+            let mut pools = Pools::new(&paged, w.len() / 16 + 2, 16, pool, 11).unwrap();
+            paged_prefill_logits(&paged, &mut pools, w, 128).unwrap()
+        }));
+    }
+    println!(
+        "SmolLM2 Palu-50 %, WikiText-2 first 2 × 512 tokens, CPU f32: plain cache {p_plain:.4}, paged f32 blocks {:.4} ({:+.3} %), paged fp8 blocks {:.4} ({:+.3} %)",
+        p[0],
+        100.0 * (p[0] / p_plain - 1.0),
+        p[1],
+        100.0 * (p[1] / p_plain - 1.0)
+    );
+    assert!(
+        (p[0] / p_plain - 1.0).abs() < 1e-4,
+        "paged f32 blocks change perplexity"
+    );
+    assert!(
+        (p[1] / p_plain - 1.0).abs() < 0.02,
+        "fp8 blocks cost more than 2 % perplexity"
+    );
+}
