@@ -385,7 +385,7 @@ pub mod direct {
             cfg.num_layers,
             device,
             None,
-            &[device.clone()],
+            std::slice::from_ref(device),
         )?;
         let meta = NormalLoadingMetadata {
             mapper,

@@ -51,7 +51,7 @@ pub fn pool_rows_of(layout: &Layout, dtype: DType) -> Result<PoolRows> {
     let (blocks, block_size) = (d[0], d[3]);
     let slots = blocks * block_size;
     let bytes = layout.shape().elem_count() * dtype.size_in_bytes();
-    if slots == 0 || bytes % slots != 0 {
+    if slots == 0 || !bytes.is_multiple_of(slots) {
         candle_core::bail!("palu: paged KV block tensor {d:?} does not split into {slots} rows")
     }
     Ok(PoolRows {

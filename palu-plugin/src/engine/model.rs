@@ -290,15 +290,7 @@ impl Attention {
         if self.window.is_some() {
             candle_core::bail!("palu: paged attention over a sliding-window model is not supported; serve it without paged attention")
         }
-        // RoPE tables per sequence: [b, t, dh/2].
-        let mut cos = Vec::with_capacity(b);
-        let mut sin = Vec::with_capacity(b);
-        for &o in offsets {
-            let (c, s) = self.rope.tables(o, t)?;
-            cos.push(c);
-            sin.push(s);
-        }
-        let (cos, sin) = (Tensor::stack(&cos, 0)?, Tensor::stack(&sin, 0)?);
+        let (cos, sin) = step.rope_tables(&self.rope, offsets, t)?;
         let q = qmatmul(x, &*self.q)?
             .reshape((b, t, h, dh))?
             .transpose(1, 2)?;
@@ -556,6 +548,9 @@ pub(crate) struct PagedStep {
     block_size: usize,
     /// The block tables on the host, read once when a prompt has a cached prefix.
     host: std::sync::OnceLock<Vec<Vec<u32>>>,
+    /// RoPE tables of the batch's positions, `[b, t, dh/2]`: one table per device serves all its
+    /// layers, so they are built once per forward pass.
+    rope: std::sync::OnceLock<(Tensor, Tensor)>,
 }
 
 impl PagedStep {
@@ -575,7 +570,25 @@ impl PagedStep {
             tables: pick(meta.block_tables.as_ref(), "block tables")?,
             block_size,
             host: std::sync::OnceLock::new(),
+            rope: std::sync::OnceLock::new(),
         })
+    }
+
+    /// cos/sin `[b, t, dh/2]` for sequences starting at `offsets`.
+    fn rope_tables(&self, rope: &Rope, offsets: &[usize], t: usize) -> Result<(Tensor, Tensor)> {
+        if let Some(r) = self.rope.get() {
+            return Ok(r.clone());
+        }
+        let mut cos = Vec::with_capacity(offsets.len());
+        let mut sin = Vec::with_capacity(offsets.len());
+        for &o in offsets {
+            let (c, s) = rope.tables(o, t)?;
+            cos.push(c);
+            sin.push(s);
+        }
+        let r = (Tensor::stack(&cos, 0)?, Tensor::stack(&sin, 0)?);
+        let _ = self.rope.set(r.clone());
+        Ok(r)
     }
 
     fn host_tables(&self) -> Result<&Vec<Vec<u32>>> {
