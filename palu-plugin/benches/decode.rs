@@ -215,6 +215,33 @@ fn planner_executors(c: &mut Criterion, dev: &Device) {
         id("latent keys, fused values (kernel, latent out)"),
         |bch| bch.iter(|| sync(fused.forward(&q, &hk, &hv).unwrap())),
     );
+    // The engine's paged blocks (block 32, a shuffled table): the same kernel through block
+    // tables, with the op's per-call host work (lens, table checks) included.
+    let bs = 32usize;
+    let per = len / bs;
+    let pool = |h: &Tensor| {
+        h.reshape((b * per, bs, groups * s.rank / 8, 8))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap()
+    };
+    let (pool_k, pool_v) = (pool(&hk), pool(&hv));
+    let mut ids: Vec<u32> = (0..(b * per) as u32).collect();
+    // A fixed permutation (a multiplicative step coprime with the block count).
+    let n = ids.len() as u64;
+    for (i, x) in ids.iter_mut().enumerate() {
+        *x = ((i as u64 * 7919 + 13) % n) as u32;
+    }
+    let tables = Tensor::from_vec(ids, (b, per), dev).unwrap();
+    let paged = op.with_pages(tables, bs);
+    group.bench_function(
+        id("latent keys, unfused values, paged blocks of 32"),
+        |bch| bch.iter(|| sync(paged.forward(&q, &pool_k, &pool_v).unwrap())),
+    );
     let q4 = q.unsqueeze(2).unwrap();
     group.bench_function(id("full keys (candle ops), unfused values"), |bch| {
         bch.iter(|| {
