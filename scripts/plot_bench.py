@@ -56,6 +56,52 @@ def speedup_plot():
     fig.savefig(ROOT / "docs/img/decode_speedup_vs_stock.svg")
 
 
+def serve_plot():
+    """End-to-end decode tokens/s per server (serve-bench, stop 11), stock paged attention beside."""
+    shapes, cur = {}, None
+    for line in (ROOT / "docs/bench/paged_stop11.md").read_text().splitlines():
+        m = re.match(r"(\d+) streams × (\d+) prompt tokens", line)
+        if m:
+            cur = f"{m.group(1)} × {int(m.group(2)) // 1024}K"
+            shapes[cur] = {}
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cur is None or not line.startswith("| ") or cells[0] in ("cache",) or cells[0].startswith("---"):
+            continue
+        name = (cells[0].replace("--kv-cache palu, ", "palu ").replace(" latents", "")
+                .replace("in paged blocks (block 32)", "paged").replace("stock, paged attention (block 32)", "stock paged"))
+        tps = float(cells[3]) if len(cells) > 3 and re.fullmatch(r"[\d.]+", cells[3]) else None
+        shapes[cur][name] = tps
+    shapes = {k: v for k, v in shapes.items() if v}  # 16 × 32K: no result came back
+    servers = ["stock paged", "palu 16-bit", "palu 4-bit", "palu 16-bit paged", "palu 4-bit paged"]
+    colors = ["#c44", "#48c", "#8bd", "#262", "#8c8"]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    width = 0.16
+    for i, (shape, row) in enumerate(shapes.items()):
+        for j, (srv, col) in enumerate(zip(servers, colors)):
+            if srv not in row:
+                continue
+            x = i + (j - 2) * width
+            v = row[srv]
+            if v is None:
+                ax.text(x, 50, "fails", rotation=90, ha="center", va="bottom", fontsize=8, color=col)
+                continue
+            ax.bar(x, v, width, color=col, label=srv if i == 0 or srv not in shapes[list(shapes)[0]] else None)
+    ax.set_xticks(range(len(shapes)))
+    ax.set_xticklabels(list(shapes))
+    ax.set_xlabel("streams × prompt tokens (128 new tokens each; 64 at 16 × 16K)")
+    ax.set_ylabel("decode tokens/s (all streams)")
+    ax.set_title("serve-bench on the H200: Llama-3-8B shape (4 layers, random weights), bf16")
+    handles, labels = ax.get_legend_handles_labels()
+    seen = {}
+    for h, l in zip(handles, labels):
+        seen.setdefault(l, h)
+    ax.legend(seen.values(), seen.keys(), fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs/img/serve_bench_stop11.svg")
+
+
 def main():
     versions = {v: rows(ROOT / f"docs/bench/palu_decode_{v}.md") for v in ["v1", "v2", "v3", "v4", "v5", "v6"]}
     v5 = rows(ROOT / "docs/bench/palu_decode_v5_stock.md")
@@ -100,7 +146,8 @@ def main():
     fig.tight_layout()
     fig.savefig(ROOT / "docs/img/decode_bandwidth_versions.svg")
     speedup_plot()
-    print("wrote docs/img/decode_latency_llama3.svg, docs/img/decode_bandwidth_versions.svg, docs/img/decode_speedup_vs_stock.svg")
+    serve_plot()
+    print("wrote docs/img/decode_latency_llama3.svg, docs/img/decode_bandwidth_versions.svg, docs/img/decode_speedup_vs_stock.svg, docs/img/serve_bench_stop11.svg")
 
 
 if __name__ == "__main__":
