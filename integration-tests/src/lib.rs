@@ -366,6 +366,18 @@ pub mod direct {
         device: &Device,
         dtype: DType,
     ) -> Result<PaluTextModel> {
+        load_planned(dir, bits, paged, device, dtype, None)
+    }
+
+    /// [`load`] with a per-layer plan (full keys, fused values).
+    pub fn load_planned(
+        dir: &Path,
+        bits: u8,
+        paged: bool,
+        device: &Device,
+        dtype: DType,
+        plan: Option<&palu::planner::Plan>,
+    ) -> Result<PaluTextModel> {
         let cfg = palu::config::ModelConfig::from_file(&dir.join("config.json"))?;
         let files: Vec<_> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -399,7 +411,7 @@ pub mod direct {
             vb,
             meta,
             bits,
-            None,
+            plan,
             Arc::new(KvStats::default()),
             paged,
         )?)
@@ -619,10 +631,27 @@ pub mod direct {
         tol: f32,
         min_agree: f32,
     ) -> Vec<String> {
+        paged_steps_match_the_plain_cache_planned(
+            device, dtype, pool_dtype, bits, block_size, tol, min_agree, None,
+        )
+    }
+
+    /// [`paged_steps_match_the_plain_cache`] with a per-layer plan on both models.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_steps_match_the_plain_cache_planned(
+        device: &Device,
+        dtype: DType,
+        pool_dtype: Option<DType>,
+        bits: u8,
+        block_size: usize,
+        tol: f32,
+        min_agree: f32,
+        plan: Option<&palu::planner::Plan>,
+    ) -> Vec<String> {
         let dir = crate::smollm2_palu50();
         let tok = palu::tokenizer::load(&dir).unwrap();
-        let plain = load(&dir, bits, false, device, dtype).unwrap();
-        let paged = load(&dir, bits, true, device, dtype).unwrap();
+        let plain = load_planned(&dir, bits, false, device, dtype, plan).unwrap();
+        let paged = load_planned(&dir, bits, true, device, dtype, plan).unwrap();
         let mut pools = Pools::new(&paged, 64, block_size, pool_dtype.unwrap_or(dtype), 7).unwrap();
         let enc = |s: &str| palu::tokenizer::encode(&tok, s).unwrap();
         let mut a = enc("The history of the city goes back to the Roman settlement on the river, when traders from the south built a bridge and a market that grew into a town over the next centuries. In the middle ages the town was ruled by a bishop, and later by the dukes who built the castle, the walls and the great church that still stands in the old market square.");

@@ -75,3 +75,31 @@ fn fp8_blocks_cost_little_perplexity_through_the_paged_path() {
         "fp8 blocks cost more than 2 % perplexity"
     );
 }
+
+/// The planner's executors over paged blocks: full keys (post-RoPE K rows in the blocks) in
+/// every third layer and fused values in every second, on both models, 16-bit and 4-bit rows.
+#[test]
+fn paged_forward_on_cpu_with_a_mixed_plan_matches_the_plain_cache() {
+    use palu_integration_tests::direct::paged_steps_match_the_plain_cache_planned;
+    use palu_integration_tests::{mixed_choice, smollm2_palu50, write_plan};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write_plan(
+        &smollm2_palu50(),
+        &tmp.path().join("plan.toml"),
+        mixed_choice,
+    );
+    let plan = palu::planner::Plan::from_toml_file(&path).unwrap();
+    assert!(!plan.full_key_layers().is_empty());
+    for (bits, bs) in [(16u8, 16usize), (4, 32)] {
+        paged_steps_match_the_plain_cache_planned(
+            &Device::Cpu,
+            DType::F32,
+            None,
+            bits,
+            bs,
+            1e-5,
+            1.0,
+            Some(&plan),
+        );
+    }
+}
