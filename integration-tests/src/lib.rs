@@ -620,25 +620,10 @@ pub mod direct {
     /// with the plain model's greedy tokens.
     ///
     /// `pool_dtype`: the blocks' dtype (`None`: the activation dtype; F8E4M3 as with
-    /// `--pa-cache-type f8e4m3`). Prints each step's distance and returns the report.
+    /// `--pa-cache-type f8e4m3`); `plan`: a per-layer plan on both models. Prints each step's
+    /// distance and returns the report.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_steps_match_the_plain_cache(
-        device: &Device,
-        dtype: DType,
-        pool_dtype: Option<DType>,
-        bits: u8,
-        block_size: usize,
-        tol: f32,
-        min_agree: f32,
-    ) -> Vec<String> {
-        paged_steps_match_the_plain_cache_planned(
-            device, dtype, pool_dtype, bits, block_size, tol, min_agree, None,
-        )
-    }
-
-    /// [`paged_steps_match_the_plain_cache`] with a per-layer plan on both models.
-    #[allow(clippy::too_many_arguments)]
-    pub fn paged_steps_match_the_plain_cache_planned(
         device: &Device,
         dtype: DType,
         pool_dtype: Option<DType>,

@@ -485,7 +485,7 @@ fn paged_latent_blocks_match_the_plain_cache_and_fp8_blocks_are_measured() {
         // bound is a sanity check and the perplexity below is the measure.
         (DType::F16, Some(DType::F8E4M3), 16, 16, 0.15, 0.75),
     ] {
-        paged_steps_match_the_plain_cache(&gpu, dtype, pool, bits, bs, tol, agree);
+        paged_steps_match_the_plain_cache(&gpu, dtype, pool, bits, bs, tol, agree, None);
     }
     // The two 16-bit cases: 3 decode steps × 30 layers each read the blocks in place.
     let launches = palu::decode_op::cuda_paged_launches() - before;

@@ -8,12 +8,12 @@ use palu_integration_tests::direct::paged_steps_match_the_plain_cache;
 
 #[test]
 fn paged_forward_on_cpu_matches_the_plain_cache_16_bit_blocks_of_16() {
-    paged_steps_match_the_plain_cache(&Device::Cpu, DType::F32, None, 16, 16, 1e-5, 1.0);
+    paged_steps_match_the_plain_cache(&Device::Cpu, DType::F32, None, 16, 16, 1e-5, 1.0, None);
 }
 
 #[test]
 fn paged_forward_on_cpu_matches_the_plain_cache_4_bit_blocks_of_32() {
-    paged_steps_match_the_plain_cache(&Device::Cpu, DType::F32, None, 4, 32, 1e-5, 1.0);
+    paged_steps_match_the_plain_cache(&Device::Cpu, DType::F32, None, 4, 32, 1e-5, 1.0, None);
 }
 
 /// fp8 blocks (`--pa-cache-type f8e4m3`): 16-bit latents stored as float8 e4m3 without a scale.
@@ -29,6 +29,7 @@ fn paged_forward_on_cpu_with_fp8_blocks_stays_close_to_the_plain_cache() {
         16,
         0.1,
         0.9,
+        None,
     );
 }
 
@@ -80,7 +81,6 @@ fn fp8_blocks_cost_little_perplexity_through_the_paged_path() {
 /// every third layer and fused values in every second, on both models, 16-bit and 4-bit rows.
 #[test]
 fn paged_forward_on_cpu_with_a_mixed_plan_matches_the_plain_cache() {
-    use palu_integration_tests::direct::paged_steps_match_the_plain_cache_planned;
     use palu_integration_tests::{mixed_choice, smollm2_palu50, write_plan};
     let tmp = tempfile::tempdir().unwrap();
     let path = write_plan(
@@ -91,7 +91,7 @@ fn paged_forward_on_cpu_with_a_mixed_plan_matches_the_plain_cache() {
     let plan = palu::planner::Plan::from_toml_file(&path).unwrap();
     assert!(!plan.full_key_layers().is_empty());
     for (bits, bs) in [(16u8, 16usize), (4, 32)] {
-        paged_steps_match_the_plain_cache_planned(
+        paged_steps_match_the_plain_cache(
             &Device::Cpu,
             DType::F32,
             None,

@@ -304,14 +304,7 @@ fn paged_decode_equals_contiguous_decode_exactly_for_every_block_size_and_format
                     .with_pages(table_tensor(&t, &dev), bs)
                     .forward(&q, &pools.0, &pools.1)
                     .unwrap();
-                let diff = (&got - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = common::max_abs_diff(&got, &want);
                 assert_eq!(
                     diff, 0.0,
                     "block {bs}, {bits}-bit, latent_out {latent_out}: max |Δ| {diff}"
@@ -431,14 +424,7 @@ fn paged_decode_kernel_matches_cpu_twin() {
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
-        let diff = (&a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = common::max_abs_diff(&a, &b);
         assert_eq!(
             diff, 0.0,
             "{pool_dtype:?}/{row_dtype:?}: GPU row copies differ from the CPU's"
@@ -456,14 +442,7 @@ fn paged_decode_kernel_matches_cpu_twin() {
             .unwrap()
             .to_device(&cpu)
             .unwrap();
-        let diff = (&got.to_dtype(DType::F32).unwrap() - &want.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = common::max_abs_diff(&got, &want);
         assert_eq!(
             diff, 0.0,
             "{dt:?} rows rounded through fp8: GPU differs from the CPU by {diff}"

@@ -224,8 +224,26 @@ impl Attention {
                 cache.set_len(start)?;
             }
         }
-        // Full keys: post-RoPE K rows. Latent keys: h_k = x·A_k, computed below (fused with
-        // the quantization into one kernel for packed rows where it applies).
+        let (rows_k, rows_v) = self.new_rows(x, &cos, &sin)?;
+        let (cached_k, cached_v) = cache.append(
+            &rows_k.unsqueeze(1)?.contiguous()?,
+            &rows_v.unsqueeze(1)?.contiguous()?,
+        )?;
+        if cached_k.dim(2)? != start + t {
+            candle_core::bail!(
+                "palu: the latent cache holds {} positions but the sequence is at {start} + {t}; refusing to attend with misplaced RoPE",
+                cached_k.dim(2)?
+            )
+        }
+        self.attend(x.dtype(), &q, cached_k, cached_v, start, mask)
+    }
+
+    /// The cache rows of the new tokens `x` (`[b, t, d]`, RoPE tables for their positions):
+    /// `[b, t, row]` key and value rows — packed rows (U8) when the layer caches low-bit
+    /// latents, else latents in the activation dtype; a full-key layer's key rows are its
+    /// post-RoPE K (`[b, t, H_kv·dh]`), packed or not.
+    fn new_rows(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
         let k_full = match &self.full_k {
             None => None,
             Some((w, bias)) => {
@@ -235,40 +253,30 @@ impl Attention {
                     .transpose(1, 2)?
                     .contiguous()?;
                 Some(
-                    crate::model::apply_rope(&k, &cos, &sin, false)?
+                    crate::model::apply_rope(&k, cos, sin, false)?
                         .transpose(1, 2)?
                         .reshape((b, t, n_kv * dh))?,
                 )
             }
         };
-        // The cache's rows: 16-bit latents, or packed rows (then `cached` are the raw rows).
-        let (cached_k, cached_v) = match &self.packed {
-            Some((ck, cv)) => {
-                let rows_k = match &k_full {
+        // Latent keys h_k = x·A_k; packed rows project and quantize in one kernel where it
+        // applies.
+        Ok(match &self.packed {
+            Some((ck, cv)) => (
+                match &k_full {
                     Some(k) => ck.encode(k)?,
                     None => ck.project_encode(x, &self.k.down)?,
-                };
-                let rows_v = cv.project_encode(x, &self.v.down)?;
-                cache.append(&rows_k.unsqueeze(1)?, &rows_v.unsqueeze(1)?)?
-            }
-            None => {
-                let hk = match k_full {
+                },
+                cv.project_encode(x, &self.v.down)?,
+            ),
+            None => (
+                match k_full {
                     Some(k) => k,
                     None => self.k.latent(x)?,
-                };
-                cache.append(
-                    &hk.unsqueeze(1)?.contiguous()?,
-                    &self.v.latent(x)?.unsqueeze(1)?.contiguous()?,
-                )?
-            }
-        };
-        if cached_k.dim(2)? != start + t {
-            candle_core::bail!(
-                "palu: the latent cache holds {} positions but the sequence is at {start} + {t}; refusing to attend with misplaced RoPE",
-                cached_k.dim(2)?
-            )
-        }
-        self.attend(x.dtype(), &q, cached_k, cached_v, start, mask)
+                },
+                self.v.latent(x)?,
+            ),
+        })
     }
 
     /// One layer over the engine's paged blocks (`pools`: this layer's key and value block
@@ -286,7 +294,7 @@ impl Attention {
         masks: &mut PrefillMasks,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let (h, n_kv, dh) = (self.n_heads, self.n_kv, self.head_dim);
+        let (h, dh) = (self.n_heads, self.head_dim);
         if self.window.is_some() {
             candle_core::bail!("palu: paged attention over a sliding-window model is not supported; serve it without paged attention")
         }
@@ -295,38 +303,8 @@ impl Attention {
             .reshape((b, t, h, dh))?
             .transpose(1, 2)?;
         let q = crate::model::apply_rope(&q, &cos, &sin, false)?;
-        // The new rows: packed rows (U8), or latents / full keys in the activation dtype (the
-        // copy into fp8 blocks, `--pa-cache-type f8e4m3`, converts them).
-        let k_full = match &self.full_k {
-            None => None,
-            Some((w, bias)) => {
-                let k = linear(x, w, bias.as_ref())?
-                    .reshape((b, t, n_kv, dh))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
-                Some(
-                    crate::model::apply_rope(&k, &cos, &sin, false)?
-                        .transpose(1, 2)?
-                        .reshape((b, t, n_kv * dh))?,
-                )
-            }
-        };
-        let (rows_k, rows_v) = match &self.packed {
-            Some((ck, cv)) => (
-                match &k_full {
-                    Some(k) => ck.encode(k)?,
-                    None => ck.project_encode(x, &self.k.down)?,
-                },
-                cv.project_encode(x, &self.v.down)?,
-            ),
-            None => (
-                match k_full {
-                    Some(k) => k,
-                    None => self.k.latent(x)?,
-                },
-                self.v.latent(x)?,
-            ),
-        };
+        // The copy into fp8 blocks (`--pa-cache-type f8e4m3`) converts 16-bit rows.
+        let (rows_k, rows_v) = self.new_rows(x, &cos, &sin)?;
         let flat = |r: &Tensor| r.reshape((b * t, ()))?.contiguous();
         crate::paged::write_rows(&pools.0, &flat(&rows_k)?, &step.slots)?;
         crate::paged::write_rows(&pools.1, &flat(&rows_v)?, &step.slots)?;

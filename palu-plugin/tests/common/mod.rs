@@ -76,6 +76,19 @@ pub fn rel_l2(got: &candle_core::Tensor, want: &candle_core::Tensor) -> f32 {
     (sq(&(got - want).unwrap()) / sq(want)).sqrt()
 }
 
+/// Largest |got − want| of two tensors of one shape, compared in f32 (any float dtype).
+pub fn max_abs_diff(got: &candle_core::Tensor, want: &candle_core::Tensor) -> f32 {
+    let f = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+    (&f(got) - &f(want))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// Decoded rows of two encodings of nearly equal latents: the largest difference in units of
 /// (one code step + the dtype's rounding of the latents on each side, `eps` relative), and the
 /// fraction of identical bytes. A value on a rounding boundary lands one code away; rounding h
