@@ -36,7 +36,7 @@ extern "C" void paged_attention_v2_bf16(void* out, float* exp_sums, float* max_l
                                         uint32_t cache_dtype, float* k_scale, float* v_scale, const float* sinks);
 extern "C" size_t palu_decode_workspace(int B, int G, int g, int n_rep, int n_splits, int rv_pad);
 extern "C" int palu_decode_rank_pad(int dh, int g, int n_rep, int rk, int rv);
-extern "C" void palu_decode_plan(int B, int G, int Lmax, int target_blocks, int* n_splits, int* split_len);
+extern "C" int palu_decode_plan_for(const palu::DecodeParams* shape, int target_blocks, int* n_splits, int* split_len);
 
 #define CK(x)                                                                              \
     do {                                                                                   \
@@ -54,6 +54,15 @@ __global__ void fill_random(half* x, size_t n, unsigned long long seed, float sc
         z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
         z ^= z >> 31;
         x[i] = __float2half(((z >> 40) * (1.0f / 16777216.0f) * 2.f - 1.f) * scale);
+    }
+}
+
+__global__ void fill_random_fp8(unsigned char* x, size_t n, unsigned long long seed) {
+    // e4m3 bit patterns of values in ±[0.5, 0.94]: exponent 6 (bias 7), any mantissa; never NaN.
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        unsigned long long z = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+        z = (z ^ (z >> 31)) * 0xBF58476D1CE4E5B9ull;
+        x[i] = (unsigned char)(((z >> 32) & 0x87) | 0x30);
     }
 }
 
@@ -92,10 +101,13 @@ static float median_us(F launch, int reps) {
     return t[t.size() / 2];
 }
 
-// One decode step of the stock kernel on a bf16 paged cache (block 32), as mistral.rs runs it;
-// returns the median µs, or -1 when the launch fails (the error is printed).
-static float stock_us(int H, int Hkv, int dh, int L, int B, unsigned long long seed) {
-    const int block = 32, x = 8;  // x = 16 bytes / sizeof(bf16)
+// One decode step of the stock kernel on a bf16 paged cache (block 32), as mistral.rs runs it,
+// or with `fp8` on its f8e4m3 cache (`--pa-cache-type f8e4m3`: bf16 queries, e4m3 blocks with
+// per-tensor scales of 1); returns the median µs, or -1 when the launch fails (the error is
+// printed), -2 where its single-pass kernel would abort the process.
+static float stock_us(int H, int Hkv, int dh, int L, int B, unsigned long long seed, bool fp8 = false) {
+    const int block = 32, x = fp8 ? 16 : 8;  // x = 16 bytes / sizeof(cache element)
+    const size_t esz = fp8 ? 1 : 2;
     {
         // Its single-pass (v1) kernel keeps all L logits in shared memory; past the per-block
         // limit the launch fails inside the library, which then exits the process.
@@ -110,11 +122,21 @@ static float stock_us(int H, int Hkv, int dh, int L, int B, unsigned long long s
     uint32_t *bt, *cl;
     CK(cudaMalloc(&q, (size_t)B * H * dh * 2));
     CK(cudaMalloc(&out, (size_t)B * H * dh * 2));
-    CK(cudaMalloc(&kc, cache_elems * 2));
-    CK(cudaMalloc(&vc, cache_elems * 2));
+    CK(cudaMalloc(&kc, cache_elems * esz));
+    CK(cudaMalloc(&vc, cache_elems * esz));
     fill_random_u16<<<4096, 256>>>((unsigned short*)q, (size_t)B * H * dh, seed + 11);
-    fill_random_u16<<<4096, 256>>>((unsigned short*)kc, cache_elems, seed + 12);
-    fill_random_u16<<<4096, 256>>>((unsigned short*)vc, cache_elems, seed + 13);
+    if (fp8) {
+        fill_random_fp8<<<4096, 256>>>((unsigned char*)kc, cache_elems, seed + 12);
+        fill_random_fp8<<<4096, 256>>>((unsigned char*)vc, cache_elems, seed + 13);
+    } else {
+        fill_random_u16<<<4096, 256>>>((unsigned short*)kc, cache_elems, seed + 12);
+        fill_random_u16<<<4096, 256>>>((unsigned short*)vc, cache_elems, seed + 13);
+    }
+    float* scales;  // k_scale, v_scale
+    const float ones[2] = {1.f, 1.f};
+    CK(cudaMalloc(&scales, 8));
+    CK(cudaMemcpy(scales, ones, 8, cudaMemcpyHostToDevice));
+    const uint32_t cache_dtype = fp8 ? 3 : 1;
     std::vector<uint32_t> tables((size_t)B * blocks_per_seq), lens(B, (uint32_t)L);
     for (size_t i = 0; i < tables.size(); ++i) tables[i] = (uint32_t)i;
     CK(cudaMalloc(&bt, tables.size() * 4));
@@ -130,22 +152,25 @@ static float stock_us(int H, int Hkv, int dh, int L, int B, unsigned long long s
     auto launch = [&]() {
         if (v1)
             paged_attention_v1_bf16(out, q, kc, vc, nullptr, Hkv, 1.f / sqrtf((float)dh), 1.f, bt, cl, block, L, B, H, dh,
-                                    blocks_per_seq, H * dh, kv_block_stride, kv_head_stride, 0, 1, nullptr, nullptr, nullptr);
+                                    blocks_per_seq, H * dh, kv_block_stride, kv_head_stride, 0, cache_dtype, scales, scales + 1,
+                                    nullptr);
         else
             paged_attention_v2_bf16(out, es, ml, tmp, q, kc, vc, nullptr, Hkv, 1.f / sqrtf((float)dh), 1.f, bt, cl, block, L, B,
-                                    H, dh, blocks_per_seq, H * dh, kv_block_stride, kv_head_stride, 0, 1, nullptr, nullptr,
-                                    nullptr);
+                                    H, dh, blocks_per_seq, H * dh, kv_block_stride, kv_head_stride, 0, cache_dtype, scales,
+                                    scales + 1, nullptr);
     };
     float result = -1.f;
     launch();
     cudaError_t e = cudaDeviceSynchronize();
     if (e != cudaSuccess) {
-        fprintf(stderr, "stock paged attention (%s) at L=%d B=%d: %s\n", v1 ? "v1" : "v2", L, B, cudaGetErrorString(e));
+        fprintf(stderr, "stock paged attention (%s%s) at L=%d B=%d: %s\n", v1 ? "v1" : "v2", fp8 ? ", fp8" : "", L, B,
+                cudaGetErrorString(e));
         cudaGetLastError();
     } else {
         result = median_us(launch, 20);
     }
     for (void* p : {q, out, kc, vc, tmp}) cudaFree(p);
+    cudaFree(scales);
     cudaFree(es);
     cudaFree(ml);
     cudaFree(bt);
@@ -168,6 +193,7 @@ struct Problem {
     void *packed_k = nullptr, *packed_v = nullptr;  // make_packed
     half *half_k = nullptr, *half_v = nullptr;
     int row_bytes = 0, bits = 0;
+    int rpad = 0, ws_splits = 0;  // the workspace holds ws_splits splits
     ~Problem() {
         for (void* b : bufs) cudaFree(b);
     }
@@ -180,6 +206,18 @@ static void* dalloc(Problem& pr, size_t bytes) {
     return d;
 }
 
+// Params p re-planned for its own variant and bits (the split kernels differ in resident blocks
+// per SM); the workspace grows where the new plan has more splits.
+static palu::DecodeParams planned(Problem& pr, palu::DecodeParams p) {
+    CK((cudaError_t)palu_decode_plan_for(&p, g_target, &p.n_splits, &p.split_len));
+    if (p.n_splits > pr.ws_splits) {
+        pr.ws_splits = p.n_splits;
+        p.partial = (float*)dalloc(pr, palu_decode_workspace(p.B, p.G, p.g, p.n_rep, p.n_splits, pr.rpad) * 4);
+        pr.p.partial = p.partial;
+    }
+    return p;
+}
+
 // Random problem on the device; lens per sequence; rank r per group (= ratio·g·dh). Latents in
 // the benchmark's [B, G, Lmax, round8(r)] layout, or with `model_layout` in the model cache's
 // [B, Lmax, G·r] (r a multiple of 8).
@@ -190,6 +228,7 @@ static void setup(Problem& pr, const Shape& s, const std::vector<int>& lens, int
     p.Lmax = *std::max_element(lens.begin(), lens.end());
     p.rk = p.rv = r; p.ldk = p.ldv = (r + 7) / 8 * 8;  // padded row stride; pads hold garbage
     int rpad = palu_decode_rank_pad(p.dh, p.g, p.n_rep, r, r);
+    pr.rpad = rpad;
     p.hk_sb = p.hv_sb = (long long)p.G * p.Lmax * p.ldk;
     p.hk_sg = p.hv_sg = (long long)p.Lmax * p.ldk;
     if (model_layout) {
@@ -197,7 +236,7 @@ static void setup(Problem& pr, const Shape& s, const std::vector<int>& lens, int
         p.hk_sb = p.hv_sb = (long long)p.Lmax * p.G * r;
         p.hk_sg = p.hv_sg = r;
     }
-    palu_decode_plan(p.B, p.G, p.Lmax, g_target, &p.n_splits, &p.split_len);
+    CK((cudaError_t)palu_decode_plan_for(&p, g_target, &p.n_splits, &p.split_len));
     size_t nq = (size_t)p.B * p.H * p.dh, nh = (size_t)p.B * p.hk_sb, nb = (size_t)p.G * p.g * p.dh * r;
     half* q = (half*)dalloc(pr, nq * 2);
     half* hk = (half*)dalloc(pr, nh * 2);
@@ -215,6 +254,7 @@ static void setup(Problem& pr, const Shape& s, const std::vector<int>& lens, int
     for (int i = 0; i < p.dh / 2; ++i) inv[i] = powf(500000.f, -2.f * i / p.dh);  // Llama-3 theta
     float* di = (float*)dalloc(pr, inv.size() * 4);
     CK(cudaMemcpy(di, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
+    pr.ws_splits = p.n_splits;
     float* part = (float*)dalloc(pr, palu_decode_workspace(p.B, p.G, p.g, p.n_rep, p.n_splits, rpad) * 4);
     float* out = (float*)dalloc(pr, nq * 4);
     p.q = q; p.hk = hk; p.hv = hv; p.bk = bk; p.bv = bv; p.lens = dl; p.inv_freq = di; p.partial = part; p.out = out;
@@ -500,11 +540,12 @@ static int paged_section(unsigned long long seed) {
 }
 
 int main(int argc, char** argv) {
-    bool quick = false, llama3_only = false, with_stock = true, ablate = false;
+    bool quick = false, llama3_only = false, llama2_only = false, with_stock = true, ablate = false;
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
         if (a == "--quick") quick = true;
         if (a == "--llama3") llama3_only = true;
+        if (a == "--llama2") llama2_only = true;
         if (a == "--target" && i + 1 < argc) g_target = atoi(argv[++i]);
         if (a == "--no-stock") with_stock = false;
         if (a == "--ablate") ablate = true;
@@ -525,16 +566,22 @@ int main(int argc, char** argv) {
     printf("split target: %d blocks\n", g_target);
     unsigned long long seed = std::chrono::high_resolution_clock::now().time_since_epoch().count();
     printf("seed %llu\n", seed);
-    // Correctness: sequences of different lengths (not multiples of the tile), both models, g = 1, 2.
+    // Correctness: sequences of different lengths (not multiples of the tile), both models,
+    // g = 1, 2, 4. Variants: 0 the register pipeline (g = 2 joint, g = 4 as virtual heads), 1
+    // the shared-memory pipeline, 2 the register pipeline with g > 1 forced to virtual heads.
     int failures = 0;
-    for (int variant : {0, 1})
+    auto vname = [](int variant, int g) { return variant == 1 ? "v3" : variant == 2 || g == 4 ? "v4 virtual" : "v4"; };
+    for (int variant : {0, 1, 2})
         for (Shape s : {Shape{"llama3-8b", 32, 8, 128, 1, 0, 3}, Shape{"llama3-8b", 32, 8, 128, 2, 0, 3},
-                        Shape{"llama2-7b", 32, 32, 128, 1, 0, 2}, Shape{"llama2-7b", 32, 32, 128, 2, 0, 2}}) {
+                        Shape{"llama3-8b", 32, 8, 128, 4, 0, 3}, Shape{"llama2-7b", 32, 32, 128, 1, 0, 2},
+                        Shape{"llama2-7b", 32, 32, 128, 2, 0, 2}, Shape{"llama2-7b", 32, 32, 128, 4, 0, 2}}) {
+            if (variant == 2 && s.g == 1) continue;
             std::vector<int> lens = s.B == 3 ? std::vector<int>{1000, 2113, 77} : std::vector<int>{517, 1201};
             Problem pr;
             int r = 64 * s.g / 2 + 3;  // not a multiple of 16: masking of the padded rank
             setup(pr, s, lens, r, seed++);
             pr.p.variant = variant;
+            pr.p = planned(pr, pr.p);
             CK(cudaMemset(pr.p.out, 0xff, (size_t)s.B * s.H * s.dh * 4));  // poison
             int e = palu_decode(pr.p, 0);
             CK((cudaError_t)e);
@@ -542,21 +589,23 @@ int main(int argc, char** argv) {
             double err = check(pr);
             bool ok = err < 2e-3 && std::isfinite(err);
             failures += !ok;
-            printf("check v%d %-10s g=%d r=%d lens=%d,%d%s splits=%d: rel L2 error %.2e %s\n", variant == 0 ? 4 : 3, s.model, s.g, r,
+            printf("check %-10s %-10s g=%d r=%d lens=%d,%d%s splits=%d: rel L2 error %.2e %s\n", vname(variant, s.g), s.model, s.g, r,
                    lens[0], lens[1], s.B == 3 ? ",77" : "", pr.p.n_splits, err, ok ? "ok" : "FAIL");
         }
     // The model cache's layout: groups side by side in a row (r = 40: a multiple of 8, not of 16).
-    for (int variant : {0, 1})
-        for (int g : {1, 2}) {
+    for (int variant : {0, 1, 2})
+        for (int g : {1, 2, 4}) {
+            if (variant == 2 && g == 1) continue;
             Problem pr;
             setup(pr, Shape{"llama3-8b", 32, 8, 128, g, 0, 2}, std::vector<int>{700, 333}, 40 * g, seed++, true);
             pr.p.variant = variant;
+            pr.p = planned(pr, pr.p);
             CK((cudaError_t)palu_decode(pr.p, 0));
             CK(cudaDeviceSynchronize());
             double err = check(pr);
             bool ok = err < 2e-3 && std::isfinite(err);
             failures += !ok;
-            printf("check v%d llama3-8b  g=%d r=%d lens=700,333 model layout: rel L2 error %.2e %s\n", variant == 0 ? 4 : 3, g,
+            printf("check %-10s llama3-8b  g=%d r=%d lens=700,333 model layout: rel L2 error %.2e %s\n", vname(variant, g), g,
                    40 * g, err, ok ? "ok" : "FAIL");
         }
     // SmolLM2-135M's attention (head_dim 64, 9 query heads over 3 KV heads): M-LRD and the
@@ -571,7 +620,7 @@ int main(int argc, char** argv) {
             double err = check(pr);
             bool ok = err < 2e-3 && std::isfinite(err);
             failures += !ok;
-            printf("check v%d smollm2    g=%d r=%d lens=900,211 model layout: rel L2 error %.2e %s\n", variant == 0 ? 4 : 3, g, r,
+            printf("check %-10s smollm2    g=%d r=%d lens=900,211 model layout: rel L2 error %.2e %s\n", variant == 0 ? "v4" : "v3", g, r,
                    err, ok ? "ok" : "FAIL");
         }
     // A long context exercises the angle recurrence and its re-seeding.
@@ -584,20 +633,27 @@ int main(int argc, char** argv) {
         double err = check(pr);
         bool ok = err < 2e-3 && std::isfinite(err);
         failures += !ok;
-        printf("check v4 llama3-8b  g=1 r=64 lens=40000 splits=%d: rel L2 error %.2e %s\n", pr.p.n_splits, err, ok ? "ok" : "FAIL");
+        printf("check v4         llama3-8b  g=1 r=64 lens=40000 splits=%d: rel L2 error %.2e %s\n", pr.p.n_splits, err, ok ? "ok" : "FAIL");
     }
-    // Packed latents (2/4/8 bits, Llama shapes at g = 1): the packed kernel must give exactly
-    // what the 16-bit kernel gives on the dequantized rows, and both must match float64.
+    // Packed latents (2/4/8 bits, Llama shapes at g = 1, and g = 2, 4 as virtual heads): the
+    // packed kernel must give exactly what the 16-bit kernel gives on the dequantized rows (g > 1:
+    // the 16-bit kernel forced to virtual heads, variant 2), and both must match float64.
     for (int bits : {2, 4, 8})
         // Rows of 2 and 1 KV groups (72 / 36 bytes at 4 bits) take the 8- and 4-byte copies.
         for (Shape s : {Shape{"llama3-8b", 32, 8, 128, 1, 0, 3}, Shape{"llama2-7b", 32, 32, 128, 1, 0, 2},
-                        Shape{"gqa4-2kv", 8, 2, 128, 1, 0, 3}, Shape{"gqa4-1kv", 4, 1, 128, 1, 0, 3}}) {
+                        Shape{"gqa4-2kv", 8, 2, 128, 1, 0, 3}, Shape{"gqa4-1kv", 4, 1, 128, 1, 0, 3},
+                        Shape{"llama3-8b", 32, 8, 128, 2, 0, 3}, Shape{"llama3-8b", 32, 8, 128, 4, 0, 3},
+                        Shape{"llama2-7b", 32, 32, 128, 4, 0, 2}}) {
             std::vector<int> lens = s.B == 3 ? std::vector<int>{1000, 2113, 77} : std::vector<int>{517, 1201};
             Problem pr;
-            setup(pr, s, lens, 64, seed++, true);
+            const int r = 64 * s.g;
+            setup(pr, s, lens, r, seed++, true);
             make_packed(pr, bits, seed++, true);
             const size_t nout = (size_t)s.B * s.H * s.dh;
             palu::DecodeParams pq = packed_params(pr), pd = dequantized_params(pr);
+            pd.variant = s.g > 1 ? 2 : 0;
+            pq = planned(pr, pq);
+            pd.n_splits = pq.n_splits, pd.split_len = pq.split_len, pd.partial = pq.partial;
             pd.out = (float*)dalloc(pr, nout * 4);
             CK(cudaMemset(pq.out, 0xff, nout * 4));
             CK((cudaError_t)palu_decode(pq, 0));
@@ -611,9 +667,9 @@ int main(int argc, char** argv) {
             double err = check_params(pd);
             bool ok = differ == 0 && err < 2e-3 && std::isfinite(err);
             failures += !ok;
-            printf("check packed %d-bit %-10s g=1 r=64 rows of %d bytes lens=%d,%d%s: %zu of %zu outputs differ from the 16-bit "
+            printf("check packed %d-bit %-10s g=%d r=%d rows of %d bytes lens=%d,%d%s: %zu of %zu outputs differ from the 16-bit "
                    "kernel on the dequantized rows; rel L2 error %.2e %s\n",
-                   bits, s.model, pr.row_bytes, lens[0], lens[1], s.B == 3 ? ",77" : "", differ, nout, err, ok ? "ok" : "FAIL");
+                   bits, s.model, s.g, r, pr.row_bytes, lens[0], lens[1], s.B == 3 ? ",77" : "", differ, nout, err, ok ? "ok" : "FAIL");
         }
     if (failures) {
         printf("correctness failures: %d (no timings)\n", failures);
@@ -646,16 +702,17 @@ int main(int argc, char** argv) {
         std::string model;
         int g, L, B;
         double us, roof, stock, b8 = 0, b4 = 0;  // stock ≤ 0: not run or failed
+        double stock8 = 0;                       // the stock kernel on its f8e4m3 cache
         double fused = 0, fused4 = 0;            // latent_out (fused values): fp16, 4-bit
     };
     std::vector<Measured> measured;
-    std::map<std::string, float> stock_cache;
+    std::map<std::string, float> stock_cache, stock8_cache;
     auto stock_us_fn = stock_us;
     std::vector<int> Ls = quick ? std::vector<int>{16384} : std::vector<int>{4096, 16384, 65536, 131072};
     std::vector<int> Bs = quick ? std::vector<int>{8} : std::vector<int>{1, 8, 32};
     for (const char* model : {"llama3-8b", "llama2-7b"})
-        if (!llama3_only || std::string(model) == "llama3-8b")
-        for (int g : {1, 2})
+        if ((!llama3_only || std::string(model) == "llama3-8b") && (!llama2_only || std::string(model) == "llama2-7b"))
+        for (int g : {1, 2, 4})
             for (int L : Ls)
                 for (int B : Bs) {
                     Shape s{model, 32, std::string(model) == "llama3-8b" ? 8 : 32, 128, g, L, B};
@@ -667,6 +724,10 @@ int main(int argc, char** argv) {
                     setup(pr, s, std::vector<int>(B, L), r, seed++);
                     pr.p.variant = 0;
                     float us = time_us(pr.p, 20);
+                    // g = 2: the same groups forced to virtual heads (g = 4 runs so by default).
+                    palu::DecodeParams pv = pr.p;
+                    pv.variant = 2;
+                    const float us_virtual = g == 2 ? time_us(planned(pr, pv), 20) : 0.f;
                     // Fused values (the planner's choice where r < head_dim): the kernel writes
                     // the o_proj input of `o_proj·B_v`, each head's r-wide latent, skipping B_v.
                     palu::DecodeParams pf = pr.p;
@@ -676,9 +737,11 @@ int main(int argc, char** argv) {
                     double stock_us = 0;
                     if (with_stock && full_kv < 40e9) {
                         std::string key = std::string(model) + "/" + std::to_string(L) + "/" + std::to_string(B);
-                        if (!stock_cache.count(key)) stock_cache[key] = stock_us_fn(s.H, s.Hkv, s.dh, L, B, seed++);
+                        if (!stock_cache.count(key)) stock_cache[key] = stock_us_fn(s.H, s.Hkv, s.dh, L, B, seed++, false);
+                        if (!stock8_cache.count(key)) stock8_cache[key] = stock_us_fn(s.H, s.Hkv, s.dh, L, B, seed++, true);
                         stock_us = stock_cache[key];
                     }
+                    const double stock8_us = stock_us == 0 ? 0 : stock8_cache[std::string(model) + "/" + std::to_string(L) + "/" + std::to_string(B)];
                     // Packed latents (g = 1): 8 and 4 bits, µs and × roofline (and × stock for 4 bits).
                     std::string low[2] = {"–", "–"};
                     double packed_us[2] = {0, 0}, fused4_us = 0;
@@ -686,12 +749,12 @@ int main(int argc, char** argv) {
                         for (int k = 0; k < 2; ++k) {
                             const int bits = k == 0 ? 8 : 4;
                             make_packed_device(pr, bits, seed++);
-                            const float t = time_us(packed_params(pr), 20);
+                            const float t = time_us(planned(pr, packed_params(pr)), 20);
                             (k == 0 ? packed_us[0] : packed_us[1]) = t;
-                            if (k == 1) {
+                            if (k == 1 && r <= s.dh) {
                                 palu::DecodeParams pq = packed_params(pr);
                                 pq.latent_out = 1;
-                                fused4_us = time_us(pq, 20);
+                                fused4_us = time_us(planned(pr, pq), 20);
                             }
                             char c[96];
                             if (k == 1 && stock_us > 0)
@@ -707,20 +770,32 @@ int main(int argc, char** argv) {
                         else snprintf(c, sizeof c, "%.1f", t);
                         return std::string(c);
                     };
-                    char line[512];
-                    snprintf(line, sizeof line, "| %s | %d | %dK | %d | %.1f | %.1f | %.2f | %.0f%% | %s | %s | %s | %s | %s |", model, g, L / 1024, B,
-                             us, roof_us, us / roof_us, 100.0 * (lat / (us * 1e-6)) / bw,
-                             stock_us > 0 ? (std::to_string((int)stock_us) + " (" + std::to_string(stock_us / us).substr(0, 4) + "×)").c_str()
-                             : stock_us == -2 ? "aborts (v1 smem)" : stock_us < 0 ? "fails" : "–",
-                             low[0].c_str(), low[1].c_str(), fused_cell(us_fused).c_str(), fused_cell(fused4_us).c_str());
+                    auto stock_cell = [&](double st, double t) {
+                        if (st > 0) {
+                            char c[64];
+                            snprintf(c, sizeof c, "%d (%.2f×)", (int)st, st / t);
+                            return std::string(c);
+                        }
+                        return std::string(st == -2 ? "aborts (v1 smem)" : st < 0 ? "fails" : "–");
+                    };
+                    char virt[64] = "–";
+                    if (us_virtual > 0) snprintf(virt, sizeof virt, "%.1f (%.2f×)", us_virtual, us_virtual / us);
+                    // Tensor-core work of the rebuild (2·g·dh·r FLOP per token and group) per second.
+                    const double rebuild_tflops = 2.0 * B * L * (s.Hkv / g) * (g * s.dh) * r / (us * 1e-6) / 1e12;
+                    char line[768];
+                    snprintf(line, sizeof line, "| %s | %d | %dK | %d | %.1f | %.1f | %.2f | %.0f%% | %.0f | %s | %s | %s | %s | %s | %s | %s |", model,
+                             g, L / 1024, B, us, roof_us, us / roof_us, 100.0 * (lat / (us * 1e-6)) / bw, rebuild_tflops,
+                             stock_cell(stock_us, us).c_str(), stock_cell(stock8_us, us).c_str(), low[0].c_str(), low[1].c_str(),
+                             fused_cell(us_fused).c_str(), fused_cell(fused4_us).c_str(), virt);
                     rows.push_back(line);
                     Measured m{model, g, L, B, us, roof_us, stock_us, packed_us[0], packed_us[1]};
+                    m.stock8 = stock8_us;
                     m.fused = us_fused, m.fused4 = fused4_us;
                     measured.push_back(m);
                     fprintf(stderr, "%s\n", line);
                 }
-    printf("\n| shape | g | L | batch | Palu-50%% fp16 µs | roofline bf16 K/V µs | × roofline | latent bytes/s ÷ copy BW | stock paged attn bf16 µs, same run (speed-up) | 8-bit µs (× roofline) | 4-bit µs (× roofline, × stock) | fused values fp16 µs | fused values 4-bit µs |\n");
-    printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    printf("\n| shape | g | L | batch | Palu-50%% fp16 µs | roofline bf16 K/V µs | × roofline | latent bytes/s ÷ copy BW | rebuild TFLOP/s | stock paged attn bf16 µs, same run (speed-up) | stock f8e4m3 cache µs (speed-up) | 8-bit µs (× roofline) | 4-bit µs (× roofline, × stock) | fused values fp16 µs | fused values 4-bit µs | g > 1 as virtual heads µs (× default) |\n");
+    printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (auto& r : rows) printf("%s\n", r.c_str());
     // The CUDA issue's targets against the rows above (Palu-50 %, g = 1 unless said).
     auto range = [&](auto pick, auto keep) {
@@ -758,6 +833,8 @@ int main(int argc, char** argv) {
         [](const Measured& m) { return m.stock > 0 && m.fused4 > 0 ? m.stock / m.fused4 : 0; }, llama3_b8, 6.0, false);
     row("fp16 latents, fused values ≤ 0.6× roofline", "Llama-3, L ≥ 16K",
         [](const Measured& m) { return m.fused / m.roof; }, llama3_long, 0.6, true);
+    row("g = 4 fp16 latents ≤ 1.0× roofline", "Llama-3 and Llama-2, g = 4, L ≥ 16K", [](const Measured& m) { return m.us / m.roof; },
+        [](const Measured& m) { return m.g == 4 && m.L >= 16384; }, 1.0, true);
     int handled = 0, aborted = 0;
     for (const auto& m : measured) handled += m.us > 0, aborted += m.stock == -2;
     printf("| every shape handled | all rows | Palu %d of %zu; stock aborts on %d | %s |\n", handled, measured.size(), aborted,

@@ -75,6 +75,9 @@ pub struct DecodeParams {
     /// Tokens per block, a multiple of 16.
     pub block_size: i32,
     pub table_stride: i32,
+    /// Set by the dispatch (leave 0): groups of `g > 1` heads without a joint instantiation run
+    /// as `g` one-head "virtual" groups of the full rank reading the same latent.
+    pub latent_share: i32,
 }
 
 #[cfg(feature = "cuda")]
@@ -104,6 +107,16 @@ extern "C" {
         rk: i32,
         rv: i32,
         bits: i32,
+    ) -> i32;
+    /// Splits over L for the shape in `shape` (batch, groups, g, n_rep, head_dim, ranks, bits,
+    /// bf16, variant, lmax): one wave of the chosen split kernel's resident blocks
+    /// (`target_blocks`, 0: the runtime's occupancy count on this device). Returns a
+    /// `cudaError_t` (801: no kernel for the shape).
+    pub fn palu_decode_plan_for(
+        shape: *const DecodeParams,
+        target_blocks: i32,
+        n_splits: *mut i32,
+        split_len: *mut i32,
     ) -> i32;
     /// Splits over L filling one wave of `target_blocks` resident blocks (0: three per SM).
     pub fn palu_decode_plan(

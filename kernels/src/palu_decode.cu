@@ -31,43 +31,43 @@ cudaError_t raise_smem_limit(K* kernel, int bytes) {
     return raise_smem_limit(reinterpret_cast<const void*>(kernel), bytes);
 }
 
-// Instantiations with packed latents (2, 4 and 8 bits): the Llama shapes at g = 1.
+// Instantiations with packed latents (2, 4 and 8 bits): head_dim 128 at g = 1, the ranks of
+// Palu-50 % M-LRD (64) and of its G-LRD / J-LRD groups run as virtual heads (128: g = 2, 256:
+// g = 4).
 template <int DH, int G, int NREP, int RKP>
-constexpr bool kPackedInstance = DH == 128 && G == 1 && RKP == 64 && (NREP == 4 || NREP == 1);
+constexpr bool kPackedInstance = DH == 128 && G == 1 && (RKP == 64 || RKP == 128 || RKP == 256) && (NREP == 4 || NREP == 1);
 
-// Launch a split kernel (its dynamic shared memory raised once), then the combine that merges
-// the splits and applies B_v: every path of the dispatch ends here.
-template <typename T, int RKP, int DH, int G, int NREP, typename K>
-cudaError_t split_then_combine(K* split, int smem, int threads, palu::DecodeParams p, cudaStream_t stream) {
-    cudaError_t e = raise_smem_limit(split, smem);
-    if (e != cudaSuccess) return e;
-    split<<<dim3(p.n_splits, p.G, p.B), threads, smem, stream>>>(p);
-    e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-    palu::palu_decode_combine<T, RKP, DH, G, NREP><<<dim3(p.H, p.B), DH, 0, stream>>>(p);
-    return cudaGetLastError();
-}
+// One launch's kernels: the split kernel and its dynamic shared memory, then the combine that
+// merges the splits and applies B_v.
+struct Kernels {
+    void (*split)(palu::DecodeParams) = nullptr;
+    void (*combine)(palu::DecodeParams) = nullptr;
+    int smem = 0, threads = 0;
+};
 
 template <typename T, int RKP, int DH, int G, int NREP, int BITS>
-cudaError_t launch_packed(palu::DecodeParams p, cudaStream_t stream) {
+Kernels packed_kernels() {
     using S = palu::mma4::Smem<RKP, RKP, DH, G, BITS>;
-    return split_then_combine<T, RKP, DH, G, NREP>(palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP, 0, BITS>, S::total,
-                                                   palu::mma4::kWarps * 32, p, stream);
+    return {palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP, 0, BITS>, palu::palu_decode_combine<T, RKP, DH, G, NREP>, S::total,
+            palu::mma4::kWarps * 32};
 }
 
+// The kernels of one instantiation for p (variant, bits, ablations); split = null when the
+// instantiation has none for them.
 template <typename T, int RKP, int DH, int G, int NREP>
-cudaError_t launch(palu::DecodeParams p, cudaStream_t stream) {
+Kernels select(const palu::DecodeParams& p) {
+    const auto combine = palu::palu_decode_combine<T, RKP, DH, G, NREP>;
     if (p.bits != 0) {
         if constexpr (kPackedInstance<DH, G, NREP, RKP>) {
-            if (p.variant != 0) return cudaErrorNotSupported;
-            if (p.bits == 2) return launch_packed<T, RKP, DH, G, NREP, 2>(p, stream);
-            if (p.bits == 4) return launch_packed<T, RKP, DH, G, NREP, 4>(p, stream);
-            if (p.bits == 8) return launch_packed<T, RKP, DH, G, NREP, 8>(p, stream);
+            if (p.variant != 0 && p.variant != 2) return {};
+            if (p.bits == 2) return packed_kernels<T, RKP, DH, G, NREP, 2>();
+            if (p.bits == 4) return packed_kernels<T, RKP, DH, G, NREP, 4>();
+            if (p.bits == 8) return packed_kernels<T, RKP, DH, G, NREP, 8>();
         }
-        return cudaErrorNotSupported;
+        return {};
     }
-    if (p.block_table != nullptr && p.variant != 0) return cudaErrorNotSupported;  // paged: register pipeline
-    if (p.variant == 0 || p.variant > 100) {
+    if (p.block_table != nullptr && p.variant == 1) return {};  // paged: register pipeline
+    if (p.variant != 1) {
         using S = palu::mma4::Smem<RKP, RKP, DH, G>;
         auto split = palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP>;
 #ifdef PALU_ABLATIONS
@@ -80,15 +80,86 @@ cudaError_t launch(palu::DecodeParams p, cudaStream_t stream) {
             if (p.variant == 105) split = palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP, 5>;
         }
 #endif
-        if (p.variant > 100 && split == palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP>) return cudaErrorNotSupported;
-        return split_then_combine<T, RKP, DH, G, NREP>(split, S::total, palu::mma4::kWarps * 32, p, stream);
+        if (p.variant > 100 && split == palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP>) return {};
+        return {split, combine, S::total, palu::mma4::kWarps * 32};
     } else if constexpr (std::is_same_v<T, half>) {
         using S = palu::SplitSmem<RKP, RKP, DH, G>;
-        return split_then_combine<T, RKP, DH, G, NREP>(palu::palu_decode_split<RKP, RKP, DH, G, NREP>, S::total,
-                                                       palu::kThreads, p, stream);
+        return {palu::palu_decode_split<RKP, RKP, DH, G, NREP>, combine, S::total, palu::kThreads};
     } else {
-        return cudaErrorNotSupported;  // the shared-memory pipeline is f16 only
+        return {};  // the shared-memory pipeline is f16 only
     }
+}
+
+}  // namespace
+
+// The instantiations: (head_dim, g, n_rep, padded rank). Llama-3-8B (GQA 4) and Llama-2-7B
+// (MHA) at g = 1 (ranks 64, and 128 / 256 for the virtual heads of g = 2 / 4) and g = 2 (the
+// joint rebuild); SmolLM2-135M (head_dim 64, GQA 3) at g = 1 and 3 (its J-LRD checkpoints).
+// Each adds two split kernels and a combine kernel to the build (and 6 packed ones where
+// kPackedInstance holds).
+#define PALU_DECODE_INSTANCES(X)                                                                            \
+    X(128, 1, 1, 64) X(128, 1, 4, 64) X(128, 1, 1, 128) X(128, 1, 4, 128) X(128, 1, 1, 256) X(128, 1, 4, 256) \
+    X(128, 2, 1, 128) X(128, 2, 4, 128) X(64, 1, 3, 64) X(64, 3, 3, 64) X(64, 3, 3, 128) X(64, 3, 3, 192)
+
+namespace {
+
+// Padded rank of the instantiation for (head_dim, g, n_rep) that holds rank r, 0 if none.
+int instance_pad(int dh, int g, int n_rep, int r) {
+#define PALU_PICK(DH, G, NREP, RP) \
+    if (dh == DH && g == G && n_rep == NREP && r <= RP) return RP;
+    PALU_DECODE_INSTANCES(PALU_PICK)
+#undef PALU_PICK
+    return 0;
+}
+
+bool packed_instance(int dh, int g, int n_rep, int rp) {
+#define PALU_PICK(DH, G, NREP, RP) \
+    if (dh == DH && g == G && n_rep == NREP && rp == RP) return kPackedInstance<DH, G, NREP, RP>;
+    PALU_DECODE_INSTANCES(PALU_PICK)
+#undef PALU_PICK
+    return false;
+}
+
+// Whether p runs as virtual heads: a group of g > 1 KV heads sharing one latent, as g one-head
+// groups of the full rank that read the same latent rows (DecodeParams::latent_share). The
+// rebuild FLOPs are the same; the latent is read once per head (from L2 after the first).
+// Taken where no joint (g-head) instantiation covers the shape, for packed latents (the joint
+// kernels read 16-bit latents only), and with variant 2 (forced, for the benchmark).
+bool runs_virtual(const palu::DecodeParams& p) {
+    const int r = p.rk > p.rv ? p.rk : p.rv;
+    if (p.g <= 1 || instance_pad(p.dh, 1, p.n_rep, r) == 0) return false;
+    if (p.variant == 2 || p.bits != 0) return true;
+    return instance_pad(p.dh, p.g, p.n_rep, r) == 0;
+}
+
+palu::DecodeParams as_virtual(palu::DecodeParams p) {
+    if (!runs_virtual(p)) return p;
+    p.latent_share = p.g;
+    p.G *= p.g;
+    p.g = 1;
+    if (p.variant == 2) p.variant = 0;
+    return p;
+}
+
+// The kernels for p (already virtual where it runs so), split = null without an instantiation.
+Kernels kernels_for(const palu::DecodeParams& p) {
+    const int r = p.rk > p.rv ? p.rk : p.rv;
+    const int rp = p.rk < 1 || p.rv < 1 ? 0 : instance_pad(p.dh, p.g, p.n_rep, r);
+#define PALU_SELECT(DH, G, NREP, RP)                      \
+    if (p.dh == DH && p.g == G && p.n_rep == NREP && rp == RP) \
+        return p.bf16 ? select<__nv_bfloat16, RP, DH, G, NREP>(p) : select<half, RP, DH, G, NREP>(p);
+    PALU_DECODE_INSTANCES(PALU_SELECT)
+#undef PALU_SELECT
+    return {};
+}
+
+// Blocks of the split kernel resident per SM on the current device (its shared memory raised
+// first), 0 on error.
+int resident_per_sm(const Kernels& k) {
+    if (raise_smem_limit(k.split, k.smem) != cudaSuccess) return 0;
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k.split, k.threads, k.smem) != cudaSuccess) return 0;
+    return n;
 }
 
 }  // namespace
@@ -122,41 +193,46 @@ void palu_decode_plan(int B, int G, int Lmax, int target_blocks, int* n_splits, 
     *n_splits = (Lmax + len - 1) / len;
 }
 
-// The instantiations: (head_dim, g, n_rep, padded rank). Llama-3-8B (GQA 4) and Llama-2-7B
-// (MHA) at g = 1, 2; SmolLM2-135M (head_dim 64, GQA 3) at g = 1 and 3 (its J-LRD checkpoints).
-// Each adds two split kernels and a combine kernel to the build.
-#define PALU_DECODE_INSTANCES(X)                                                         \
-    X(128, 1, 1, 64) X(128, 1, 4, 64) X(128, 2, 1, 128) X(128, 2, 4, 128)                 \
-    X(64, 1, 3, 64) X(64, 3, 3, 64) X(64, 3, 3, 128) X(64, 3, 3, 192)
-
-// Padded rank of the instantiation that covers the shape (the smallest that holds both ranks),
-// 0 if none does.
+// Padded rank of the instantiation that covers the shape (the smallest that holds both ranks;
+// for groups that run as virtual heads, that of the one-head instantiation), 0 if none does.
 int palu_decode_rank_pad(int dh, int g, int n_rep, int rk, int rv) {
-    int r = rk > rv ? rk : rv;
     if (rk < 1 || rv < 1) return 0;
-#define PALU_PICK(DH, G, NREP, RP) \
-    if (dh == DH && g == G && n_rep == NREP && r <= RP) return RP;
-    PALU_DECODE_INSTANCES(PALU_PICK)
-#undef PALU_PICK
-    return 0;
+    const int r = rk > rv ? rk : rv;
+    const int joint = instance_pad(dh, g, n_rep, r);
+    return joint != 0 ? joint : g > 1 ? instance_pad(dh, 1, n_rep, r) : 0;
 }
 
-// Whether an instantiation covers (head_dim, g, n_rep, r_k, r_v).
+// Whether an instantiation covers (head_dim, g, n_rep, r_k, r_v), jointly or as virtual heads.
 int palu_decode_supported(int dh, int g, int n_rep, int rk, int rv) {
     return palu_decode_rank_pad(dh, g, n_rep, rk, rv) != 0;
 }
 
-// Whether a packed instantiation covers the shape with `bits`-bit latents: Llama shapes
-// (head_dim 128) at g = 1, ranks ≤ 64 whose codes fill whole 16-byte pieces (r·bits % 128 == 0).
+// Whether a packed instantiation covers the shape with `bits`-bit latents: head_dim 128, ranks
+// ≤ 256 (g > 1 as virtual heads) whose codes fill whole 16-byte pieces (r·bits % 128 == 0).
 int palu_decode_packed_supported(int dh, int g, int n_rep, int rk, int rv, int bits) {
     if (bits != 2 && bits != 4 && bits != 8) return 0;
-    if (rk * bits % 128 || rv * bits % 128) return 0;
-    const int rp = palu_decode_rank_pad(dh, g, n_rep, rk, rv);
-#define PALU_PICK(DH, G, NREP, RP) \
-    if (dh == DH && g == G && n_rep == NREP && rp == RP) return kPackedInstance<DH, G, NREP, RP> ? 1 : 0;
-    PALU_DECODE_INSTANCES(PALU_PICK)
-#undef PALU_PICK
-    return 0;
+    if (rk < 1 || rv < 1 || rk * bits % 128 || rv * bits % 128) return 0;
+    const int r = rk > rv ? rk : rv;
+    return packed_instance(dh, 1, n_rep, instance_pad(dh, 1, n_rep, r)) ? 1 : 0;
+}
+
+// Splits over L for p's shape (B, G, g, n_rep, dh, ranks, bits, bf16, variant, Lmax): as many
+// as fill one wave of the split kernel's resident blocks (`target_blocks`, 0: what fits on the
+// device's SMs by the runtime's occupancy count for that kernel), blocks counted per virtual
+// head where the shape runs so. Returns a cudaError_t (cudaErrorNotSupported: no kernel).
+int palu_decode_plan_for(const palu::DecodeParams* shape, int target_blocks, int* n_splits, int* split_len) {
+    const palu::DecodeParams p = as_virtual(*shape);
+    const Kernels k = kernels_for(p);
+    if (k.split == nullptr) return cudaErrorNotSupported;
+    if (target_blocks <= 0) {
+        int dev = 0, sms = 0;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        const int per_sm = resident_per_sm(k);
+        target_blocks = (per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 66);
+    }
+    palu_decode_plan(p.B, p.G, p.Lmax, target_blocks, n_splits, split_len);
+    return cudaSuccess;
 }
 
 // Elements are f16, or bf16 with p.bf16 (register pipeline only).
@@ -179,13 +255,16 @@ int palu_decode(palu::DecodeParams p, cudaStream_t stream) {
     if (p.bits && (!palu_decode_packed_supported(p.dh, p.g, p.n_rep, p.rk, p.rv, p.bits) || p.k_scale_off % 2 ||
                    p.k_zero_off % 2 || p.v_scale_off % 2 || p.v_zero_off % 2))
         return p.bits == 2 || p.bits == 4 || p.bits == 8 ? cudaErrorNotSupported : cudaErrorInvalidValue;
-    const int rp = palu_decode_rank_pad(p.dh, p.g, p.n_rep, p.rk, p.rv);
-#define PALU_LAUNCH(DH, G, NREP, RP)                                                       \
-    if (p.dh == DH && p.g == G && p.n_rep == NREP && rp == RP)                              \
-        return p.bf16 ? launch<__nv_bfloat16, RP, DH, G, NREP>(p, stream) : launch<half, RP, DH, G, NREP>(p, stream);
-    PALU_DECODE_INSTANCES(PALU_LAUNCH)
-#undef PALU_LAUNCH
-    return cudaErrorNotSupported;
+    p = as_virtual(p);
+    const Kernels k = kernels_for(p);
+    if (k.split == nullptr) return cudaErrorNotSupported;
+    cudaError_t e = raise_smem_limit(k.split, k.smem);
+    if (e != cudaSuccess) return e;
+    k.split<<<dim3(p.n_splits, p.G, p.B), k.threads, k.smem, stream>>>(p);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    k.combine<<<dim3(p.H, p.B), p.dh, 0, stream>>>(p);
+    return cudaGetLastError();
 }
 
 }  // extern "C"

@@ -62,7 +62,17 @@ struct DecodeParams {
     // multiple of 16, so a register-pipeline chunk of 16 rows never straddles two blocks.
     const int* block_table;
     int block_size, table_stride;
+    // Virtual heads (set by the dispatch, 0 or 1 otherwise): a group of g KV heads sharing one
+    // latent runs as g one-head groups of the full rank, `latent_share` = g of them reading the
+    // latent of group grp / latent_share (hk_sg, hv_sg and the packed scale/zero offsets stay
+    // those of the real groups; G counts the virtual ones).
+    int latent_share;
 };
+
+// The latent group a (possibly virtual) group reads.
+__device__ __forceinline__ int latent_group(const DecodeParams& p, int grp) {
+    return p.latent_share > 1 ? grp / p.latent_share : grp;
+}
 
 // The physical row of sequence b's logical row t (see DecodeParams::block_table).
 __device__ __forceinline__ int physical_row(const DecodeParams& p, int b, int t) {
@@ -211,8 +221,8 @@ __global__ void __launch_bounds__(kThreads) palu_decode_split(DecodeParams p) {
     }
     __syncthreads();
 
-    const half* hk = p.hk + b * p.hk_sb + grp * p.hk_sg;
-    const half* hv = p.hv + b * p.hv_sb + grp * p.hv_sg;
+    const half* hk = p.hk + b * p.hk_sb + latent_group(p, grp) * p.hk_sg;
+    const half* hv = p.hv + b * p.hv_sb + latent_group(p, grp) * p.hv_sg;
     for (int t0 = s0; t0 < s1; t0 += kTile) {
         const int nt = min(kTile, s1 - t0);
         load_tile<RKP>(sHk, hk, t0, nt, p.ldk, p.rk, tid);

@@ -220,8 +220,17 @@ __device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(
 // 4 all but the loads (compute on whatever the buffers hold), 5 the block's start-up only. Stages left out still feed the
 // output, so the compiler keeps the rest.
 // BITS: 0 for 16-bit latents, 2/4/8 for packed rows (dequantized per chunk in shared memory).
+// Blocks of a split kernel that fit on an SM by shared memory (227 KiB per SM on sm_90, 1 KiB
+// of it reserved per block), at most 4: the register budget of __launch_bounds__. g > 1 kernels
+// (the joint rebuild of several heads) take one block and all 255 registers.
+template <int RKP, int RVP, int DH, int GHEADS, int BITS>
+constexpr int resident_blocks() {
+    constexpr int fit = 232448 / (Smem<RKP, RVP, DH, GHEADS, BITS>::total + 1024);
+    return GHEADS > 1 || fit < 1 ? 1 : fit > 4 ? 4 : fit;
+}
+
 template <typename T, int RKP, int RVP, int DH, int GHEADS, int NREP, int ABL = 0, int BITS = 0>
-__global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, DH, GHEADS, BITS>::total > 57 * 1024 ? 3 : 4)
+__global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GHEADS, BITS>()))
     split_kernel(DecodeParams p) {
     using E = Elem<T>;
     constexpr int NH = GHEADS * NREP;
@@ -230,6 +239,16 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
     constexpr int NV = RVP / 8;       // value n-tiles
     constexpr int KS = RKP / 16;      // rebuild k-steps
     constexpr int HALF = DH / 2;
+    // Values transposed (groups of ≤ 8 query heads): Aᵀ += H_vᵀ·Pᵀ with the latent dims as the
+    // mma's M and the heads as its N, [RVP/16 m-tiles × 8 heads]: half the accumulators and half
+    // the mma of A += P·H_v, whose M (16 rows of heads) is mostly padding below 16 heads. The
+    // rank-256 kernels (g = 4 as virtual heads) need it to fit their registers.
+    constexpr bool kVT = NH <= 8;
+    constexpr int NACC = kVT ? RVP / 16 : NV;
+    constexpr int kHeadRows = kVT ? 1 : 2;  // Sᵀ rows per thread that hold heads: g, g + 8
+    // The latent A fragments of a chunk are held across the dh quarters up to rank 128 (32
+    // registers) and reloaded per quarter above (64 registers at rank 256).
+    constexpr bool kHoldA = KS <= 8;
     using S = Smem<RKP, RVP, DH, GHEADS, BITS>;
     // f16 models rotate keys in f16x2 arithmetic (angles as f16 pairs): half the RoPE
     // instructions; the rotated keys are rounded to f16 for the score mma anyway. bf16 keeps f32.
@@ -350,8 +369,9 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
     unsigned char* const stage0 = reinterpret_cast<unsigned char*>(kbuf0) + S::chunk;
     auto stageK = [&](int u) { return stage0 + u * S::stage; };
     auto stageV = [&](int u) { return stage0 + u * S::stage + kChunk * S::stage_k; };
-    const half* hk = p.hk + b * p.hk_sb + grp * p.hk_sg;
-    const half* hv = p.hv + b * p.hv_sb + grp * p.hv_sg;
+    const int lat = latent_group(p, grp);
+    const half* hk = p.hk + b * p.hk_sb + lat * p.hk_sg;
+    const half* hv = p.hv + b * p.hv_sb + lat * p.hv_sg;
     const ChunkLoader<RKP> loadK(p.ldk, S::ldk, p.rk, lane);
     const ChunkLoader<RVP> loadV(p.ldv, S::ldv, p.rv, lane);
     PackedLoader packed{};
@@ -366,12 +386,12 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
         packed.ppr_k = p.rk * BITS / 8 / packed.piece;
         packed.ppr_v = p.rv * BITS / 8 / packed.piece;
         packed.lane = lane;
-        packed.hk = kb + grp * p.hk_sg;
-        packed.hv = vb + grp * p.hv_sg;
-        packed.ks = kb + p.k_scale_off + 2 * grp;
-        packed.kz = kb + p.k_zero_off + 2 * grp;
-        packed.vs = vb + p.v_scale_off + 2 * grp;
-        packed.vz = vb + p.v_zero_off + 2 * grp;
+        packed.hk = kb + lat * p.hk_sg;
+        packed.hv = vb + lat * p.hv_sg;
+        packed.ks = kb + p.k_scale_off + 2 * lat;
+        packed.kz = kb + p.k_zero_off + 2 * lat;
+        packed.vs = vb + p.v_scale_off + 2 * lat;
+        packed.vz = vb + p.v_zero_off + 2 * lat;
         packed.ldk = p.ldk;
         packed.ldv = p.ldv;
     }
@@ -390,9 +410,9 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
     __syncthreads();  // sB, sQ, sRow, sStep ready
 
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-    float acc_v[NV][4];
+    float acc_v[NACC][4];  // kVT: [latent dims m·16 + g (+8)] × [heads 2·tig (+1)]; else heads × dims
 #pragma unroll
-    for (int n = 0; n < NV; ++n) acc_v[n][0] = acc_v[n][1] = acc_v[n][2] = acc_v[n][3] = 0.f;
+    for (int n = 0; n < NACC; ++n) acc_v[n][0] = acc_v[n][1] = acc_v[n][2] = acc_v[n][3] = 0.f;
 
     if constexpr (ABL == 5) t0 = s1;
     int buf = 0;
@@ -431,10 +451,13 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
             acc_v[0][0] += __half2float(bufK(buf)[lane]) + __half2float(bufV(buf)[lane]);
             continue;
         }
-        unsigned a[KS][4];
+        unsigned a[kHoldA ? KS : 1][4];
+        auto load_a = [&](unsigned* f, int ks) {
+            ldsm_x4(f[0], f[1], f[2], f[3], bufK(buf) + (lane % 16) * S::ldk + ks * 16 + (lane / 16) * 8);
+        };
+        if constexpr (kHoldA)
 #pragma unroll
-        for (int ks = 0; ks < KS; ++ks)
-            ldsm_x4(a[ks][0], a[ks][1], a[ks][2], a[ks][3], bufK(buf) + (lane % 16) * S::ldk + ks * 16 + (lane / 16) * 8);
+            for (int ks = 0; ks < KS; ++ks) load_a(a[ks], ks);
         float st[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // Sᵀ: heads × tokens 0-7, 8-15
         for (int j = 0; j < GHEADS; ++j) {
 #pragma unroll
@@ -449,10 +472,12 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
                     const int col = ks * 16 + ((lane / 8) % 2) * 8;
                     ldsm_x4(b0, b1, b2, b3, sB + (size_t)row * S::ldb + col);
                     ldsm_x4(c0, c1, c2, c3, sB + (size_t)(row + HALF) * S::ldb + col);
-                    E::mma16816(k[0], a[ks][0], a[ks][1], a[ks][2], a[ks][3], b0, b1);
-                    E::mma16816(k[1], a[ks][0], a[ks][1], a[ks][2], a[ks][3], b2, b3);
-                    E::mma16816(k[2], a[ks][0], a[ks][1], a[ks][2], a[ks][3], c0, c1);
-                    E::mma16816(k[3], a[ks][0], a[ks][1], a[ks][2], a[ks][3], c2, c3);
+                    if constexpr (!kHoldA) load_a(a[0], ks);
+                    const unsigned* f = a[kHoldA ? ks : 0];
+                    E::mma16816(k[0], f[0], f[1], f[2], f[3], b0, b1);
+                    E::mma16816(k[1], f[0], f[1], f[2], f[3], b2, b3);
+                    E::mma16816(k[2], f[0], f[1], f[2], f[3], c0, c1);
+                    E::mma16816(k[3], f[0], f[1], f[2], f[3], c2, c3);
                 }
                 if constexpr (ABL == 2) {
 #pragma unroll
@@ -519,10 +544,10 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
             acc_v[0][0] += st[0][0] + st[0][1] + st[0][2] + st[0][3];
             continue;
         }
-        // Online softmax over this chunk: rows g (r = 0) and g + 8 (r = 1).
+        // Online softmax over this chunk: rows g (r = 0) and g + 8 (r = 1; no heads there with kVT).
         float pr[2][4];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
+        for (int r = 0; r < kHeadRows; ++r) {
             float mx = -INFINITY;
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt)
@@ -548,21 +573,45 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
                 }
             l_run[r] = l_run[r] * scale + sum;  // per-thread partial; quad-summed at the end
             m_run[r] = m_new;
+            if constexpr (kVT) {
+                // Columns are heads: this thread's are 2·tig and 2·tig + 1, whose scales the
+                // quads 2·tig and 2·tig + 1 computed (row g of Sᵀ is head g).
+                const float s0 = __shfl_sync(0xffffffffu, scale, 8 * tig), s1 = __shfl_sync(0xffffffffu, scale, 8 * tig + 4);
 #pragma unroll
-            for (int n = 0; n < NV; ++n) {
-                acc_v[n][2 * r] *= scale;
-                acc_v[n][2 * r + 1] *= scale;
+                for (int n = 0; n < NACC; ++n) {
+                    acc_v[n][0] *= s0, acc_v[n][1] *= s1;
+                    acc_v[n][2] *= s0, acc_v[n][3] *= s1;
+                }
+            } else {
+#pragma unroll
+                for (int n = 0; n < NV; ++n) {
+                    acc_v[n][2 * r] *= scale;
+                    acc_v[n][2 * r + 1] *= scale;
+                }
             }
         }
-        // A += P·H_v: P from the softmax registers as the A operand (heads × 16 tokens).
-        const unsigned pa0 = E::pack2(pr[0][0], pr[0][1]), pa1 = E::pack2(pr[0][2], pr[0][3]);
-        const unsigned pa2 = E::pack2(pr[1][0], pr[1][1]), pa3 = E::pack2(pr[1][2], pr[1][3]);
+        if constexpr (kVT) {
+            // Aᵀ += H_vᵀ·Pᵀ: Pᵀ (16 tokens × heads) is the B operand as Sᵀ's row-g registers lie
+            // (tokens 2·tig, 2·tig + 1 and 8 more, head g); H_vᵀ the A operand by ldmatrix.trans of
+            // the [token][dim] chunk (matrices: tokens 0–7 / 8–15 × dims 0–7 / 8–15).
+            const unsigned pb0 = E::pack2(pr[0][0], pr[0][1]), pb1 = E::pack2(pr[1][0], pr[1][1]);
 #pragma unroll
-        for (int np = 0; np < NV / 2; ++np) {
-            unsigned b0, b1, b2, b3;
-            ldsm_x4_t(b0, b1, b2, b3, bufV(buf) + (lane % 16) * S::ldv + np * 16 + (lane / 16) * 8);
-            E::mma16816(acc_v[2 * np], pa0, pa1, pa2, pa3, b0, b1);
-            E::mma16816(acc_v[2 * np + 1], pa0, pa1, pa2, pa3, b2, b3);
+            for (int m = 0; m < NACC; ++m) {
+                unsigned a0, a1, a2, a3;
+                ldsm_x4_t(a0, a1, a2, a3, bufV(buf) + ((lane / 16) * 8 + lane % 8) * S::ldv + m * 16 + ((lane / 8) % 2) * 8);
+                E::mma16816(acc_v[m], a0, a1, a2, a3, pb0, pb1);
+            }
+        } else {
+            // A += P·H_v: P from the softmax registers as the A operand (heads × 16 tokens).
+            const unsigned pa0 = E::pack2(pr[0][0], pr[0][1]), pa1 = E::pack2(pr[0][2], pr[0][3]);
+            const unsigned pa2 = E::pack2(pr[1][0], pr[1][1]), pa3 = E::pack2(pr[1][2], pr[1][3]);
+#pragma unroll
+            for (int np = 0; np < NV / 2; ++np) {
+                unsigned b0, b1, b2, b3;
+                ldsm_x4_t(b0, b1, b2, b3, bufV(buf) + (lane % 16) * S::ldv + np * 16 + (lane / 16) * 8);
+                E::mma16816(acc_v[2 * np], pa0, pa1, pa2, pa3, b0, b1);
+                E::mma16816(acc_v[2 * np + 1], pa0, pa1, pa2, pa3, b2, b3);
+            }
         }
         // Advance this warp's base angle to its next chunk.
         __syncwarp();
@@ -581,17 +630,28 @@ __global__ void __launch_bounds__(kWarps * 32, GHEADS > 1 ? 1 : Smem<RKP, RVP, D
     float* sM = reinterpret_cast<float*>(sBuf);
     constexpr int W = RVP + 2;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < kHeadRows; ++r) {
         int h = g + 8 * r;
         float* row = sM + (warp * 16 + h) * W;
         if (tig == 0) {
             row[0] = m_run[r];
             row[1] = l_run[r];
         }
+        if constexpr (!kVT)
 #pragma unroll
-        for (int n = 0; n < NV; ++n) {
-            row[2 + n * 8 + 2 * tig] = acc_v[n][2 * r];
-            row[2 + n * 8 + 2 * tig + 1] = acc_v[n][2 * r + 1];
+            for (int n = 0; n < NV; ++n) {
+                row[2 + n * 8 + 2 * tig] = acc_v[n][2 * r];
+                row[2 + n * 8 + 2 * tig + 1] = acc_v[n][2 * r + 1];
+            }
+    }
+    if constexpr (kVT) {
+        // Row of head 2·tig (+1), columns m·16 + g (+8).
+        float* h0 = sM + (warp * 16 + 2 * tig) * W + 2;
+        float* h1 = h0 + W;
+#pragma unroll
+        for (int m = 0; m < NACC; ++m) {
+            h0[m * 16 + g] = acc_v[m][0], h1[m * 16 + g] = acc_v[m][1];
+            h0[m * 16 + g + 8] = acc_v[m][2], h1[m * 16 + g + 8] = acc_v[m][3];
         }
     }
     __syncthreads();

@@ -588,17 +588,6 @@ mod cuda {
         let lens: Vec<i32> = op.lens.iter().map(|&l| l as i32).collect();
         let lens = dev.clone_htod(&lens)?;
 
-        let (mut n_splits, mut split_len) = (0i32, 0i32);
-        unsafe {
-            k::palu_decode_plan(
-                d.b as i32,
-                d.groups as i32,
-                d.lmax as i32,
-                0,
-                &mut n_splits,
-                &mut split_len,
-            )
-        };
         let rv_pad = unsafe {
             k::palu_decode_rank_pad(
                 d.dh as i32,
@@ -616,17 +605,6 @@ mod cuda {
                 d.rv
             )
         }
-        let ws = unsafe {
-            k::palu_decode_workspace(
-                d.b as i32,
-                d.groups as i32,
-                d.g as i32,
-                d.n_rep as i32,
-                n_splits,
-                rv_pad,
-            )
-        };
-        let mut partial = unsafe { dev.alloc::<f32>(ws) }?;
         let width = if op.latent_out { d.rv } else { d.dh };
         let mut out = unsafe { dev.alloc::<f32>(d.b * d.h * width) }?;
 
@@ -675,9 +653,8 @@ mod cuda {
         let (bv_p, _g5) = bv.device_ptr(&stream);
         let (inv_p, _g6) = inv_f.device_ptr(&stream);
         let (lens_p, _g7) = lens.device_ptr(&stream);
-        let (part_p, _g8) = partial.device_ptr_mut(&stream);
         let (out_p, _g9) = out.device_ptr_mut(&stream);
-        let p = k::DecodeParams {
+        let mut p = k::DecodeParams {
             q: q_p as _,
             hk: hk_p as _,
             hv: hv_p as _,
@@ -685,7 +662,7 @@ mod cuda {
             bv: bv_p as _,
             lens: lens_p as _,
             inv_freq: inv_p as _,
-            partial: part_p as _,
+            partial: std::ptr::null_mut(),
             out: out_p as _,
             hk_sb: ksb as i64,
             hk_sg: k_sg as i64,
@@ -702,8 +679,8 @@ mod cuda {
             ldv: vst as i32,
             rk: d.rk as i32,
             rv: d.rv as i32,
-            n_splits,
-            split_len,
+            n_splits: 0,
+            split_len: 0,
             variant: 0,
             bf16: is_bf16,
             bits: bits as i32,
@@ -715,7 +692,37 @@ mod cuda {
             block_table: table_p as _,
             block_size,
             table_stride,
+            latent_share: 0,
         };
+        // Splits over L for this shape's kernel (its resident blocks per SM), then the
+        // workspace of their partials.
+        let (mut n_splits, mut split_len) = (0i32, 0i32);
+        let planned = unsafe { k::palu_decode_plan_for(&p, 0, &mut n_splits, &mut split_len) };
+        if planned != 0 {
+            candle_core::bail!(
+                "palu decode: no kernel for dh={} g={} n_rep={} r_k={} r_v={} bits={bits} (cudaError {planned})",
+                d.dh,
+                d.g,
+                d.n_rep,
+                d.rk,
+                d.rv
+            )
+        }
+        let ws = unsafe {
+            k::palu_decode_workspace(
+                d.b as i32,
+                d.groups as i32,
+                d.g as i32,
+                d.n_rep as i32,
+                n_splits,
+                rv_pad,
+            )
+        };
+        let mut partial = unsafe { dev.alloc::<f32>(ws) }?;
+        let (part_p, _g8) = partial.device_ptr_mut(&stream);
+        p.partial = part_p as _;
+        p.n_splits = n_splits;
+        p.split_len = split_len;
         let err = unsafe { k::palu_decode(p, stream.cu_stream() as _) };
         match err {
             0 => {

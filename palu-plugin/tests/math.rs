@@ -572,8 +572,9 @@ fn decode_op_rejects_bad_lengths_and_shapes() {
 }
 
 /// The CUDA kernel against its CPU twin on fresh random inputs, f16 and bf16, Llama-3-8B and
-/// Llama-2-7B attention shapes, g = 1 and 2, ragged batch, the model cache's layout. Runs on a
-/// GPU only (`just gpu-test`).
+/// Llama-2-7B attention shapes, g = 1, 2 and 4 (g = 4: one-head virtual groups of rank up to
+/// 256 reading the shared latent), ragged batch, the model cache's layout. Runs on a GPU only
+/// (`just gpu-test`).
 #[cfg(feature = "cuda")]
 #[test]
 fn decode_kernel_matches_cpu_twin() {
@@ -589,7 +590,10 @@ fn decode_kernel_matches_cpu_twin() {
             ("llama3-8b", 32, 8, 1, 64),
             ("llama3-8b", 32, 8, 2, 80),
             ("llama3-8b", 32, 8, 1, 40),
+            ("llama3-8b", 32, 8, 4, 256),
+            ("llama3-8b", 32, 8, 4, 200),
             ("llama2-7b", 32, 32, 1, 64),
+            ("llama2-7b", 32, 32, 4, 256),
             ("smollm2", 9, 3, 3, 96),
         ] {
             let dh = if name == "smollm2" { 64 } else { 128 };
@@ -700,7 +704,8 @@ fn decode_op_on_packed_rows_equals_decode_op_on_decoded_rows() {
 
 /// The packed-latent kernel (2/4/8-bit rows dequantized in shared memory) against its CPU twin
 /// on fresh random latents encoded by the codec, f16 and bf16, Llama-3-8B and Llama-2-7B shapes
-/// at g = 1 and rows of 2 and 1 KV groups (8- and 4-byte aligned), ragged batch. Runs on a GPU only (`just gpu-test`).
+/// at g = 1, rows of 2 and 1 KV groups (8- and 4-byte aligned), and Llama-3-8B at g = 2 and 4
+/// (virtual heads), ragged batch. Runs on a GPU only (`just gpu-test`).
 #[cfg(feature = "cuda")]
 #[test]
 fn packed_decode_kernel_matches_cpu_twin() {
@@ -714,16 +719,18 @@ fn packed_decode_kernel_matches_cpu_twin() {
     for (dtype, tol) in [(DType::F16, 3e-3f32), (DType::BF16, 2.4e-2)] {
         for bits in [2u8, 4, 8] {
             // Rows of 2 and 1 KV groups are 8- and 4-byte aligned (the kernel's narrower copies).
-            for (name, h, n_kv) in [
-                ("llama3-8b", 32usize, 8usize),
-                ("llama2-7b", 32, 32),
-                ("gqa4-2kv", 8, 2),
-                ("gqa4-1kv", 4, 1),
+            for (name, h, n_kv, g) in [
+                ("llama3-8b", 32usize, 8usize, 1usize),
+                ("llama2-7b", 32, 32, 1),
+                ("gqa4-2kv", 8, 2, 1),
+                ("gqa4-1kv", 4, 1, 1),
+                ("llama3-8b", 32, 8, 2),
+                ("llama3-8b", 32, 8, 4),
             ] {
-                let (dh, rank, groups) = (128usize, 64usize, n_kv);
+                let (dh, rank, groups) = (128usize, 64 * g, n_kv / g);
                 assert!(palu_kernels::decode_packed_supported(
                     dh,
-                    1,
+                    g,
                     h / n_kv,
                     rank,
                     rank,
@@ -735,10 +742,12 @@ fn packed_decode_kernel_matches_cpu_twin() {
                     .map(|i| 500000f32.powf(-2.0 * i as f32 / dh as f32))
                     .collect();
                 let codec = LatentCodec::new(bits, &vec![rank; groups], ZeroPoint::Free).unwrap();
-                let bk = (tensor(&mut r, &[groups, dh, rank], &cpu) * (2.0 / (rank as f64).sqrt()))
-                    .unwrap();
-                let bv = (tensor(&mut r, &[groups, dh, rank], &cpu) * (1.0 / (rank as f64).sqrt()))
-                    .unwrap();
+                let bk = (tensor(&mut r, &[groups, g * dh, rank], &cpu)
+                    * (2.0 / (rank as f64).sqrt()))
+                .unwrap();
+                let bv = (tensor(&mut r, &[groups, g * dh, rank], &cpu)
+                    * (1.0 / (rank as f64).sqrt()))
+                .unwrap();
                 let q = tensor(&mut r, &[b, h, dh], &cpu).to_dtype(dtype).unwrap();
                 let pk = codec
                     .encode(&tensor(&mut r, &[b, lmax, groups * rank], &cpu))
@@ -770,10 +779,10 @@ fn packed_decode_kernel_matches_cpu_twin() {
                     .unwrap();
                 assert_eq!(palu::decode_op::cuda_launches(), before + 1);
                 let err = common::rel_l2(&got, &want);
-                println!("{dtype:?} {bits}-bit {name} g=1 r={rank} lens={lens:?}: relative L2 error {err:.2e}");
+                println!("{dtype:?} {bits}-bit {name} g={g} r={rank} lens={lens:?}: relative L2 error {err:.2e}");
                 assert!(
                     err < tol && err.is_finite(),
-                    "{dtype:?} {bits}-bit {name}: relative L2 error {err:.2e}"
+                    "{dtype:?} {bits}-bit {name} g={g}: relative L2 error {err:.2e}"
                 );
             }
         }
