@@ -154,11 +154,26 @@ Kernels kernels_for(const palu::DecodeParams& p) {
 }
 
 // Blocks of the split kernel resident per SM on the current device (its shared memory raised
-// first), 0 on error.
+// first), 0 on error. Asked of the runtime once per kernel and device: the engine plans every
+// layer of every decode step.
 int resident_per_sm(const Kernels& k) {
+    constexpr int kSlots = 64;
+    static thread_local const void* seen_kernel[kSlots];
+    static thread_local int seen_device[kSlots], seen_blocks[kSlots];
+    static thread_local int n_seen = 0;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+    const void* key = reinterpret_cast<const void*>(k.split);
+    for (int i = 0; i < n_seen; ++i)
+        if (seen_kernel[i] == key && seen_device[i] == dev) return seen_blocks[i];
     if (raise_smem_limit(k.split, k.smem) != cudaSuccess) return 0;
     int n = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k.split, k.threads, k.smem) != cudaSuccess) return 0;
+    if (n_seen < kSlots) {
+        seen_kernel[n_seen] = key;
+        seen_device[n_seen] = dev;
+        seen_blocks[n_seen++] = n;
+    }
     return n;
 }
 

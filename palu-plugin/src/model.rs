@@ -666,6 +666,9 @@ pub struct Model {
 pub struct Weights {
     pub dir: PathBuf,
     pub tensors: HashMap<String, Tensor>,
+    /// Tensors known by their header only ([`Weights::headers`]): name → shape. `get` checks
+    /// their shape and hands out an empty placeholder.
+    pub shapes: HashMap<String, Vec<usize>>,
 }
 
 pub fn weight_files(dir: &Path) -> std::result::Result<Vec<PathBuf>, PaluError> {
@@ -709,11 +712,63 @@ impl Weights {
         Ok(Weights {
             dir: dir.to_path_buf(),
             tensors,
+            shapes: HashMap::new(),
+        })
+    }
+
+    /// The tensors `keep(name)` selects loaded as f32 on the CPU, every other one known by its
+    /// safetensors header only (memory-mapped, never read): what validating a checkpoint
+    /// before serving it needs, at the cost of its factors instead of the whole model (an
+    /// 8B model in f32 is 32 GB and a minute of conversion).
+    pub fn headers(
+        dir: &Path,
+        keep: impl Fn(&str) -> bool,
+    ) -> std::result::Result<Self, PaluError> {
+        let (mut tensors, mut shapes) = (HashMap::new(), HashMap::new());
+        for f in weight_files(dir)? {
+            let bad = |e: candle_core::Error| {
+                PaluError::invalid(
+                    &f,
+                    format!("cannot read safetensors: {}", crate::error::candle_msg(&e)),
+                )
+            };
+            // Safety: the file is mapped read-only for the duration of this call; a checkpoint
+            // rewritten underneath a running validation is outside what this checks.
+            let m = unsafe { candle_core::safetensors::MmapedSafetensors::new(&f) }.map_err(bad)?;
+            for (name, view) in m.tensors() {
+                if keep(&name) {
+                    let t = m
+                        .load(&name, &Device::Cpu)
+                        .and_then(|t| t.to_dtype(DType::F32))
+                        .map_err(bad)?;
+                    tensors.insert(name, t);
+                } else {
+                    shapes.insert(name, view.shape().to_vec());
+                }
+            }
+        }
+        Ok(Weights {
+            dir: dir.to_path_buf(),
+            tensors,
+            shapes,
         })
     }
 
     /// A tensor checked for presence, shape and finiteness.
     pub fn get(&self, name: &str, shape: &[usize]) -> std::result::Result<Tensor, PaluError> {
+        if let Some(got) = self.shapes.get(name) {
+            if got.as_slice() != shape {
+                return Err(PaluError::TensorShape {
+                    path: self.dir.clone(),
+                    name: name.into(),
+                    got: got.clone(),
+                    expected: shape.to_vec(),
+                    hint: String::new(),
+                });
+            }
+            return Tensor::zeros(0, DType::F32, &Device::Cpu)
+                .map_err(|e| PaluError::invalid(&self.dir, crate::error::candle_msg(&e)));
+        }
         let t = self
             .tensors
             .get(name)
@@ -736,7 +791,7 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.shapes.contains_key(name)
     }
 }
 
@@ -761,6 +816,19 @@ impl Model {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let w = Weights::load(dir, dev)?;
         Self::from_weights(cfg, &w)
+    }
+
+    /// The checks of [`Model::load`] without loading the model: every tensor present with its
+    /// shape (from the safetensors headers), the Palu factors of `k_proj` / `v_proj` loaded and
+    /// checked as `load` checks them (ranks, shapes, finite values). What the server runs
+    /// before the engine loads the checkpoint onto its device.
+    pub fn validate(dir: &Path) -> std::result::Result<ModelConfig, PaluError> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let factors =
+            |name: &str| name.contains(".self_attn.k_proj.") || name.contains(".self_attn.v_proj.");
+        let w = Weights::headers(dir, factors)?;
+        Self::from_weights(cfg.clone(), &w)?;
+        Ok(cfg)
     }
 
     pub fn from_weights(cfg: ModelConfig, w: &Weights) -> std::result::Result<Self, PaluError> {

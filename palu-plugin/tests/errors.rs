@@ -43,14 +43,22 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
 }
 
+/// The error of loading `dir`, which the server's validation (headers and factors only, no
+/// model in memory) must report word for word.
 fn load_err(dir: &Path) -> String {
-    redact(
-        Model::load(dir, &Device::Cpu)
-            .err()
-            .expect("load must fail")
-            .to_string(),
-        &[dir],
-    )
+    let loaded = Model::load(dir, &Device::Cpu)
+        .err()
+        .expect("load must fail")
+        .to_string();
+    let validated = Model::validate(dir)
+        .err()
+        .expect("validation must fail")
+        .to_string();
+    assert_eq!(
+        validated, loaded,
+        "Model::validate and Model::load disagree"
+    );
+    redact(loaded, &[dir])
 }
 
 #[test]

@@ -198,6 +198,7 @@ async fn run(engine: &MistralRs, a: &Args) -> Result<(f64, f64, usize)> {
 }
 
 async fn serve(dir: &Path, kv: KvCacheKind, paged: bool, bits: u8, a: &Args) -> Result<Run> {
+    let t_load = Instant::now();
     let served = start(&EngineOptions {
         model_dir: dir.to_path_buf(),
         palu_config: None,
@@ -219,16 +220,25 @@ async fn serve(dir: &Path, kv: KvCacheKind, paged: bool, bits: u8, a: &Args) -> 
         },
     })
     .await?;
+    let label = label(kv, paged, bits);
+    eprintln!(
+        "{label}: engine up in {:.1} s",
+        t_load.elapsed().as_secs_f64()
+    );
     // A short warm-up request (kernel loading, cuBLAS handles), not timed.
     let mut warm = a.clone();
     (warm.streams, warm.context, warm.gen) = (1, 64, 2);
     run(&served.engine, &warm).await?;
+    eprintln!(
+        "{label}: warm-up done; {} requests of {} tokens sent",
+        a.streams, a.context
+    );
     let t = Instant::now();
     let (prompt_s, decode_s, decode_tokens) = run(&served.engine, a).await?;
     let wall = t.elapsed();
     let kv_bytes_per_token = kv_bytes(dir, kv, bits)?;
     Ok(Run {
-        label: label(kv, paged, bits),
+        label,
         prompt_s,
         decode_s,
         decode_tokens,

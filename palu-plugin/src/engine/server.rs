@@ -254,9 +254,9 @@ pub async fn start(o: &EngineOptions) -> Result<Served> {
                     cfg.family.model_type()
                 );
             }
-            crate::model::Model::load(&o.model_dir, &candle_core::Device::Cpu).with_context(
-                || format!("{}: not a loadable Palu checkpoint", o.model_dir.display()),
-            )?;
+            crate::model::Model::validate(&o.model_dir).with_context(|| {
+                format!("{}: not a loadable Palu checkpoint", o.model_dir.display())
+            })?;
             tracing::info!("{}", kv_summary(&o.model_dir, latent_bits)?);
             let plan = resolve_plan(o, &cfg, latent_bits)?;
             builder.build_with_loader(Box::new(super::PaluLoader {
