@@ -102,6 +102,75 @@ def serve_plot():
     fig.savefig(ROOT / "docs/img/serve_bench_stop11.svg")
 
 
+def table(path):
+    """Rows of a harness table by its header's column names (stop 12 on): dicts of the cells'
+    leading numbers (None for "–", "aborts", "fails"), plus model, g, L (tokens), B."""
+    lines = Path(path).read_text().splitlines()
+    out, head = [], None
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == "shape":
+            head = cells
+            continue
+        if head is None or len(cells) != len(head) or not re.fullmatch(r"\d+K", cells[2]):
+            continue
+        num = lambda c: float(re.match(r"[\d.]+", c).group(0)) if re.match(r"[\d.]+", c) else None
+        row = {h: num(c) for h, c in zip(head, cells)}
+        row.update(model=cells[0], g=int(cells[1]), L=int(cells[2][:-1]) * 1024, B=int(cells[3]))
+        out.append(row)
+    return out
+
+
+def stop12_plots():
+    """Latency vs context per group size (fp16 and 4-bit latents) beside the stock kernel on its
+    bf16 and f8e4m3 caches and the roofline; and × roofline / rebuild TFLOP/s per group size."""
+    t = table(ROOT / "docs/bench/palu_decode_stop12.md")
+    fp16, four = "Palu-50% fp16 µs", "4-bit µs (× roofline, × stock)"
+    stock, stock8 = "stock paged attn bf16 µs, same run (speed-up)", "stock f8e4m3 cache µs (speed-up)"
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
+    colors = {1: "#262", 2: "#48c", 4: "#c80"}
+    for ax, B in zip(axes, [8, 32]):
+        r1 = [x for x in t if x["model"] == "llama3-8b" and x["g"] == 1 and x["B"] == B]
+        for g in (1, 2, 4):
+            r = [x for x in t if x["model"] == "llama3-8b" and x["g"] == g and x["B"] == B]
+            ax.plot([x["L"] for x in r], [x[fp16] for x in r], "o-", color=colors[g], label=f"Palu-50% g={g}, fp16 latents")
+            ax.plot([x["L"] for x in r], [x[four] for x in r], "D:", color=colors[g], label=f"g={g}, 4-bit latents")
+        st = [x for x in r1 if x[stock]]
+        ax.plot([x["L"] for x in st], [x[stock] for x in st], "r^-", label="stock paged attention, bf16 cache")
+        st8 = [x for x in r1 if x[stock8]]
+        ax.plot([x["L"] for x in st8], [x[stock8] for x in st8], "rv--", label="stock, f8e4m3 cache")
+        ax.plot([x["L"] for x in r1], [x["roofline bf16 K/V µs"] for x in r1], "k--", label="roofline: bf16 K/V read once")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length L (tokens)")
+        ax.set_ylabel("µs per layer per decode step")
+        ax.set_title(f"Llama-3-8B attention shape, batch {B} (stock aborts at 64K+ × 32)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs/img/decode_latency_stop12.svg")
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for g in (1, 2, 4):
+        r = [x for x in t if x["model"] == "llama3-8b" and x["g"] == g and x["B"] == 8]
+        axes[0].plot([x["L"] for x in r], [x["× roofline"] for x in r], "o-", color=colors[g], label=f"g={g} fp16")
+        axes[1].plot([x["L"] for x in r], [x["rebuild TFLOP/s"] for x in r], "o-", color=colors[g], label=f"g={g}")
+    axes[0].axhline(0.6, color="k", ls=":", label="target g=1: 0.6×")
+    axes[0].axhline(1.0, color="k", ls="--", label="target g=4: 1.0×")
+    axes[0].set_ylabel("time ÷ roofline (bf16 K/V read once)")
+    axes[1].set_ylabel("rebuild TFLOP/s (2·g·dh·r per token and group)")
+    axes[1].axhline(550, color="k", ls="--", label="g=4 at 1.0× roofline needs ≥ 550")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length L (tokens)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("Llama-3-8B shape, batch 8: fraction of the roofline")
+    axes[1].set_title("the rebuild's tensor-core rate: flat at 130-165 TFLOP/s")
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs/img/decode_roofline_stop12.svg")
+
+
 def main():
     versions = {v: rows(ROOT / f"docs/bench/palu_decode_{v}.md") for v in ["v1", "v2", "v3", "v4", "v5", "v6"]}
     v5 = rows(ROOT / "docs/bench/palu_decode_v5_stock.md")
@@ -147,7 +216,9 @@ def main():
     fig.savefig(ROOT / "docs/img/decode_bandwidth_versions.svg")
     speedup_plot()
     serve_plot()
-    print("wrote docs/img/decode_latency_llama3.svg, docs/img/decode_bandwidth_versions.svg, docs/img/decode_speedup_vs_stock.svg, docs/img/serve_bench_stop11.svg")
+    stop12_plots()
+    print("wrote docs/img/decode_latency_llama3.svg, docs/img/decode_bandwidth_versions.svg, docs/img/decode_speedup_vs_stock.svg, "
+          "docs/img/serve_bench_stop11.svg, docs/img/decode_latency_stop12.svg, docs/img/decode_roofline_stop12.svg")
 
 
 if __name__ == "__main__":

@@ -344,8 +344,13 @@ fn main() -> Result<()> {
     let fit = |r: &Run| {
         (a.budget_gib * (1u64 << 30) as f64 / (r.kv_bytes_per_token * a.context as f64)).floor()
     };
-    // The baseline: the first stock configuration that ran.
-    let Some(base) = runs.iter().flatten().next() else {
+    // The baseline: the first stock configuration that ran (else the first that ran).
+    let Some(base) = runs
+        .iter()
+        .flatten()
+        .find(|r| r.label.starts_with("stock"))
+        .or_else(|| runs.iter().flatten().next())
+    else {
         bail!("no configuration ran")
     };
     let (base_tps, base_fit) = (tps(base), fit(base));
