@@ -148,6 +148,7 @@ fn main() -> anyhow::Result<()> {
             palu::model::Weights {
                 dir: a.model.clone(),
                 tensors: weights.tensors.clone(),
+                shapes: Default::default(),
             },
             &model,
             &cal,
