@@ -498,11 +498,13 @@ impl PrefillMasks {
     }
 }
 
-/// The additive prefill mask `[1, 1, t, start + t]` for queries at `start..start+t`
-/// (`model::attention_mask`: causal, within the sliding window), in `dtype` on `device`. Rank 4
-/// keeps the engine's SDPA on its chunked path for long prompts (a rank-2 mask sends it to one
-/// that materializes all scores). Built on the host as the reference builds it, once per forward
-/// pass (see `prefill_attention`).
+/// The additive prefill mask `[1, 1, t, start + t]` for queries at `start..start+t`: 0 where
+/// key `j` is visible from position `p` (`j ≤ p`, and `p − j < window` with a sliding window),
+/// −∞ elsewhere, as `model::attention_mask` (the reference) builds it. Rank 4 keeps the
+/// engine's SDPA on its chunked path for long prompts (a rank-2 mask sends it to one that
+/// materializes all scores). Built on `device` from two position ranges, once per forward pass
+/// (see `prefill_attention`): on the host a 32K-token prompt's mask was a 4 GiB f32 buffer and
+/// a billion-step loop, a 128K one 64 GiB.
 pub(crate) fn prefill_mask(
     start: usize,
     t: usize,
@@ -510,8 +512,28 @@ pub(crate) fn prefill_mask(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    crate::model::attention_mask(start, t, window, device)?
+    let total = start + t;
+    let pos = |a: usize, b: usize| -> Result<Tensor> {
+        let (a, b) = (u32::try_from(a), u32::try_from(b));
+        match (a, b) {
+            (Ok(a), Ok(b)) => Tensor::arange(a, b, device),
+            _ => candle_core::bail!("prefill mask: positions beyond u32 ({start} + {t})"),
+        }
+    };
+    let rows = pos(start, total)?.unsqueeze(1)?; // [t, 1]: the queries' positions p
+    let cols = pos(0, total)?.unsqueeze(0)?; // [1, total]: the keys' positions j
+    let mut visible = cols.broadcast_le(&rows)?; // j ≤ p
+    if let Some(w) = window {
+        // p − j < w  ⇔  j + w > p (unsigned, no underflow).
+        let shifted = pos(w, total + w)?.unsqueeze(0)?;
+        visible = (visible * shifted.broadcast_gt(&rows)?)?;
+    }
+    let zero = Tensor::zeros((), dtype, device)?.broadcast_as((t, total))?;
+    let hidden = Tensor::full(f32::NEG_INFINITY, (), device)?
         .to_dtype(dtype)?
+        .broadcast_as((t, total))?;
+    visible
+        .where_cond(&zero, &hidden)?
         .unsqueeze(0)?
         .unsqueeze(0)?
         .contiguous()
@@ -1098,4 +1120,33 @@ fn decode_kernel(
     }
     let _ = (k, v, cfg, rope, dtype, device, packed);
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The device-built prefill mask is the reference mask, element for element (0 and −∞),
+    /// with and without a prefix and a sliding window, in f32 and bf16.
+    #[test]
+    fn prefill_mask_equals_the_reference_mask() {
+        let dev = Device::Cpu;
+        for (start, t) in [(0, 1), (0, 7), (5, 3), (9, 12), (0, 33)] {
+            for window in [None, Some(1), Some(4), Some(100)] {
+                let want = crate::model::attention_mask(start, t, window, &dev).unwrap();
+                for dtype in [DType::F32, DType::BF16] {
+                    let got = prefill_mask(start, t, window, dtype, &dev).unwrap();
+                    assert_eq!(got.dims(), &[1, 1, t, start + t]);
+                    let got: Vec<Vec<f32>> = got
+                        .squeeze(0)
+                        .and_then(|m| m.squeeze(0))
+                        .and_then(|m| m.to_dtype(DType::F32))
+                        .and_then(|m| m.to_vec2())
+                        .unwrap();
+                    let want: Vec<Vec<f32>> = want.to_vec2().unwrap();
+                    assert_eq!(got, want, "start {start} t {t} window {window:?} {dtype:?}");
+                }
+            }
+        }
+    }
 }
