@@ -156,12 +156,12 @@ pub fn write(spec: &SynthSpec, dir: &Path, tokenizer_from: Option<&Path>) -> Res
             }
         }
     }
+    // Each tensor draws its own seed from the spec's generator, in a fixed order, and is filled
+    // in parallel from it (`uniform`): the checkpoint depends on the seed alone.
     let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
     let mut rand_t = |shape: &[usize], scale: f32, offset: f32| -> candle_core::Result<Tensor> {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale + offset)
-            .collect();
+        let v = uniform(n, rng.random::<u64>(), scale, offset);
         Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(spec.dtype)
     };
     let (h, q, kv, ff) = (
@@ -263,4 +263,48 @@ pub fn write(spec: &SynthSpec, dir: &Path, tokenizer_from: Option<&Path>) -> Res
     bar.finish_and_clear();
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(&t, &path).map_err(|e| PaluError::invalid(&path, e.to_string()))
+}
+
+/// `n` values uniform in `[offset − scale, offset + scale)`, filled on all cores: chunk `i` of
+/// 2^20 values comes from its own generator seeded by `(seed, i)`, so the values depend on the
+/// seed, not on the thread count. (An 8B-shaped checkpoint is 7·10⁹ values: one generator took
+/// minutes of a benchmark's device time.)
+fn uniform(n: usize, seed: u64, scale: f32, offset: f32) -> Vec<f32> {
+    const CHUNK: usize = 1 << 20;
+    let mut v = vec![0f32; n];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let mut chunks: Vec<(usize, &mut [f32])> = v.chunks_mut(CHUNK).enumerate().collect();
+    let per_thread = chunks.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        while !chunks.is_empty() {
+            let part: Vec<_> = chunks.drain(..per_thread.min(chunks.len())).collect();
+            s.spawn(move || {
+                for (i, chunk) in part {
+                    let mut r = rand::rngs::StdRng::seed_from_u64(
+                        seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    );
+                    for x in chunk {
+                        *x = (r.random::<f32>() * 2.0 - 1.0) * scale + offset;
+                    }
+                }
+            });
+        }
+    });
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    /// The values depend on the seed only: the same seed gives the same values, another seed
+    /// others, all within the range, across chunk boundaries.
+    #[test]
+    fn uniform_is_seeded_and_in_range() {
+        let n = (1 << 20) * 3 + 17;
+        let a = super::uniform(n, 7, 0.5, 1.0);
+        assert_eq!(a, super::uniform(n, 7, 0.5, 1.0));
+        assert_ne!(a, super::uniform(n, 8, 0.5, 1.0));
+        assert!(a.iter().all(|&x| (0.5..1.5).contains(&x)));
+        // Chunks are not copies of one another.
+        assert_ne!(a[..1000], a[1 << 20..(1 << 20) + 1000]);
+    }
 }
