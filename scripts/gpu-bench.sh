@@ -19,6 +19,6 @@ pa_flags=(-std=c++17 -O3 -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSIO
 "$nvcc" "${pa_flags[@]}" -gencode arch=compute_90a,code=sm_90a -c "$pa/src/cuda/pagedattention_v1_bf16.cu" -o .gpu/pa_v1.o
 "$nvcc" "${pa_flags[@]}" -gencode arch=compute_90a,code=sm_90a -c "$pa/src/cuda/pagedattention_v2_bf16.cu" -o .gpu/pa_v2.o
 "$nvcc" -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_90,code=compute_90 \
-    -DPALU_ABLATIONS -lineinfo -o .gpu/palu_decode_bench kernels/bench/palu_decode_bench.cu kernels/src/palu_decode.cu .gpu/pa_v1.o .gpu/pa_v2.o
+    -DPALU_ABLATIONS -DPALU_WGMMA -lineinfo -o .gpu/palu_decode_bench kernels/bench/palu_decode_bench.cu kernels/src/palu_decode.cu .gpu/pa_v1.o .gpu/pa_v2.o
 rm -f .gpu/pa_v1.o .gpu/pa_v2.o
 echo "built .gpu/palu_decode_bench; run it on the H200 (device tool, carry .gpu)"

@@ -67,6 +67,18 @@ Kernels select(const palu::DecodeParams& p) {
         return {};
     }
     if (p.block_table != nullptr && p.variant == 1) return {};  // paged: register pipeline
+    if (p.variant == 3 || p.variant == 4) {
+        // The rebuild on wgmma (experimental; 4: descriptor strides swapped, see the kernel): sm_90a builds (PALU_WGMMA), head_dim 128, one-head
+        // groups (g = 1 and virtual heads), ranks a multiple of 8, B_k 16-byte aligned.
+#ifdef PALU_WGMMA
+        if constexpr (DH == 128 && G == 1) {
+            if (p.rk % 8 || p.rv % 8 || reinterpret_cast<size_t>(p.bk) % 16) return {};
+            using S = palu::mma4::Smem<RKP, RKP, DH, G, 0, true>;
+            return {palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP, 0, 0, true>, combine, S::total, palu::mma4::kWarps * 32};
+        }
+#endif
+        return {};
+    }
     if (p.variant != 1) {
         using S = palu::mma4::Smem<RKP, RKP, DH, G>;
         auto split = palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP>;
@@ -124,11 +136,12 @@ bool packed_instance(int dh, int g, int n_rep, int rp) {
 // groups of the full rank that read the same latent rows (DecodeParams::latent_share). The
 // rebuild FLOPs are the same; the latent is read once per head (from L2 after the first).
 // Taken where no joint (g-head) instantiation covers the shape, for packed latents (the joint
-// kernels read 16-bit latents only), and with variant 2 (forced, for the benchmark).
+// kernels read 16-bit latents only), with variant 2 (forced, for the benchmark) and with the
+// wgmma rebuild (variant 3, one-head groups only).
 bool runs_virtual(const palu::DecodeParams& p) {
     const int r = p.rk > p.rv ? p.rk : p.rv;
     if (p.g <= 1 || instance_pad(p.dh, 1, p.n_rep, r) == 0) return false;
-    if (p.variant == 2 || p.bits != 0) return true;
+    if (p.variant == 2 || p.variant == 3 || p.variant == 4 || p.bits != 0) return true;
     return instance_pad(p.dh, p.g, p.n_rep, r) == 0;
 }
 

@@ -48,20 +48,76 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 template <int N>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-template <int RKP, int RVP, int DH, int GHEADS, int BITS = 0>
+// Hopper's warpgroup MMA (sm_90a only; elsewhere these compile to nothing and the dispatch
+// never selects the WG kernels: PALU_WGMMA is defined only for sm_90a builds).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define PALU_HAS_WGMMA 1
+#endif
+// Shared-memory matrix descriptor, no swizzle, K-major core matrices: start address, byte
+// offsets between core matrices along K (lbo) and along M/N (sbo), in 16-byte units.
+__device__ __forceinline__ unsigned long long wgmma_desc(const void* p, unsigned lbo, unsigned sbo) {
+    const unsigned long long a = smem_u32(p);
+    return ((a & 0x3FFFF) >> 4) | (unsigned long long)((lbo >> 4) & 0x3FFF) << 16 |
+           (unsigned long long)((sbo >> 4) & 0x3FFF) << 32;
+}
+// Generic-proxy writes (cp.async, st.shared) made visible to the async proxy wgmma reads with.
+__device__ __forceinline__ void fence_proxy_async() {
+#ifdef PALU_HAS_WGMMA
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef PALU_HAS_WGMMA
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef PALU_HAS_WGMMA
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_wait0() {
+#ifdef PALU_HAS_WGMMA
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+// D[64 × 32] += A[64 × 16]·B[16 × 32], A and B K-major in shared memory, f32 accumulators in
+// the m16n8 C layout per warp and 8-column tile (d[4j + e] is mma.m16n8's c[e] of tile j).
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n32k16(float* d, unsigned long long da, unsigned long long db) {
+#ifdef PALU_HAS_WGMMA
+#define PALU_WGMMA_ASM(TY)                                                                                     \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY                                      \
+                 " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, 1, 1, 1, 0, 0;\n"         \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),          \
+                   "+f"(d[15])                                                                                  \
+                 : "l"(da), "l"(db))
+    if constexpr (std::is_same_v<T, half>) PALU_WGMMA_ASM("f16");
+    else PALU_WGMMA_ASM("bf16");
+#undef PALU_WGMMA_ASM
+#endif
+}
+
+template <int RKP, int RVP, int DH, int GHEADS, int BITS = 0, bool WG = false>
 struct Smem {
     static constexpr int ldb = RKP + 8;   // padded rows: conflict-free ldmatrix
     static constexpr int ldk = RKP + 8;
     static constexpr int ldv = RVP + 8;
     static constexpr int ldq = DH + 8;
-    static constexpr int b = GHEADS * DH * ldb * 2;
+    // wgmma (WG): B_k and the block's 64-row key tiles in the core-matrix layout its shared-
+    // memory descriptors read (8 rows × 16 bytes per core matrix, no padding, no swizzle).
+    static constexpr int core_sbo = RKP * 16;   // bytes between core matrices along rows
+    static constexpr int ktile = kChunk * 4 * RKP * 2;   // one stage: 64 rows (the 4 warps' chunks)
+    static constexpr int vchunk = kChunk * ldv * 2;      // one warp's value chunk, one stage
+    static constexpr int b = WG ? DH * RKP * 2 : GHEADS * DH * ldb * 2;
     static constexpr int q = GHEADS * 16 * ldq * 2;
     static constexpr int chunk = kChunk * (ldk + ldv) * 2;       // one buffer of one warp
     // Packed latents: the codes of a chunk land in one of two staging buffers and are
     // dequantized into a single 16-bit chunk buffer.
     static constexpr int stage_k = RKP * BITS / 8, stage_v = RVP * BITS / 8;  // bytes per row
     static constexpr int stage = kChunk * (stage_k + stage_v);
-    static constexpr int bufs = BITS == 0 ? kWarps * 2 * chunk : kWarps * (chunk + 2 * stage);
+    static constexpr int bufs = WG ? 2 * ktile + kWarps * 2 * vchunk : BITS == 0 ? kWarps * 2 * chunk : kWarps * (chunk + 2 * stage);
     static constexpr int merge = kWarps * 16 * (RVP + 2) * 4;    // per-warp (m, l, A)
     static constexpr int rowoff = kChunk * (DH / 2) * 8;         // cos/sin(row·θ) per lane, row < 16
     static constexpr int base = kWarps * (DH / 2) * 8;           // per warp: cos/sin(t0·θ)
@@ -223,14 +279,18 @@ __device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(
 // Blocks of a split kernel that fit on an SM by shared memory (227 KiB per SM on sm_90, 1 KiB
 // of it reserved per block), at most 4: the register budget of __launch_bounds__. g > 1 kernels
 // (the joint rebuild of several heads) take one block and all 255 registers.
-template <int RKP, int RVP, int DH, int GHEADS, int BITS>
+template <int RKP, int RVP, int DH, int GHEADS, int BITS, bool WG = false>
 constexpr int resident_blocks() {
-    constexpr int fit = 232448 / (Smem<RKP, RVP, DH, GHEADS, BITS>::total + 1024);
+    constexpr int fit = 232448 / (Smem<RKP, RVP, DH, GHEADS, BITS, WG>::total + 1024);
     return GHEADS > 1 || fit < 1 ? 1 : fit > 4 ? 4 : fit;
 }
 
-template <typename T, int RKP, int RVP, int DH, int GHEADS, int NREP, int ABL = 0, int BITS = 0>
-__global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GHEADS, BITS>()))
+// WG: the rebuild on Hopper's wgmma (experimental, variant 3; g = 1 groups, 16-bit latents,
+// ranks a multiple of 8): the 4 warps (one warpgroup) stream 64-row tiles together, B_k and the
+// key tiles in the core-matrix layout, each dh quarter one m64n32 accumulator per warp fed to
+// the same RoPE / Sᵀ / softmax / value code as the mma.sync rebuild.
+template <typename T, int RKP, int RVP, int DH, int GHEADS, int NREP, int ABL = 0, int BITS = 0, bool WG = false>
+__global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GHEADS, BITS, WG>()))
     split_kernel(DecodeParams p) {
     using E = Elem<T>;
     constexpr int NH = GHEADS * NREP;
@@ -249,7 +309,8 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
     // The latent A fragments of a chunk are held across the dh quarters up to rank 128 (32
     // registers) and reloaded per quarter above (64 registers at rank 256).
     constexpr bool kHoldA = KS <= 8;
-    using S = Smem<RKP, RVP, DH, GHEADS, BITS>;
+    using S = Smem<RKP, RVP, DH, GHEADS, BITS, WG>;
+    static_assert(!WG || (GHEADS == 1 && BITS == 0 && ABL == 0), "wgmma rebuild: g = 1, 16-bit latents");
     // f16 models rotate keys in f16x2 arithmetic (angles as f16 pairs): half the RoPE
     // instructions; the rotated keys are rounded to f16 for the score mma anyway. bf16 keeps f32.
     constexpr bool kHalfRope = std::is_same_v<T, half>;
@@ -273,7 +334,18 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
     // element copies otherwise; all issued before any wait (v5 copied 2 bytes per step, each
     // step a round trip to memory).
     const half* bk = p.bk + (size_t)grp * GHEADS * DH * p.rk;  // copied as bits
-    {
+    if constexpr (WG) {
+        // Rows permuted so that each dh quarter's 32 columns (dims 16·dq… and their rotate-half
+        // partners) are 32 consecutive rows n: one m64n32 wgmma per quarter and k-step.
+        constexpr int pieces = RKP / 8;
+        for (int i = tid; i < DH * pieces; i += kWarps * 32) {
+            const int d = i / pieces, c8 = i % pieces;
+            const int n = 32 * ((d % HALF) / 16) + 16 * (d / HALF) + d % 16;
+            unsigned char* dst = reinterpret_cast<unsigned char*>(sB) + (n / 8) * S::core_sbo + c8 * 128 + (n % 8) * 16;
+            const bool ok = c8 * 8 < p.rk;
+            cp_async16(dst, ok ? bk + (size_t)d * p.rk + c8 * 8 : bk, ok);
+        }
+    } else {
         constexpr int pieces = RKP / 8;
         const bool vec = p.rk % 8 == 0 && (reinterpret_cast<size_t>(p.bk) & 15) == 0;
         for (int i = tid; i < GHEADS * DH * pieces; i += kWarps * 32) {
@@ -365,7 +437,23 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
     // chunk buffer and two staging buffers of codes.
     half* const kbuf0 = reinterpret_cast<half*>(sBuf + warp * (BITS == 0 ? 2 * S::chunk : S::chunk + 2 * S::stage));
     auto bufK = [&](int u) { return kbuf0 + (BITS == 0 ? u * (S::chunk / 2) : 0); };
-    auto bufV = [&](int u) { return bufK(u) + kChunk * S::ldk; };
+    // WG: the block's key tile of stage u (core-matrix layout), this warp's value chunk.
+    auto tileK = [&](int u) { return sBuf + u * S::ktile; };
+    auto bufV = [&](int u) {
+        if constexpr (WG) return reinterpret_cast<half*>(sBuf + 2 * S::ktile + (warp * 2 + u) * S::vchunk);
+        else return bufK(u) + kChunk * S::ldk;
+    };
+    // WG: this warp's 16 key rows (from physical row r0, `valid` of them) into rows 16·warp… of
+    // the tile, 16-byte pieces at their core-matrix places; rows ≥ valid and ranks ≥ r_k zero.
+    auto load_k_rows = [&](unsigned char* tile, const half* src, int r0, int valid) {
+        constexpr int per_row = RKP / 8;
+        for (int i = lane; i < kChunk * per_row; i += 32) {
+            const int t = i / per_row, c8 = i % per_row, row = kChunk * warp + t;
+            const bool ok = t < valid && c8 * 8 < p.rk;
+            cp_async16(tile + (row / 8) * S::core_sbo + c8 * 128 + (row % 8) * 16,
+                       ok ? src + (long long)(r0 + t) * p.ldk + c8 * 8 : src, ok);
+        }
+    };
     unsigned char* const stage0 = reinterpret_cast<unsigned char*>(kbuf0) + S::chunk;
     auto stageK = [&](int u) { return stage0 + u * S::stage; };
     auto stageV = [&](int u) { return stage0 + u * S::stage + kChunk * S::stage_k; };
@@ -396,7 +484,12 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
         packed.ldv = p.ldv;
     }
     int t0 = s0 + kChunk * warp;  // this warp's chunks: t0 = s0 + 16·(warp + 4·i)
-    if (ABL != 4 && t0 < s1) {
+    if constexpr (WG) {
+        // Every warp fills its rows of the tile, past the end with zeros (the tile is shared).
+        const int r0 = t0 < s1 ? physical_row(p, b, t0) : 0;
+        load_k_rows(tileK(0), hk, r0, s1 - t0);
+        loadV.load(bufV(0), hv, r0, max(0, s1 - t0));
+    } else if (ABL != 4 && t0 < s1) {
         if constexpr (BITS == 0) {
             const int r0 = physical_row(p, b, t0);
             loadK.load(bufK(0), hk, r0, s1 - t0);
@@ -407,6 +500,7 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
     }
     cp_commit();
     cp_wait<0>();     // sB's copies (and the first chunk)
+    if constexpr (WG) fence_proxy_async();
     __syncthreads();  // sB, sQ, sRow, sStep ready
 
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
@@ -416,11 +510,19 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
 
     if constexpr (ABL == 5) t0 = s1;
     int buf = 0;
-    for (int it = 0; t0 < s1; ++it, t0 += kStride, buf ^= 1) {
-        const int valid = min(kChunk, s1 - t0);
+    // WG: the warpgroup iterates over the split's 64-row tiles together (a warp whose chunk is
+    // past the end still takes part in the wgmma); otherwise each warp over its own chunks.
+    for (int it = 0; WG ? s0 + kStride * it < s1 : t0 < s1; ++it, t0 += kStride, buf ^= 1) {
+        const int valid = max(0, min(kChunk, s1 - t0));
         const int t1 = t0 + kStride;
         sz_cur = sz_next;
-        if (ABL != 4 && t1 < s1) {
+        if constexpr (WG) {
+            if (s0 + kStride * (it + 1) < s1) {
+                const int r1 = t1 < s1 ? physical_row(p, b, t1) : 0;
+                load_k_rows(tileK(buf ^ 1), hk, r1, s1 - t1);
+                loadV.load(bufV(buf ^ 1), hv, r1, max(0, s1 - t1));
+            }
+        } else if (ABL != 4 && t1 < s1) {
             if constexpr (BITS == 0) {
                 const int r1 = physical_row(p, b, t1);
                 loadK.load(bufK(buf ^ 1), hk, r1, s1 - t1);
@@ -439,7 +541,10 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
         }
         cp_wait<1>();
         __syncwarp();
-        if constexpr (BITS == 0) {
+        if constexpr (WG) {
+            fence_proxy_async();
+            __syncthreads();  // the whole tile landed (the other warps' rows too)
+        } else if constexpr (BITS == 0) {
             mask_cols(bufK(buf), S::ldk, p.rk, lane);
             mask_cols(bufV(buf), S::ldv, p.rv, lane);
         } else {
@@ -455,7 +560,7 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
         auto load_a = [&](unsigned* f, int ks) {
             ldsm_x4(f[0], f[1], f[2], f[3], bufK(buf) + (lane % 16) * S::ldk + ks * 16 + (lane / 16) * 8);
         };
-        if constexpr (kHoldA)
+        if constexpr (kHoldA && !WG)
 #pragma unroll
             for (int ks = 0; ks < KS; ++ks) load_a(a[ks], ks);
         float st[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // Sᵀ: heads × tokens 0-7, 8-15
@@ -465,6 +570,22 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
                 float k[4][4];
 #pragma unroll
                 for (int i = 0; i < 16; ++i) k[i / 4][i % 4] = 0.f;
+                if constexpr (WG) {
+                    // The quarter's keys of the whole 64-row tile: rows 16·warp… of D are this
+                    // warp's, in the layout of the four k[t] tiles below.
+                    // Descriptor strides: 128 bytes between the two core matrices of a k16 step,
+                    // core_sbo between 8-row groups (variant 4: the two fields swapped, the other
+                    // reading of the PTX manual's no-swizzle K-major layout; the benchmark's
+                    // checks say which one the hardware takes).
+                    const unsigned lbo = p.variant == 4 ? S::core_sbo : 128, sbo = p.variant == 4 ? 128 : S::core_sbo;
+                    wgmma_fence();
+#pragma unroll
+                    for (int ks = 0; ks < KS; ++ks)
+                        wgmma_m64n32k16<T>(&k[0][0], wgmma_desc(tileK(buf) + ks * 256, lbo, sbo),
+                                           wgmma_desc(reinterpret_cast<unsigned char*>(sB) + 4 * dq * S::core_sbo + ks * 256, lbo, sbo));
+                    wgmma_commit();
+                    wgmma_wait0();
+                } else
 #pragma unroll
                 for (int ks = 0; ks < KS; ++ks) {
                     unsigned b0, b1, b2, b3, c0, c1, c2, c3;
@@ -561,7 +682,8 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             float m_new = fmaxf(m_run[r], mx);
-            float scale = __expf(m_run[r] - m_new);
+            // WG: a warp whose chunk lies past the split's end has no scores yet (−∞ − −∞).
+            float scale = WG && m_new == -INFINITY ? 1.f : __expf(m_run[r] - m_new);
             float sum = 0.f;
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt)
