@@ -1,5 +1,5 @@
 //! Compiles the CUDA sources into `libpalu_kernels.a` when the `cuda` feature is on: SASS for
-//! the target architecture (`CUDA_COMPUTE_CAP`, default 90a: the H200) plus compute_80 PTX so
+//! the target architecture (`CUDA_COMPUTE_CAP`, default 90a: the H200; 90 is built as 90a) plus compute_80 PTX so
 //! that other Ampere-or-newer GPUs can JIT it. Without the feature nothing is compiled; CI checks
 //! that the sources compile with `scripts/kernels-check.sh` instead.
 
@@ -16,6 +16,18 @@ mod cuda {
     pub fn build() {
         let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
         let arch = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90a".to_string());
+        // Hopper: the arch-specific target (sm_90a SASS runs on every sm_90 part, H100/H200),
+        // which the experimental wgmma kernels need (PALU_WGMMA; docs/kernels.md).
+        let arch = if arch == "90" {
+            "90a".to_string()
+        } else {
+            arch
+        };
+        let wgmma: &[&str] = if arch == "90a" {
+            &["-DPALU_WGMMA"]
+        } else {
+            &[]
+        };
         cudaforge::KernelBuilder::new()
             .source_files([
                 "src/palu_decode.cu",
@@ -29,6 +41,7 @@ mod cuda {
                 "-O3",
                 "-gencode=arch=compute_80,code=compute_80",
             ])
+            .args(wgmma)
             .args(["-Xcompiler", "-fPIC"])
             // Cargo reruns this script when a source changes (rerun-if-changed); cudaforge's own
             // object cache missed an edit made during a build, so it is off.

@@ -72,6 +72,11 @@ Kernels select(const palu::DecodeParams& p) {
         // groups (g = 1 and virtual heads), ranks a multiple of 8, B_k 16-byte aligned.
 #ifdef PALU_WGMMA
         if constexpr (DH == 128 && G == 1) {
+            // Only Hopper runs the sm_90a code; elsewhere the PTX fallback holds no wgmma.
+            int dev = 0, major = 0;
+            if (cudaGetDevice(&dev) != cudaSuccess ||
+                cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major != 9)
+                return {};
             if (p.rk % 8 || p.rv % 8 || reinterpret_cast<size_t>(p.bk) % 16) return {};
             using S = palu::mma4::Smem<RKP, RKP, DH, G, 0, true>;
             return {palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP, 0, 0, true>, combine, S::total, palu::mma4::kWarps * 32};

@@ -42,6 +42,28 @@ pub fn cuda_launches() -> usize {
     CUDA_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// The decode kernel variant the CUDA path asks for: `PALU_DECODE_VARIANT=3` (or 4) selects the
+/// experimental rebuild on Hopper's `wgmma` (sm_90a builds, docs/kernels.md), anything else the
+/// register pipeline (0). Shapes or builds without the variant fall back to 0. Read once.
+#[cfg(feature = "cuda")]
+fn requested_variant() -> i32 {
+    static VARIANT: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *VARIANT.get_or_init(|| {
+        let v = std::env::var("PALU_DECODE_VARIANT").unwrap_or_default();
+        match v.trim() {
+            "" | "0" => 0,
+            "3" => 3,
+            "4" => 4,
+            other => {
+                tracing::warn!(
+                    "PALU_DECODE_VARIANT={other}: not a decode variant (0, 3 or 4); using 0"
+                );
+                0
+            }
+        }
+    })
+}
+
 /// How many of [`cuda_launches`] read packed (2/4/8-bit) latent rows without unpacking them.
 pub fn cuda_packed_launches() -> usize {
     CUDA_PACKED_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
@@ -681,7 +703,7 @@ mod cuda {
             rv: d.rv as i32,
             n_splits: 0,
             split_len: 0,
-            variant: 0,
+            variant: requested_variant(),
             bf16: is_bf16,
             bits: bits as i32,
             k_scale_off: k_sc as i32,
@@ -697,7 +719,12 @@ mod cuda {
         // Splits over L for this shape's kernel (its resident blocks per SM), then the
         // workspace of their partials.
         let (mut n_splits, mut split_len) = (0i32, 0i32);
-        let planned = unsafe { k::palu_decode_plan_for(&p, 0, &mut n_splits, &mut split_len) };
+        let mut planned = unsafe { k::palu_decode_plan_for(&p, 0, &mut n_splits, &mut split_len) };
+        if planned != 0 && p.variant != 0 {
+            // The requested variant has no kernel for this shape or build: the default one.
+            p.variant = 0;
+            planned = unsafe { k::palu_decode_plan_for(&p, 0, &mut n_splits, &mut split_len) };
+        }
         if planned != 0 {
             candle_core::bail!(
                 "palu decode: no kernel for dh={} g={} n_rep={} r_k={} r_v={} bits={bits} (cudaError {planned})",
