@@ -1,17 +1,18 @@
 //! End-to-end decode throughput of the engine: a Llama-3-8B-shaped checkpoint with random weights
 //! (`palu::synth`), `--streams` concurrent requests with `--context`-token prompts and `--gen`
 //! generated tokens each, served by the stock engine (its paged attention on CUDA, block 32, as
-//! upstream's server runs there) and by `--kv-cache palu` (the same shape at Palu-50 %, g = 1),
+//! upstream's server runs there) and by `--kv-cache palu` (the same shape at Palu-50 %, g = `--group-size`),
 //! one after the other in this process. Prints one table: prefill and decode time, decode tokens
 //! per second, the KV bytes per token each cache holds, and how many `--context`-token sequences
 //! fit in `--kv-budget-gib` by that layout.
 //!
 //!   serve-bench --work DIR [--layers 4] [--context 16384] [--streams 16] [--gen 32]
-//!               [--latent-bits 16] [--kv-budget-gib 40] [--cpu]
+//!               [--latent-bits 16] [--group-size 1] [--kv-budget-gib 40] [--cpu]
 //!               [--configs stock,palu,palu-paged,stock-paged]
 //!
 //! `--configs` picks the servers, in that order: `stock` (the engine's plain KV cache), `palu`
-//! (latents in the plain cache, 16-bit and `--latent-bits`), `palu-paged` (latents in the
+//! (latents in the plain cache, 16-bit and `--latent-bits`; `--group-size` KV heads per low-rank
+//! group: 1 M-LRD, 2 or 4 G-LRD, 8 J-LRD), `palu-paged` (latents in the
 //! engine's paged blocks, CUDA), `stock-paged` (upstream's paged attention, CUDA: the default
 //! server there). The × column compares with the first stock server that ran.
 //!
@@ -36,6 +37,7 @@ struct Args {
     streams: usize,
     gen: usize,
     latent_bits: u8,
+    group_size: usize,
     budget_gib: f64,
     cpu: bool,
     tokenizer: PathBuf,
@@ -50,6 +52,7 @@ fn parse() -> Result<Args> {
         streams: 16,
         gen: 32,
         latent_bits: 16,
+        group_size: 1,
         budget_gib: 40.0,
         cpu: false,
         tokenizer: palu_integration_tests::fixtures().join("models/stories260K"),
@@ -84,6 +87,7 @@ fn parse() -> Result<Args> {
             "--streams" => a.streams = n()?,
             "--gen" => a.gen = n()?,
             "--latent-bits" => a.latent_bits = n()? as u8,
+            "--group-size" => a.group_size = n()?,
             "--kv-budget-gib" => a.budget_gib = v.parse().context("--kv-budget-gib")?,
             "--tokenizer-from" => a.tokenizer = PathBuf::from(&v),
             "--configs" => {
@@ -104,6 +108,12 @@ fn parse() -> Result<Args> {
     if a.streams == 0 || a.gen < 2 || a.context < 16 {
         bail!("--streams ≥ 1, --gen ≥ 2 and --context ≥ 16");
     }
+    if ![1, 2, 4, 8].contains(&a.group_size) {
+        bail!(
+            "--group-size {}: the Llama-3-8B shape's 8 KV heads split into groups of 1, 2, 4 or 8",
+            a.group_size
+        );
+    }
     Ok(a)
 }
 
@@ -114,7 +124,11 @@ fn checkpoints(a: &Args) -> Result<(PathBuf, PathBuf)> {
         let dir = a.work.join(format!(
             "llama3-8b-{}l-{}",
             a.layers,
-            if palu { "palu50-g1" } else { "dense" }
+            if palu {
+                format!("palu50-g{}", a.group_size)
+            } else {
+                "dense".to_string()
+            }
         ));
         if !dir.join("config.json").exists() {
             let mut spec = palu::synth::SynthSpec::preset("llama3-8b", Some(a.layers), 7)
@@ -122,7 +136,7 @@ fn checkpoints(a: &Args) -> Result<(PathBuf, PathBuf)> {
             spec.dtype = candle_core::DType::BF16;
             spec.vocab = 512;
             spec.palu = palu.then_some(palu::synth::SynthPalu {
-                group_size: 1,
+                group_size: a.group_size,
                 ratio: 0.5,
             });
             palu::checkpoint::write_dir_atomically(&dir, |tmp| {
@@ -328,8 +342,9 @@ fn main() -> Result<()> {
         }));
     }
     println!(
-        "\nLlama-3-8B shape ({} layers, random weights, vocab 512), {} streams × {} prompt tokens, {} new tokens each, {}",
+        "\nLlama-3-8B shape ({} layers, random weights, vocab 512, Palu-50 % g = {}), {} streams × {} prompt tokens, {} new tokens each, {}",
         a.layers,
+        a.group_size,
         a.streams,
         a.context,
         a.gen,
