@@ -29,6 +29,16 @@ def rows(path):
     return out
 
 
+def latency_axes(ax, title):
+    """Log-log µs-per-step axes of a latency-vs-context panel."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length L (tokens)")
+    ax.set_ylabel("µs per layer per decode step")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def speedup_plot():
     """Speed-up over the stock kernel (same run) per variant, with the issue's 3x and 6x bars."""
     fused = rows(ROOT / "docs/bench/palu_decode_v6_fused.md")
@@ -140,12 +150,7 @@ def stop12_plots():
         st8 = [x for x in r1 if x[stock8]]
         ax.plot([x["L"] for x in st8], [x[stock8] for x in st8], "rv--", label="stock, f8e4m3 cache")
         ax.plot([x["L"] for x in r1], [x["roofline bf16 K/V µs"] for x in r1], "k--", label="roofline: bf16 K/V read once")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length L (tokens)")
-        ax.set_ylabel("µs per layer per decode step")
-        ax.set_title(f"Llama-3-8B attention shape, batch {B} (stock aborts at 64K+ × 32)")
-        ax.grid(True, which="both", alpha=0.3)
+        latency_axes(ax, f"Llama-3-8B attention shape, batch {B} (stock aborts at 64K+ × 32)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(ROOT / "docs/img/decode_latency_stop12.svg")
@@ -190,12 +195,7 @@ def main():
         st = [x for x in r if x["stock"]]
         if st:
             ax.plot([x["L"] for x in st], [x["stock"] for x in st], "r^", label="stock paged attn bf16 (same run)")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length L (tokens)")
-        ax.set_ylabel("µs per layer per decode step")
-        ax.set_title(f"Llama-3-8B attention shape, batch {B}")
-        ax.grid(True, which="both", alpha=0.3)
+        latency_axes(ax, f"Llama-3-8B attention shape, batch {B}")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(ROOT / "docs/img/decode_latency_llama3.svg")
