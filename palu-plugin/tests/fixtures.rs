@@ -1,6 +1,7 @@
 //! End-to-end on the real fixtures: GGUF conversion, full-rank exactness, the latent cache,
 //! re-applying a stored allocation, and the synthetic Mistral / Qwen2 layouts.
 mod common;
+use common::max_abs_diff;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,17 +13,6 @@ use palu::model::{Cache, Model};
 use palu::ranks::RankSearch;
 
 const STORIES_REFERENCE: &str = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball. She wanted to play with it, but it was too high";
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn logits(m: &Model, ids: &[u32]) -> Tensor {
     m.forward(

@@ -1,6 +1,7 @@
 //! Golden tests against the Palu authors' own checkpoint and intermediate values
 //! (`palu-reference/stories260K-g1-r50`, see the fixtures README).
 mod common;
+use common::max_abs_diff;
 
 use std::collections::HashMap;
 
@@ -15,17 +16,6 @@ fn refs() -> HashMap<String, Tensor> {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn max_abs(a: &Tensor) -> f32 {
