@@ -67,7 +67,7 @@ Kernels select(const palu::DecodeParams& p) {
         return {};
     }
     if (p.block_table != nullptr && p.variant == 1) return {};  // paged: register pipeline
-    if (p.variant == 3 || p.variant == 4) {
+    if (p.variant == 3) {
         // The rebuild on wgmma (experimental; 4: descriptor strides swapped, see the kernel): sm_90a builds (PALU_WGMMA), head_dim 128, one-head
         // groups (g = 1 and virtual heads), ranks a multiple of 8, B_k 16-byte aligned.
 #ifdef PALU_WGMMA
@@ -146,7 +146,7 @@ bool packed_instance(int dh, int g, int n_rep, int rp) {
 bool runs_virtual(const palu::DecodeParams& p) {
     const int r = p.rk > p.rv ? p.rk : p.rv;
     if (p.g <= 1 || instance_pad(p.dh, 1, p.n_rep, r) == 0) return false;
-    if (p.variant == 2 || p.variant == 3 || p.variant == 4 || p.bits != 0) return true;
+    if (p.variant == 2 || p.variant == 3 || p.bits != 0) return true;
     return instance_pad(p.dh, p.g, p.n_rep, r) == 0;
 }
 

@@ -36,6 +36,10 @@ __device__ __forceinline__ void ldsm_x4_t(unsigned& r0, unsigned& r1, unsigned& 
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(smem_u32(p)));
 }
+// The same at a shared-memory address already in the shared window.
+__device__ __forceinline__ void cp_async16_at(unsigned dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
@@ -76,10 +80,18 @@ __device__ __forceinline__ void wgmma_commit() {
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void wgmma_wait0() {
+// Waits until at most N committed wgmma groups of this warp are in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
 #ifdef PALU_HAS_WGMMA
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
+}
+// Pins 16 accumulators after a wait: the compiler may not move reads of them above it (it sees
+// the wgmma's outputs as written at issue).
+__device__ __forceinline__ void wgmma_fence_operands(float* d) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 // D[64 × 32] += A[64 × 16]·B[16 × 32], A and B K-major in shared memory, f32 accumulators in
 // the m16n8 C layout per warp and 8-column tile (d[4j + e] is mma.m16n8's c[e] of tile j).
@@ -124,13 +136,18 @@ struct Smem {
     static constexpr int base_h = kWarps * (DH / 4) * 8;         // the same as f16 pairs (f16 RoPE)
     static constexpr int step = (DH / 2) * 8;                    // per pair: rotation by 64·θ
     static constexpr int total = b + q + rowoff + base + base_h + step + (bufs > merge ? bufs : merge);
+    static_assert(b % 16 == 0 && q % 16 == 0 && rowoff % 16 == 0 && base % 16 == 0 && base_h % 16 == 0,
+                  "16-byte aligned regions (float4 angle updates, 16-byte copies)");
 };
 
 // Issues the copies of one warp's chunk of latent rows: the 8-column pieces that start below r
 // (round8(r) columns), zero-filling rows ≥ valid and the pieces beyond. Each lane's pieces and
 // their offsets are fixed for the whole split and computed once (v5 recomputed them per chunk:
-// about 150 instructions per chunk for 8 copies).
-template <int RP>
+// about 150 instructions per chunk for 8 copies). Stop 13 (ncu's per-instruction counts): the
+// regular layout still spent ~85 instructions per chunk and loader on 64-bit products per piece
+// and pointer selects; now one product per chunk, a 64-bit add per piece, and the source address
+// is passed as is for zero-filled pieces (a copy of 0 source bytes reads nothing).
+template <int RP, int LDD>
 struct ChunkLoader {
     static constexpr int per_row = RP / 8;            // 16-byte pieces per row
     static constexpr int n = kChunk * per_row / 32;   // pieces per lane
@@ -138,31 +155,32 @@ struct ChunkLoader {
     static constexpr int step = regular ? 32 / per_row : 0;  // rows between a lane's pieces
     int row0, col;       // regular layout: the lane's first row, its column (same in every row)
     bool col_ok;
-    long long ld;
-    int ld_dst, r, lane;
+    long long ld, step_ld;  // step_ld: elements between a lane's consecutive pieces
+    int r, lane;
 
-    __device__ ChunkLoader(int ld_, int ld_dst_, int r_, int lane_) : ld(ld_), ld_dst(ld_dst_), r(r_), lane(lane_) {
+    __device__ ChunkLoader(int ld_, int r_, int lane_) : ld(ld_), r(r_), lane(lane_) {
         row0 = lane / per_row;
         col = lane % per_row * 8;
         col_ok = col < r;
+        step_ld = (long long)step * ld;
     }
     // src: the group's row 0; rows t0 … t0 + valid − 1 are copied (t0: the chunk's physical
     // row, see physical_row; its 16 rows are contiguous).
     __device__ __forceinline__ void load(half* dst, const half* src, int t0, int valid) const {
         if constexpr (regular) {
-            const half* s = src + (t0 + row0) * ld + col;
-            half* d = dst + row0 * ld_dst + col;
+            const half* s = src + (long long)(t0 + row0) * ld + col;
+            const unsigned d = smem_u32(dst + row0 * LDD + col);
 #pragma unroll
             for (int u = 0; u < n; ++u) {
-                const bool ok = col_ok && row0 + step * u < valid;
-                cp_async16(d + step * u * ld_dst, ok ? s + step * u * ld : src, ok);
+                cp_async16_at(d + step * u * LDD * 2, s, col_ok && row0 + step * u < valid);
+                s += step_ld;
             }
         } else {
 #pragma unroll
             for (int u = 0; u < n; ++u) {
                 const int ci = lane + 32 * u, t = ci / per_row, c = ci % per_row * 8;
                 const bool ok = t < valid && c < r;
-                cp_async16(dst + t * ld_dst + c, ok ? src + (t0 + t) * ld + c : src, ok);
+                cp_async16(dst + t * LDD + c, ok ? src + (t0 + t) * ld + c : src, ok);
             }
         }
     }
@@ -432,6 +450,24 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
         }
     };
 
+    // Advance this warp's base angles to its next chunk: lane l rotates the pair (2l, 2l + 1)
+    // and publishes its f16 form from registers (was a lane-strided loop and a re-read: ~80
+    // instructions with branches per chunk, ncu).
+    auto advance_base = [&]() {
+        static_assert(HALF % 2 == 0 && HALF / 2 <= 32, "one pair of angles per lane");
+        __syncwarp();
+        if (lane < HALF / 2) {
+            const float4 bs = reinterpret_cast<const float4*>(myBase)[lane];
+            const float4 st = reinterpret_cast<const float4*>(sStep)[lane];
+            const float2 a = cmul(make_float2(bs.x, bs.y), make_float2(st.x, st.y));
+            const float2 c = cmul(make_float2(bs.z, bs.w), make_float2(st.z, st.w));
+            reinterpret_cast<float4*>(myBase)[lane] = make_float4(a.x, a.y, c.x, c.y);
+            if constexpr (kHalfRope)
+                myBaseH[lane] = make_uint2(h2bits(__floats2half2_rn(a.x, c.x)), h2bits(__floats2half2_rn(a.y, c.y)));
+        }
+        __syncwarp();
+    };
+
     // This warp's two chunk buffers (K rows then V rows), addressed arithmetically: an array of
     // pointers indexed by the run-time buffer number went to local memory. Packed latents: one
     // chunk buffer and two staging buffers of codes.
@@ -447,11 +483,24 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
     // the tile, 16-byte pieces at their core-matrix places; rows ≥ valid and ranks ≥ r_k zero.
     auto load_k_rows = [&](unsigned char* tile, const half* src, int r0, int valid) {
         constexpr int per_row = RKP / 8;
-        for (int i = lane; i < kChunk * per_row; i += 32) {
-            const int t = i / per_row, c8 = i % per_row, row = kChunk * warp + t;
-            const bool ok = t < valid && c8 * 8 < p.rk;
-            cp_async16(tile + (row / 8) * S::core_sbo + c8 * 128 + (row % 8) * 16,
-                       ok ? src + (long long)(r0 + t) * p.ldk + c8 * 8 : src, ok);
+        if constexpr (32 % per_row == 0) {  // a lane's pieces share a column (as ChunkLoader)
+            constexpr int step = 32 / per_row;
+            const int tl = lane / per_row, c8 = lane % per_row;
+            const half* s = src + (long long)(r0 + tl) * p.ldk + c8 * 8;
+            const unsigned base = smem_u32(tile) + c8 * 128;
+#pragma unroll
+            for (int u = 0; u < kChunk * per_row / 32; ++u) {
+                const int t = tl + step * u, row = kChunk * warp + t;
+                cp_async16_at(base + (row / 8) * S::core_sbo + (row % 8) * 16, s, t < valid && c8 * 8 < p.rk);
+                s += (long long)step * p.ldk;
+            }
+        } else {
+            for (int i = lane; i < kChunk * per_row; i += 32) {
+                const int t = i / per_row, c8 = i % per_row, row = kChunk * warp + t;
+                const bool ok = t < valid && c8 * 8 < p.rk;
+                cp_async16(tile + (row / 8) * S::core_sbo + c8 * 128 + (row % 8) * 16,
+                           ok ? src + (long long)(r0 + t) * p.ldk + c8 * 8 : src, ok);
+            }
         }
     };
     unsigned char* const stage0 = reinterpret_cast<unsigned char*>(kbuf0) + S::chunk;
@@ -460,8 +509,8 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
     const int lat = latent_group(p, grp);
     const half* hk = p.hk + b * p.hk_sb + lat * p.hk_sg;
     const half* hv = p.hv + b * p.hv_sb + lat * p.hv_sg;
-    const ChunkLoader<RKP> loadK(p.ldk, S::ldk, p.rk, lane);
-    const ChunkLoader<RVP> loadV(p.ldv, S::ldv, p.rv, lane);
+    const ChunkLoader<RKP, S::ldk> loadK(p.ldk, p.rk, lane);
+    const ChunkLoader<RVP, S::ldv> loadV(p.ldv, p.rv, lane);
     PackedLoader packed{};
     unsigned sz_cur = 0, sz_next = 0;  // packed: (scale, zero) of one row of this / the next chunk
     if constexpr (BITS != 0) {
@@ -510,6 +559,7 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
 
     if constexpr (ABL == 5) t0 = s1;
     int buf = 0;
+    const bool mask_k = p.rk % 8 != 0, mask_v = p.rv % 8 != 0;  // ranks that end inside a piece
     // WG: the warpgroup iterates over the split's 64-row tiles together (a warp whose chunk is
     // past the end still takes part in the wgmma); otherwise each warp over its own chunks.
     for (int it = 0; WG ? s0 + kStride * it < s1 : t0 < s1; ++it, t0 += kStride, buf ^= 1) {
@@ -545,8 +595,8 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
             fence_proxy_async();
             __syncthreads();  // the whole tile landed (the other warps' rows too)
         } else if constexpr (BITS == 0) {
-            mask_cols(bufK(buf), S::ldk, p.rk, lane);
-            mask_cols(bufV(buf), S::ldv, p.rv, lane);
+            if (mask_k) mask_cols(bufK(buf), S::ldk, p.rk, lane);
+            if (mask_v) mask_cols(bufV(buf), S::ldv, p.rv, lane);
         } else {
             dequant_rows<T, RKP, BITS>(reinterpret_cast<T*>(bufK(buf)), S::ldk, stageK(buf), p.rk, sz_cur, 0, lane);
             dequant_rows<T, RVP, BITS>(reinterpret_cast<T*>(bufV(buf)), S::ldv, stageV(buf), p.rv, sz_cur, 16, lane);
@@ -564,28 +614,40 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
 #pragma unroll
             for (int ks = 0; ks < KS; ++ks) load_a(a[ks], ks);
         float st[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // Sᵀ: heads × tokens 0-7, 8-15
+        // WG: the quarter's keys of the whole 64-row tile (rows 16·warp… of D are this warp's,
+        // in the layout of the four k[t] tiles below), all k-steps in one commit group.
+        // Descriptor strides: 128 bytes between the two core matrices of a k16 step, core_sbo
+        // between 8-row groups (the H200 run of stop 13 confirmed this reading of the no-swizzle
+        // K-major layout against float64).
+        float kw[WG ? 2 : 1][4][4];
+        auto issue_quarter = [&](float (&acc)[4][4], int dq) {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) acc[i / 4][i % 4] = 0.f;
+            wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks)
+                wgmma_m64n32k16<T>(&acc[0][0], wgmma_desc(tileK(buf) + ks * 256, 128, S::core_sbo),
+                                   wgmma_desc(reinterpret_cast<unsigned char*>(sB) + 4 * dq * S::core_sbo + ks * 256, 128, S::core_sbo));
+            wgmma_commit();
+        };
+        if constexpr (WG) issue_quarter(kw[0], 0);
         for (int j = 0; j < GHEADS; ++j) {
 #pragma unroll
             for (int dq = 0; dq < NT / 4; ++dq) {
-                float k[4][4];
+                // WG: quarter dq's accumulators alternate between kw[0] and kw[1]; quarter dq + 1's
+                // wgmma runs while this warp rotates and scores quarter dq.
+                float (&k)[4][4] = kw[WG ? dq & 1 : 0];
+                if constexpr (WG) {
+                    if (dq + 1 < NT / 4) {
+                        issue_quarter(kw[(dq + 1) & 1], dq + 1);
+                        wgmma_wait<1>();
+                    } else {
+                        wgmma_wait<0>();
+                    }
+                    wgmma_fence_operands(&k[0][0]);
+                } else {
 #pragma unroll
                 for (int i = 0; i < 16; ++i) k[i / 4][i % 4] = 0.f;
-                if constexpr (WG) {
-                    // The quarter's keys of the whole 64-row tile: rows 16·warp… of D are this
-                    // warp's, in the layout of the four k[t] tiles below.
-                    // Descriptor strides: 128 bytes between the two core matrices of a k16 step,
-                    // core_sbo between 8-row groups (variant 4: the two fields swapped, the other
-                    // reading of the PTX manual's no-swizzle K-major layout; the benchmark's
-                    // checks say which one the hardware takes).
-                    const unsigned lbo = p.variant == 4 ? S::core_sbo : 128, sbo = p.variant == 4 ? 128 : S::core_sbo;
-                    wgmma_fence();
-#pragma unroll
-                    for (int ks = 0; ks < KS; ++ks)
-                        wgmma_m64n32k16<T>(&k[0][0], wgmma_desc(tileK(buf) + ks * 256, lbo, sbo),
-                                           wgmma_desc(reinterpret_cast<unsigned char*>(sB) + 4 * dq * S::core_sbo + ks * 256, lbo, sbo));
-                    wgmma_commit();
-                    wgmma_wait0();
-                } else
 #pragma unroll
                 for (int ks = 0; ks < KS; ++ks) {
                     unsigned b0, b1, b2, b3, c0, c1, c2, c3;
@@ -599,6 +661,7 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
                     E::mma16816(k[1], f[0], f[1], f[2], f[3], b2, b3);
                     E::mma16816(k[2], f[0], f[1], f[2], f[3], c0, c1);
                     E::mma16816(k[3], f[0], f[1], f[2], f[3], c2, c3);
+                }
                 }
                 if constexpr (ABL == 2) {
 #pragma unroll
@@ -735,11 +798,7 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
                 E::mma16816(acc_v[2 * np + 1], pa0, pa1, pa2, pa3, b2, b3);
             }
         }
-        // Advance this warp's base angle to its next chunk.
-        __syncwarp();
-        for (int f = lane; f < HALF; f += 32) myBase[f] = cmul(myBase[f], sStep[f]);
-        publish_base();
-        __syncwarp();
+        advance_base();
     }
     cp_wait<0>();
     // Quad-sum l; merge the warps' (m, l, A) in smem.

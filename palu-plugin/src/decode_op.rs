@@ -42,7 +42,7 @@ pub fn cuda_launches() -> usize {
     CUDA_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The decode kernel variant the CUDA path asks for: `PALU_DECODE_VARIANT=3` (or 4) selects the
+/// The decode kernel variant the CUDA path asks for: `PALU_DECODE_VARIANT=3` selects the
 /// experimental rebuild on Hopper's `wgmma` (sm_90a builds, docs/kernels.md), anything else the
 /// register pipeline (0). Shapes or builds without the variant fall back to 0. Read once.
 #[cfg(feature = "cuda")]
@@ -53,10 +53,9 @@ fn requested_variant() -> i32 {
         match v.trim() {
             "" | "0" => 0,
             "3" => 3,
-            "4" => 4,
             other => {
                 tracing::warn!(
-                    "PALU_DECODE_VARIANT={other}: not a decode variant (0, 3 or 4); using 0"
+                    "PALU_DECODE_VARIANT={other}: not a decode variant (0 or 3); using 0"
                 );
                 0
             }
