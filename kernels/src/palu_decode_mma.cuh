@@ -24,6 +24,15 @@ namespace mma4 {
 constexpr int kChunk = 16;
 constexpr int kWarps = 4;
 constexpr int kReseed = 32;  // chunks between exact (double) angle re-seeds
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+constexpr float kLazyLog2 = 8.f;  // the softmax reference moves once a score exceeds it by 2^8
+
+// 2^x in one instruction (ex2(−∞) = 0); the softmax runs in log2 units.
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -378,7 +387,7 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
             for (int e = 0; e < 8; ++e) dst[e] = c + e < p.rk ? bk[(size_t)row * p.rk + c + e] : __float2half(0.f);
         }
     }
-    const float qscale = rsqrtf((float)DH);
+    const float qscale = rsqrtf((float)DH) * kLog2e;  // scores in log2 units (softmax by ex2)
     {
         // Q rows of this group's heads (rows of other groups' heads stay zero): 8 elements per
         // step with their loads issued together.
@@ -729,6 +738,11 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
             continue;
         }
         // Online softmax over this chunk: rows g (r = 0) and g + 8 (r = 1; no heads there with kVT).
+        // Scores are in log2 units (q carries log2 e) and exponentials are single ex2. The
+        // reference max m_run moves lazily: only when some score of the warp exceeds it by more
+        // than kLazyLog2 (so p ≤ 2^8, exact enough in f16 and summed in f32). Most chunks then
+        // skip the quad max (two shuffles on the critical path: ncu's top stall in stop 13) and
+        // the rescale of the value accumulators; the result is the same softmax.
         float pr[2][4];
 #pragma unroll
         for (int r = 0; r < kHeadRows; ++r) {
@@ -742,38 +756,43 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
                     st[nt][2 * r + e] = v;
                     mx = fmaxf(mx, v);
                 }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            float m_new = fmaxf(m_run[r], mx);
-            // WG: a warp whose chunk lies past the split's end has no scores yet (−∞ − −∞).
-            float scale = WG && m_new == -INFINITY ? 1.f : __expf(m_run[r] - m_new);
+            if (__any_sync(0xffffffffu, mx > m_run[r] + kLazyLog2)) {  // warp-uniform
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m_run[r], mx);
+                // A quad whose scores are all masked so far keeps scale 1 (−∞ − −∞).
+                const float scale = m_new == -INFINITY ? 1.f : ex2(m_run[r] - m_new);
+                l_run[r] *= scale;
+                m_run[r] = m_new;
+                if constexpr (kVT) {
+                    // Columns are heads: this thread's are 2·tig and 2·tig + 1, whose scales the
+                    // quads 2·tig and 2·tig + 1 computed (row g of Sᵀ is head g).
+                    const float s0 = __shfl_sync(0xffffffffu, scale, 8 * tig), s1 = __shfl_sync(0xffffffffu, scale, 8 * tig + 4);
+#pragma unroll
+                    for (int n = 0; n < NACC; ++n) {
+                        acc_v[n][0] *= s0, acc_v[n][1] *= s1;
+                        acc_v[n][2] *= s0, acc_v[n][3] *= s1;
+                    }
+                } else {
+#pragma unroll
+                    for (int n = 0; n < NV; ++n) {
+                        acc_v[n][2 * r] *= scale;
+                        acc_v[n][2 * r + 1] *= scale;
+                    }
+                }
+            }
+            // m_run = −∞ only while all of this quad's scores are −∞: ex2(−∞) = 0.
+            const float m_use = m_run[r] == -INFINITY ? 0.f : m_run[r];
             float sum = 0.f;
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    float pv = __expf(st[nt][2 * r + e] - m_new);
+                    float pv = ex2(st[nt][2 * r + e] - m_use);
                     pr[nt][2 * r + e] = pv;
                     sum += pv;
                 }
-            l_run[r] = l_run[r] * scale + sum;  // per-thread partial; quad-summed at the end
-            m_run[r] = m_new;
-            if constexpr (kVT) {
-                // Columns are heads: this thread's are 2·tig and 2·tig + 1, whose scales the
-                // quads 2·tig and 2·tig + 1 computed (row g of Sᵀ is head g).
-                const float s0 = __shfl_sync(0xffffffffu, scale, 8 * tig), s1 = __shfl_sync(0xffffffffu, scale, 8 * tig + 4);
-#pragma unroll
-                for (int n = 0; n < NACC; ++n) {
-                    acc_v[n][0] *= s0, acc_v[n][1] *= s1;
-                    acc_v[n][2] *= s0, acc_v[n][3] *= s1;
-                }
-            } else {
-#pragma unroll
-                for (int n = 0; n < NV; ++n) {
-                    acc_v[n][2 * r] *= scale;
-                    acc_v[n][2 * r + 1] *= scale;
-                }
-            }
+            l_run[r] += sum;  // per-thread partial; quad-summed at the end
         }
         if constexpr (kVT) {
             // Aᵀ += H_vᵀ·Pᵀ: Pᵀ (16 tokens × heads) is the B operand as Sᵀ's row-g registers lie
@@ -847,9 +866,10 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
             v = 0.f;
             for (int w = 0; w < kWarps; ++w) {
                 float m = sM[(w * 16 + h) * W];
-                if (m != -INFINITY) v += sM[(w * 16 + h) * W + c] * __expf(m - M);
+                if (m != -INFINITY) v += sM[(w * 16 + h) * W + c] * ex2(m - M);
             }
         }
+        if (c == 0) v *= kLn2;  // the partials' max in natural units, as the combine reads it
         p.partial[((((size_t)b * p.G + grp) * NH + h) * p.n_splits + split) * (2 + RVP) + c] = v;
     }
 }
