@@ -131,10 +131,11 @@ def table(path):
     return out
 
 
-def stop12_plots():
+def decode_plots(t, tag, before=None, llama2=None):
     """Latency vs context per group size (fp16 and 4-bit latents) beside the stock kernel on its
-    bf16 and f8e4m3 caches and the roofline; and × roofline / rebuild TFLOP/s per group size."""
-    t = table(ROOT / "docs/bench/palu_decode_stop12.md")
+    bf16 and f8e4m3 caches and the roofline; and × roofline / rebuild TFLOP/s per group size.
+    before: an earlier run's table, drawn as grey g = 1 lines; llama2: the Llama-2 rows, drawn
+    dashed in the roofline panels."""
     fp16, four = "Palu-50% fp16 µs", "4-bit µs (× roofline, × stock)"
     stock, stock8 = "stock paged attn bf16 µs, same run (speed-up)", "stock f8e4m3 cache µs (speed-up)"
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
@@ -145,6 +146,9 @@ def stop12_plots():
             r = [x for x in t if x["model"] == "llama3-8b" and x["g"] == g and x["B"] == B]
             ax.plot([x["L"] for x in r], [x[fp16] for x in r], "o-", color=colors[g], label=f"Palu-50% g={g}, fp16 latents")
             ax.plot([x["L"] for x in r], [x[four] for x in r], "D:", color=colors[g], label=f"g={g}, 4-bit latents")
+        if before:
+            rb = [x for x in before if x["model"] == "llama3-8b" and x["g"] == 1 and x["B"] == B]
+            ax.plot([x["L"] for x in rb], [x[fp16] for x in rb], "o:", color="gray", label="g=1 fp16, previous stop")
         st = [x for x in r1 if x[stock]]
         ax.plot([x["L"] for x in st], [x[stock] for x in st], "r^-", label="stock paged attention, bf16 cache")
         st8 = [x for x in r1 if x[stock8]]
@@ -153,13 +157,16 @@ def stop12_plots():
         latency_axes(ax, f"Llama-3-8B attention shape, batch {B} (stock aborts at 64K+ × 32)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(ROOT / "docs/img/decode_latency_stop12.svg")
+    fig.savefig(ROOT / f"docs/img/decode_latency_{tag}.svg")
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     for g in (1, 2, 4):
-        r = [x for x in t if x["model"] == "llama3-8b" and x["g"] == g and x["B"] == 8]
-        axes[0].plot([x["L"] for x in r], [x["× roofline"] for x in r], "o-", color=colors[g], label=f"g={g} fp16")
-        axes[1].plot([x["L"] for x in r], [x["rebuild TFLOP/s"] for x in r], "o-", color=colors[g], label=f"g={g}")
+        for rows_, model, style, name in ((t, "llama3-8b", "o-", "Llama-3"), (llama2 or [], "llama2-7b", "s--", "Llama-2")):
+            r = [x for x in rows_ if x["model"] == model and x["g"] == g and x["B"] == 8]
+            if not r:
+                continue
+            axes[0].plot([x["L"] for x in r], [x["× roofline"] for x in r], style, color=colors[g], label=f"{name} g={g} fp16")
+            axes[1].plot([x["L"] for x in r], [x["rebuild TFLOP/s"] for x in r], style, color=colors[g], label=f"{name} g={g}")
     axes[0].axhline(0.6, color="k", ls=":", label="target g=1: 0.6×")
     axes[0].axhline(1.0, color="k", ls="--", label="target g=4: 1.0×")
     axes[0].set_ylabel("time ÷ roofline (bf16 K/V read once)")
@@ -169,11 +176,24 @@ def stop12_plots():
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length L (tokens)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_title("Llama-3-8B shape, batch 8: fraction of the roofline")
-    axes[1].set_title("the rebuild's tensor-core rate: flat at 130-165 TFLOP/s")
+        ax.legend(fontsize=7)
+    axes[0].set_title("batch 8: fraction of the roofline")
+    axes[1].set_title("batch 8: the rebuild's tensor-core rate")
     fig.tight_layout()
-    fig.savefig(ROOT / "docs/img/decode_roofline_stop12.svg")
+    fig.savefig(ROOT / f"docs/img/decode_roofline_{tag}.svg")
+
+
+def stop12_plots():
+    decode_plots(table(ROOT / "docs/bench/palu_decode_stop12.md"), "stop12")
+
+
+def stop13_plots():
+    decode_plots(
+        table(ROOT / "docs/bench/palu_decode_stop13.md"),
+        "stop13",
+        before=table(ROOT / "docs/bench/palu_decode_stop12.md"),
+        llama2=table(ROOT / "docs/bench/palu_decode_stop13_llama2.md"),
+    )
 
 
 def main():
@@ -217,8 +237,9 @@ def main():
     speedup_plot()
     serve_plot()
     stop12_plots()
+    stop13_plots()
     print("wrote docs/img/decode_latency_llama3.svg, docs/img/decode_bandwidth_versions.svg, docs/img/decode_speedup_vs_stock.svg, "
-          "docs/img/serve_bench_stop11.svg, docs/img/decode_latency_stop12.svg, docs/img/decode_roofline_stop12.svg")
+          "docs/img/serve_bench_stop11.svg, docs/img/decode_{latency,roofline}_stop12.svg, docs/img/decode_{latency,roofline}_stop13.svg")
 
 
 if __name__ == "__main__":
