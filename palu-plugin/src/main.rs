@@ -54,8 +54,10 @@ enum Cmd {
     /// Fit the planner's cost model to a run of the kernel harness (`palu_decode_bench`'s
     /// output): prints the fit per row and writes the constants for `palu plan --cost-model`.
     Calibrate {
-        /// The harness output (e.g. docs/bench/palu_decode_v6_fused.md).
-        harness: PathBuf,
+        /// The harness output (e.g. docs/bench/palu_decode_stop13.md); several files (one run per
+        /// model) are read as one.
+        #[arg(required = true)]
+        harness: Vec<PathBuf>,
         /// Where to write the cost model TOML; `-` prints it.
         #[arg(long, default_value = "-")]
         out: PathBuf,
@@ -390,13 +392,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Calibrate { harness, out } => {
-            let text = palu::error::read_to_string(&harness)?;
+            let mut text = String::new();
+            for h in &harness {
+                text += &palu::error::read_to_string(h)?;
+                text.push('\n');
+            }
             let cal = palu::planner::CostModel::fit_harness(&text, Default::default())
-                .map_err(|m| palu::PaluError::invalid(&harness, m))?;
+                .map_err(|m| palu::PaluError::invalid(&harness[0], m))?;
             print!("{cal}");
+            let names: Vec<String> = harness.iter().map(|h| h.display().to_string()).collect();
             let toml = format!(
                 "# palu calibrate {}\n{}",
-                harness.display(),
+                names.join(" "),
                 toml::to_string(&cal.cost).expect("a cost model serializes")
             );
             if out.as_os_str() == "-" {

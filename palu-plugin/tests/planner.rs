@@ -176,7 +176,21 @@ fn a_plan_for_other_ranks_or_layers_names_the_file_and_layer() {
 #[test]
 fn the_default_cost_model_is_the_fit_of_the_committed_h200_run() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let text = std::fs::read_to_string(root.join("docs/bench/palu_decode_v6_stop10.md")).unwrap();
+    // Stop 13's run, one file per model (palu calibrate reads them as one text), and the header
+    // of the configs file it wrote naming them.
+    let files = [
+        "docs/bench/palu_decode_stop13.md",
+        "docs/bench/palu_decode_stop13_llama2.md",
+    ];
+    let text: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(root.join(f)).unwrap() + "\n")
+        .collect();
+    let toml = std::fs::read_to_string(root.join("configs/h200.cost-model.toml")).unwrap();
+    assert!(
+        toml.starts_with(&format!("# palu calibrate {}\n", files.join(" "))),
+        "{toml}"
+    );
     let cal = CostModel::fit_harness(&text, CostModel::default()).unwrap();
     let d = CostModel::default();
     let close = |a: f64, b: f64| (a / b - 1.0).abs() < 2e-3;
@@ -189,13 +203,15 @@ fn the_default_cost_model_is_the_fit_of_the_committed_h200_run() {
     assert!(close(cal.cost.hbm_tbps, d.hbm_tbps), "{cal}");
     assert_eq!(
         cal.rows.len(),
-        32,
-        "both models, g = 1 and 2, batch 8 and 32"
+        48,
+        "both models, g = 1, 2 and 4, 4K-128K, batch 8 and 32, each row once (printed twice)"
     );
     for r in &cal.rows {
         let err = r.predicted_us / r.measured_us - 1.0;
         assert!(err.abs() < 0.25, "{r:?}");
     }
     let e = CostModel::fit_harness("| shape | g |\n|---|---|\n", CostModel::default()).unwrap_err();
+    assert_eq!(e, "harness header without the column `Palu-50% fp16 µs`");
+    let e = CostModel::fit_harness("no table here\n", CostModel::default()).unwrap_err();
     assert!(e.contains("fewer than two harness rows"), "{e}");
 }
