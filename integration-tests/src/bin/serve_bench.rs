@@ -16,6 +16,9 @@
 //! engine's paged blocks, CUDA), `stock-paged` (upstream's paged attention, CUDA: the default
 //! server there). The × column compares with the first stock server that ran.
 //!
+//! While it waits for a server's streams it prints a heartbeat every 30 s (streams done, and on
+//! CUDA the GPU's memory and utilization), so a stalled run shows itself before a timeout.
+//!
 //! Random weights: a speed measurement, never a proof of accuracy. The vocabulary is stories260K's
 //! 512 tokens (its tokenizer serves the checkpoint), so the LM head is small next to a real
 //! Llama-3's 128K: the step is attention- and MLP-bound, as a long-context decode is.
@@ -157,11 +160,38 @@ struct Run {
     kv_bytes_per_token: f64,
 }
 
+/// Every `HEARTBEAT` while a run waits: how many streams are done, and on CUDA the GPU's memory
+/// and utilization (`nvidia-smi`), so a long run tells a slow step (busy, memory near full) from
+/// a stall (idle) while it happens.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+
+fn heartbeat(label: &str, done: usize, streams: usize, since: Instant, cpu: bool) -> String {
+    let gpu = (!cpu)
+        .then(|| {
+            std::process::Command::new("nvidia-smi")
+                .args([
+                    "--query-gpu=memory.used,memory.total,utilization.gpu",
+                    "--format=csv,noheader",
+                ])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| format!("; GPU {}", String::from_utf8_lossy(&o.stdout).trim()))
+        })
+        .flatten()
+        .unwrap_or_default();
+    format!(
+        "{label}: {done} of {streams} streams done after {:.0} s{gpu}",
+        since.elapsed().as_secs_f64()
+    )
+}
+
 /// `streams` requests at once, each `context` prompt tokens (distinct, so no prefix is shared)
 /// and exactly `gen` new tokens. Returns the engine's own timings, worst stream: prompt
 /// (prefill) seconds, completion (decode) seconds, and the decode steps' tokens (each stream's
 /// tokens after its first, which the prefill produces).
-async fn run(engine: &MistralRs, a: &Args) -> Result<(f64, f64, usize)> {
+async fn run(engine: &MistralRs, a: &Args, label: &str) -> Result<(f64, f64, usize)> {
+    let since = Instant::now();
     let mut rxs = Vec::new();
     for s in 0..a.streams {
         let prompt: Vec<u32> = (0..a.context)
@@ -191,8 +221,14 @@ async fn run(engine: &MistralRs, a: &Args) -> Result<(f64, f64, usize)> {
         rxs.push(rx);
     }
     let (mut prompt_s, mut decode_s, mut tokens) = (0f64, 0f64, 0usize);
-    for mut rx in rxs {
-        match rx.recv().await {
+    for (done, mut rx) in rxs.into_iter().enumerate() {
+        let response = loop {
+            match tokio::time::timeout(HEARTBEAT, rx.recv()).await {
+                Ok(r) => break r,
+                Err(_) => eprintln!("{}", heartbeat(label, done, a.streams, since, a.cpu)),
+            }
+        };
+        match response {
             Some(Response::CompletionDone(c)) => {
                 prompt_s = prompt_s.max(c.usage.total_prompt_time_sec as f64);
                 decode_s = decode_s.max(c.usage.total_completion_time_sec as f64);
@@ -242,13 +278,13 @@ async fn serve(dir: &Path, kv: KvCacheKind, paged: bool, bits: u8, a: &Args) -> 
     // A short warm-up request (kernel loading, cuBLAS handles), not timed.
     let mut warm = a.clone();
     (warm.streams, warm.context, warm.gen) = (1, 64, 2);
-    run(&served.engine, &warm).await?;
+    run(&served.engine, &warm, &label).await?;
     eprintln!(
         "{label}: warm-up done; {} requests of {} tokens sent",
         a.streams, a.context
     );
     let t = Instant::now();
-    let (prompt_s, decode_s, decode_tokens) = run(&served.engine, a).await?;
+    let (prompt_s, decode_s, decode_tokens) = run(&served.engine, a, &label).await?;
     let wall = t.elapsed();
     let kv_bytes_per_token = kv_bytes(dir, kv, bits)?;
     Ok(Run {
