@@ -54,6 +54,28 @@ pub struct LowRankProj {
     /// it is one batched matmul with G× fewer multiply-adds than the block-diagonal one (whose
     /// off-diagonal blocks are zeros): M-LRD on Llama-3-8B has G = 8.
     ups_t: Option<Tensor>,
+    /// Simulate a float8 rebuild ([`LowRankProj::with_fp8_rebuild`]): the latents are rounded to
+    /// e4m3 (scaled per token and group) as they enter `reconstruct`.
+    fp8_latents: bool,
+}
+
+/// Largest finite float8 e4m3 value.
+const E4M3_MAX: f64 = 448.0;
+
+/// `t` rounded to float8 e4m3 with one scale per row (last dimension), `absmax / 448`, as an fp8
+/// GEMM's operands are stored: each row's largest magnitude maps to e4m3's largest finite value.
+/// All-zero rows stay zero.
+pub fn fp8_round_rows(t: &Tensor) -> Result<Tensor> {
+    let scale = (t
+        .abs()?
+        .max_keepdim(D::Minus1)?
+        .clamp(1e-30, f64::INFINITY)?
+        / E4M3_MAX)?;
+    let q = t
+        .broadcast_div(&scale)?
+        .to_dtype(candle_core::DType::F8E4M3)?
+        .to_dtype(t.dtype())?;
+    q.broadcast_mul(&scale)
 }
 
 impl LowRankProj {
@@ -81,7 +103,34 @@ impl LowRankProj {
             ranks,
             up_blockdiag,
             ups_t,
+            fp8_latents: false,
         })
+    }
+
+    /// This projection with its rebuild simulated in float8 e4m3 (an fp8 tensor-core rebuild, as
+    /// Hopper's `wgmma` can run it): each up factor rounded with one scale per output row, and
+    /// every latent rounded with one scale per token and group when it is rebuilt; products
+    /// accumulate in the model's precision. For measuring the accuracy such a kernel would have.
+    pub fn with_fp8_rebuild(&self) -> Result<Self> {
+        let ups = self
+            .ups
+            .iter()
+            .map(fp8_round_rows)
+            .collect::<Result<Vec<_>>>()?;
+        let mut p = Self::new(self.down.clone(), ups, self.bias.clone())?;
+        p.fp8_latents = true;
+        Ok(p)
+    }
+
+    /// The latents as the float8 rebuild reads them: rounded per token and group.
+    fn fp8_latents(&self, h: &Tensor) -> Result<Tensor> {
+        let mut parts = Vec::with_capacity(self.ranks.len());
+        let mut at = 0;
+        for &r in &self.ranks {
+            parts.push(fp8_round_rows(&h.narrow(D::Minus1, at, r)?.contiguous()?)?);
+            at += r;
+        }
+        Tensor::cat(&parts, D::Minus1)
     }
 
     pub fn total_rank(&self) -> usize {
@@ -99,6 +148,13 @@ impl LowRankProj {
 
     /// `[.., R] -> [.., G·g·dh]`: rebuild K or V (pre-RoPE) from cached latents.
     pub fn reconstruct(&self, h: &Tensor) -> Result<Tensor> {
+        let rounded;
+        let h = if self.fp8_latents {
+            rounded = self.fp8_latents(h)?;
+            &rounded
+        } else {
+            h
+        };
         let Some(ups_t) = &self.ups_t else {
             return linear(h, &self.up_blockdiag, self.bias.as_ref());
         };

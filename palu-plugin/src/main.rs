@@ -164,6 +164,11 @@ struct PplArgs {
     /// instead of integer codes; implies 8 bits.
     #[arg(long)]
     fp8: bool,
+    /// Simulate the key rebuild in float8 e4m3, as an fp8 tensor-core kernel would run it: B_k
+    /// scaled per row, each latent scaled per token and group, rounded to e4m3 before the product.
+    /// Needs a Palu checkpoint.
+    #[arg(long)]
+    fp8_rebuild: bool,
     /// Zero point of the quantizer: free (palu-rs) or clamped to the code range (the authors').
     #[arg(long, value_enum, default_value_t = palu::quant::ZeroPoint::Free)]
     zero_point: palu::quant::ZeroPoint,
@@ -425,6 +430,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ..q
                 })
             };
+            if a.fp8_rebuild && model.use_fp8_key_rebuild()? == 0 {
+                return Err(palu::PaluError::invalid(
+                    &a.model,
+                    "--fp8-rebuild needs a Palu checkpoint (this model has no low-rank K/V layers)",
+                )
+                .into());
+            }
             let tok = palu::tokenizer::load(&a.model)?;
             let text =
                 std::fs::read_to_string(&a.text).map_err(|e| palu::PaluError::io(&a.text, e))?;
@@ -449,6 +461,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "16-bit".into()
                     }
                 );
+                if a.fp8_rebuild {
+                    println!("key rebuild float8 e4m3 (simulated: B_k per row, latents per token and group)");
+                }
                 println!("perplexity  {:.4}", p.perplexity);
             }
         }

@@ -967,6 +967,19 @@ impl Model {
     pub fn set_palu(&mut self, layer: usize, k: LowRankProj, v: LowRankProj) {
         self.layers[layer].attn.kv = KvProj::Palu { k, v };
     }
+
+    /// Simulate the key rebuild in float8 e4m3 in every Palu layer
+    /// ([`LowRankProj::with_fp8_rebuild`]); values are untouched. Returns how many layers changed.
+    pub fn use_fp8_key_rebuild(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for layer in &mut self.layers {
+            if let KvProj::Palu { k, .. } = &mut layer.attn.kv {
+                *k = k.with_fp8_rebuild()?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
 }
 
 trait LastToken {

@@ -1000,3 +1000,86 @@ fn latent_codec_kernels_fused_write_matches_cpu_twin() {
         "every write ran on the fused kernel"
     );
 }
+
+/// `fp8_round_rows` rounds each row to e4m3 after scaling its largest magnitude to 448: every
+/// element within e4m3's half-ulp (2⁻⁴ relative for normals, 2⁻¹⁰·scale absolute below 2⁻⁶·scale),
+/// the row maximum kept, zero rows zero; and the simulated fp8 rebuild moves `reconstruct` by
+/// about that much, never by nothing.
+#[test]
+fn fp8_rows_and_the_fp8_rebuild_stay_within_e4m3_rounding() {
+    use palu::lowrank::{fp8_round_rows, LowRankProj};
+    let mut r = rng();
+    let dev = candle_core::Device::Cpu;
+    // Rows of very different magnitudes (the per-row scale must follow each), one row of zeros.
+    let (rows, cols) = (6, 64);
+    let mut v: Vec<f32> = Vec::with_capacity(rows * cols);
+    for i in 0..rows {
+        let mag = if i == 3 {
+            0.0
+        } else {
+            10f32.powi(i as i32 - 2)
+        };
+        v.extend((0..cols).map(|_| (r.random::<f32>() * 2.0 - 1.0) * mag));
+    }
+    let t = candle_core::Tensor::from_vec(v.clone(), (rows, cols), &dev).unwrap();
+    let q = fp8_round_rows(&t).unwrap().to_vec2::<f32>().unwrap();
+    let mut moved = 0;
+    for i in 0..rows {
+        let row = &v[i * cols..(i + 1) * cols];
+        let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let scale = amax / 448.0;
+        for (j, (&x, &y)) in row.iter().zip(&q[i]).enumerate() {
+            let bound = (x.abs() / 16.0).max(scale / 1024.0) * (1.0 + 1e-5) + 1e-30;
+            assert!(
+                (x - y).abs() <= bound,
+                "row {i} col {j}: {x} -> {y} (bound {bound})"
+            );
+            if x.abs() == amax {
+                assert!((x - y).abs() <= amax * 1e-6, "row maximum {x} -> {y}");
+            }
+            moved += (x != y) as usize;
+        }
+        if amax == 0.0 {
+            assert!(q[i].iter().all(|&y| y == 0.0), "zero row");
+        }
+    }
+    assert!(
+        moved > rows * cols / 2,
+        "rounding changed only {moved} values"
+    );
+
+    let (d, dh, g, ranks) = (48, 16, 2, [12usize, 20]);
+    let ups: Vec<_> = ranks
+        .iter()
+        .map(|&ri| tensor(&mut r, &[g * dh, ri], &dev))
+        .collect();
+    let rsum: usize = ranks.iter().sum();
+    let p = LowRankProj::new(tensor(&mut r, &[rsum, d], &dev), ups, None).unwrap();
+    let p8 = p.with_fp8_rebuild().unwrap();
+    let h = tensor(&mut r, &[3, 5, rsum], &dev);
+    let (a, b) = (p.reconstruct(&h).unwrap(), p8.reconstruct(&h).unwrap());
+    let rel = ((&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        / a.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap())
+    .sqrt();
+    // Two e4m3 roundings (≤ 2⁻⁴ each, ~2⁻⁶ in RMS for uniform inputs) on random-signed sums.
+    assert!(
+        rel > 1e-3 && rel < 0.08,
+        "fp8 rebuild moved reconstruct by {rel}"
+    );
+    assert_eq!(
+        p8.latent(&tensor(&mut r, &[2, d], &dev)).unwrap().dims(),
+        &[2, rsum]
+    );
+}
