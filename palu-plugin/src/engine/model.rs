@@ -433,7 +433,39 @@ impl Attention {
     /// it, else its chunked SDPA), so a Palu prompt costs what a stock prompt does plus the
     /// rebuild. `q` is `[b, H, t, dh]` at positions `start..start+t`, `k` `[b, H_kv, T, dh]`,
     /// `hv` the value latents `[b, T, R_v]`; returns `[b, t, H·dh]`.
+    ///
+    /// One sequence at a time: the engine's chunked SDPA materializes its mask, scores and
+    /// softmax as `[b·H, 1024, T]` tensors per query chunk, 34 GB each for 16 prompts of 32K
+    /// tokens (docs/bench/serve_bench_stop13.md); per sequence they are b× smaller, for the
+    /// same arithmetic.
     fn prefill_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        hv: &Tensor,
+        start: usize,
+        masks: &mut PrefillMasks,
+    ) -> Result<Tensor> {
+        let b = q.dim(0)?;
+        if b == 1 {
+            return self.prefill_attention_one(q, k, hv, start, masks);
+        }
+        let outs = (0..b)
+            .map(|i| {
+                self.prefill_attention_one(
+                    &q.narrow(0, i, 1)?,
+                    &k.narrow(0, i, 1)?,
+                    &hv.narrow(0, i, 1)?,
+                    start,
+                    masks,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&outs, 0)
+    }
+
+    /// [`Self::prefill_attention`] for a batch of one.
+    fn prefill_attention_one(
         &self,
         q: &Tensor,
         k: &Tensor,
