@@ -434,10 +434,10 @@ impl Attention {
     /// rebuild. `q` is `[b, H, t, dh]` at positions `start..start+t`, `k` `[b, H_kv, T, dh]`,
     /// `hv` the value latents `[b, T, R_v]`; returns `[b, t, H·dh]`.
     ///
-    /// One sequence at a time: the engine's chunked SDPA materializes its mask, scores and
-    /// softmax as `[b·H, 1024, T]` tensors per query chunk, 34 GB each for 16 prompts of 32K
-    /// tokens (docs/bench/serve_bench_stop13.md); per sequence they are b× smaller, for the
-    /// same arithmetic.
+    /// One sequence at a time (as the paged path calls it): the engine's chunked SDPA
+    /// materializes its mask, scores and softmax as `[b·H, 1024, T]` tensors per query chunk,
+    /// 34 GB each for 16 prompts of 32K tokens; per sequence they are b× smaller, for the same
+    /// arithmetic.
     fn prefill_attention(
         &self,
         q: &Tensor,
