@@ -103,3 +103,85 @@ fn paged_forward_on_cpu_with_a_mixed_plan_matches_the_plain_cache() {
         );
     }
 }
+
+/// A step too large for one pass (candle 0.10's CUDA kernels index 32-bit element counts:
+/// huggingface/candle#3604) runs as sub-batches of sequences: three prompts prefilled together
+/// with a limit that fits one sequence per pass give the logits of the single pass, each
+/// sequence's rows landing in its own blocks (a decode step over them agrees too); a limit
+/// below one prompt chunk is a clear error naming the numbers, not a hang.
+#[test]
+fn a_paged_step_above_the_activation_limit_runs_as_sub_batches() {
+    use palu_integration_tests::direct::{compare, load, paged_step, Pools, Seq};
+    let dir = palu_integration_tests::smollm2_palu50();
+    let tok = palu::tokenizer::load(&dir).unwrap();
+    let enc = |s: &str| palu::tokenizer::encode(&tok, s).unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "The river runs through the old town, past the mill and under the stone bridge.",
+        "In the spring the market fills with farmers who bring cheese, bread and apples.",
+        "Every evening the bells of the great church ring across the empty square below.",
+    ]
+    .iter()
+    .map(|p| enc(p)[..14].to_vec())
+    .collect();
+    let run = |limit: Option<usize>| {
+        let mut model = load(&dir, 16, true, &Device::Cpu, DType::F32).unwrap();
+        if let Some(n) = limit {
+            model.set_max_activation_elems(n);
+        }
+        let mut pools = Pools::new(&model, 16, 16, DType::F32, 5).unwrap();
+        let tables: Vec<Vec<u32>> = (0..3)
+            .map(|_| {
+                let mut t = Vec::new();
+                pools.reserve(&mut t, 15);
+                t
+            })
+            .collect();
+        let seqs: Vec<Seq> = (0..3)
+            .map(|i| Seq {
+                new: &prompts[i],
+                offset: 0,
+                table: &tables[i],
+            })
+            .collect();
+        let prefill = paged_step(&model, &pools, &seqs);
+        // One decode step of all three over the rows the prefill wrote.
+        let next = [7u32, 11, 13];
+        let decode = prefill.as_ref().ok().map(|_| {
+            let seqs: Vec<Seq> = (0..3)
+                .map(|i| Seq {
+                    new: &next[i..i + 1],
+                    offset: 14,
+                    table: &tables[i],
+                })
+                .collect();
+            paged_step(&model, &pools, &seqs).unwrap()
+        });
+        (prefill, decode)
+    };
+    let (whole, whole_dec) = run(None);
+    let (whole, whole_dec) = (whole.unwrap(), whole_dec.unwrap());
+    // SmolLM2: widest activation 2 × 1536 per token; one 14-token prompt is 43,008 elements.
+    let (split, split_dec) = run(Some(50_000));
+    let (split, split_dec) = (split.unwrap(), split_dec.unwrap());
+    assert_eq!(split.dims(), whole.dims());
+    let (rel, agree, rows) = compare(&split.flatten(0, 1).unwrap(), &whole.flatten(0, 1).unwrap());
+    assert!(
+        rel < 1e-5 && agree == rows,
+        "prefill in sub-batches: {rel:.2e}, {agree}/{rows}"
+    );
+    let (rel, agree, rows) = compare(
+        &split_dec.flatten(0, 1).unwrap(),
+        &whole_dec.flatten(0, 1).unwrap(),
+    );
+    assert!(
+        rel < 1e-5 && agree == rows,
+        "decode after it: {rel:.2e}, {agree}/{rows}"
+    );
+
+    let (err, _) = run(Some(40_000));
+    let err = err.unwrap_err().to_string();
+    assert!(
+        err.contains("a prompt chunk of 14 tokens makes a 14 × 3072 activation (43008 elements), more than the 40000"),
+        "{err}"
+    );
+}

@@ -606,6 +606,21 @@ impl PagedStep {
         })
     }
 
+    /// The inputs of sequences `first .. first + n` of the step (`t` new tokens each): their
+    /// slots and block tables.
+    fn sequences(self, first: usize, n: usize, t: usize) -> Result<Self> {
+        if first == 0 && n == self.tables.dim(0)? {
+            return Ok(self);
+        }
+        Ok(Self {
+            slots: self.slots.narrow(0, first * t, n * t)?,
+            tables: self.tables.narrow(0, first, n)?,
+            block_size: self.block_size,
+            host: std::sync::OnceLock::new(),
+            rope: std::sync::OnceLock::new(),
+        })
+    }
+
     /// cos/sin `[b, t, dh/2]` for sequences starting at `offsets`.
     fn rope_tables(&self, rope: &Rope, offsets: &[usize], t: usize) -> Result<(Tensor, Tensor)> {
         if let Some(r) = self.rope.get() {
@@ -654,6 +669,46 @@ pub struct PaluTextModel {
     geometry: PaluGeometry,
     max_seq_len: usize,
     stats: Arc<KvStats>,
+    /// Elements of one token's widest activation (the MLP's gate and up projections).
+    widest_activation: usize,
+    /// The most elements an activation of one forward pass may hold ([`ActivationLimit`]).
+    max_activation_elems: usize,
+}
+
+/// candle 0.10's CUDA kernels launch and index with 32-bit element counts
+/// (huggingface/candle#3604): at 2^32 elements a launch fails with `CUDA_ERROR_INVALID_VALUE`,
+/// just above it a grid-stride loop wraps and never ends (the 16 × 32K serve-bench run of stop 13
+/// hung on the 524K-token step's 7.5·10⁹-element MLP activation). So on CUDA a step's
+/// activations stay at or below 2^31 elements (`PALU_MAX_ACTIVATION_ELEMS` overrides): a paged
+/// prefill of many long prompts runs as several sub-batches of sequences; a single prompt chunk
+/// above the limit is a clear error instead of a hang. The CPU backend indexes with `usize`.
+pub struct ActivationLimit;
+
+impl ActivationLimit {
+    pub const CUDA_DEFAULT: usize = 1 << 31;
+
+    fn for_device(device: &Device) -> usize {
+        let env = std::env::var("PALU_MAX_ACTIVATION_ELEMS").ok();
+        match env.as_deref().map(str::parse::<usize>) {
+            Some(Ok(n)) if n > 0 => n,
+            Some(_) => {
+                tracing::warn!(
+                    "PALU_MAX_ACTIVATION_ELEMS={}: not a positive element count; using the default",
+                    env.unwrap_or_default()
+                );
+                Self::default_for(device)
+            }
+            None => Self::default_for(device),
+        }
+    }
+
+    fn default_for(device: &Device) -> usize {
+        if device.is_cuda() {
+            Self::CUDA_DEFAULT
+        } else {
+            usize::MAX
+        }
+    }
 }
 
 fn lowrank(
@@ -888,6 +943,7 @@ impl PaluTextModel {
                 .collect();
             geometry.paged = Some(PagedRows { rows });
         }
+        let max_activation_elems = ActivationLimit::for_device(&meta.real_device);
         Ok(PaluTextModel {
             embed,
             blocks,
@@ -902,7 +958,32 @@ impl PaluTextModel {
             geometry,
             max_seq_len: cfg.max_position_embeddings,
             stats,
+            widest_activation: (2 * cfg.intermediate_size)
+                .max(cfg.hidden_size)
+                .max(cfg.num_heads * cfg.head_dim),
+            max_activation_elems,
         })
+    }
+
+    /// Override the per-step activation limit ([`ActivationLimit`]): tests drive the sub-batched
+    /// paged prefill on the CPU with a small one.
+    pub fn set_max_activation_elems(&mut self, n: usize) {
+        self.max_activation_elems = n.max(1);
+    }
+
+    /// Sequences per sub-batch for a step of `b` sequences of `t` new tokens, or the error for a
+    /// chunk too large even alone.
+    fn sequences_per_pass(&self, b: usize, t: usize) -> Result<usize> {
+        let per_seq = t.saturating_mul(self.widest_activation);
+        if per_seq > self.max_activation_elems {
+            candle_core::bail!(
+                "palu: a prompt chunk of {t} tokens makes a {t} × {} activation ({per_seq} elements), more than the {} one step may hold on this device (candle 0.10's CUDA kernels index 32-bit element counts, huggingface/candle#3604); serve prompts of at most {} tokens per step",
+                self.widest_activation,
+                self.max_activation_elems,
+                self.max_activation_elems / self.widest_activation
+            )
+        }
+        Ok((self.max_activation_elems / per_seq.max(1)).clamp(1, b.max(1)))
     }
 
     fn forward_inner(
@@ -914,6 +995,14 @@ impl PaluTextModel {
         let start = seqlen_offsets.first().copied().unwrap_or(0);
         if seqlen_offsets.iter().any(|&o| o != start) {
             candle_core::bail!("palu: a batch mixes sequences at different positions ({seqlen_offsets:?}); the latent cache needs equal offsets")
+        }
+        let (b, t) = ids.dims2()?;
+        if self.sequences_per_pass(b, t)? < b {
+            candle_core::bail!(
+                "palu: {b} prompts of {t} tokens in one step make {} elements per activation, more than the {} this device takes (huggingface/candle#3604); the plain latent cache prefills a batch in one pass: serve with paged attention (--paged-attn-context), which splits such steps, or fewer concurrent requests",
+                b * t * self.widest_activation,
+                self.max_activation_elems
+            )
         }
         self.stats.record_fed(ids.elem_count() as u64);
         let mut x = self.embed.forward(ids)?;
@@ -954,9 +1043,53 @@ impl PaluTextModel {
                 self.blocks.len()
             )
         }
+        let (b, t) = ids.dims2()?;
+        let per_pass = self.sequences_per_pass(b, t)?;
+        let mut masks = PrefillMasks::default();
+        if per_pass >= b {
+            return self.forward_paged_seqs(
+                ids,
+                seqlen_offsets,
+                context_lens,
+                pools,
+                meta,
+                0,
+                &mut masks,
+            );
+        }
+        // Sequences are independent within a step (each writes its own slots and reads its own
+        // blocks): run them in sub-batches whose activations stay under the limit.
+        let mut logits = Vec::with_capacity(b.div_ceil(per_pass));
+        for first in (0..b).step_by(per_pass) {
+            let n = per_pass.min(b - first);
+            logits.push(self.forward_paged_seqs(
+                &ids.narrow(0, first, n)?,
+                &seqlen_offsets[first..first + n],
+                context_lens[first..first + n].to_vec(),
+                pools,
+                meta,
+                first,
+                &mut masks,
+            )?);
+        }
+        Tensor::cat(&logits, 0)
+    }
+
+    /// [`Self::forward_paged`] for the step's sequences `first .. first + ids.dim(0)`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_paged_seqs(
+        &self,
+        ids: &Tensor,
+        seqlen_offsets: &[usize],
+        context_lens: Vec<(usize, usize)>,
+        pools: &[(Tensor, Tensor)],
+        meta: &PagedAttentionInputMetadata,
+        first: usize,
+        masks: &mut PrefillMasks,
+    ) -> Result<Tensor> {
+        let (n, t) = ids.dims2()?;
         self.stats.record_fed(ids.elem_count() as u64);
         let mut x = self.embed.forward(ids)?;
-        let mut masks = PrefillMasks::default();
         let mut step: Option<PagedStep> = None;
         for (l, blk) in self.blocks.iter().enumerate() {
             x = self.mapper.map(x, l)?;
@@ -965,14 +1098,14 @@ impl PaluTextModel {
                 .is_none_or(|s| !s.slots.device().same_device(x.device()))
             {
                 let bs = crate::paged::pool_rows(&pools[l].0)?.block_size;
-                step = Some(PagedStep::new(meta, x.device(), bs)?);
+                step = Some(PagedStep::new(meta, x.device(), bs)?.sequences(first, n, t)?);
             }
             let a = blk.attn.forward_paged(
                 &blk.input_norm.forward(&x)?,
                 seqlen_offsets,
                 &pools[l],
                 step.as_ref().expect("set above"),
-                &mut masks,
+                masks,
             )?;
             x = (x + a)?;
             x = (&x + blk.mlp.forward(&blk.post_norm.forward(&x)?)?)?;
