@@ -678,10 +678,11 @@ pub struct PaluTextModel {
 /// candle 0.10's CUDA kernels launch and index with 32-bit element counts
 /// (huggingface/candle#3604): at 2^32 elements a launch fails with `CUDA_ERROR_INVALID_VALUE`,
 /// just above it a grid-stride loop wraps and never ends (the 16 × 32K serve-bench run of stop 13
-/// hung on the 524K-token step's 7.5·10⁹-element MLP activation). So on CUDA a step's
-/// activations stay at or below 2^31 elements (`PALU_MAX_ACTIVATION_ELEMS` overrides): a paged
-/// prefill of many long prompts runs as several sub-batches of sequences; a single prompt chunk
-/// above the limit is a clear error instead of a hang. The CPU backend indexes with `usize`.
+/// hung on the 524K-token step's 7.5·10⁹-element MLP activation), and between 2^31 and 2^32 the
+/// loop index can wrap once. So on CUDA a paged step's activations stay at or below 2^31
+/// elements (`PALU_MAX_ACTIVATION_ELEMS` overrides): a prefill of many long prompts runs as
+/// sub-batches of sequences; a single prompt chunk above the limit is a clear error instead of a
+/// hang. The CPU backend indexes with `usize`.
 pub struct ActivationLimit;
 
 impl ActivationLimit {
@@ -996,12 +997,13 @@ impl PaluTextModel {
         if seqlen_offsets.iter().any(|&o| o != start) {
             candle_core::bail!("palu: a batch mixes sequences at different positions ({seqlen_offsets:?}); the latent cache needs equal offsets")
         }
+        // The plain cache prefills a batch in one pass: refuse only what certainly fails or
+        // hangs (more than 2^32 − 1 elements), not the margin the paged path keeps.
         let (b, t) = ids.dims2()?;
-        if self.sequences_per_pass(b, t)? < b {
+        let elems = b.saturating_mul(t).saturating_mul(self.widest_activation);
+        if self.device.is_cuda() && elems > u32::MAX as usize {
             candle_core::bail!(
-                "palu: {b} prompts of {t} tokens in one step make {} elements per activation, more than the {} this device takes (huggingface/candle#3604); the plain latent cache prefills a batch in one pass: serve with paged attention (--paged-attn-context), which splits such steps, or fewer concurrent requests",
-                b * t * self.widest_activation,
-                self.max_activation_elems
+                "palu: {b} prompts of {t} tokens in one step make {elems} elements per activation; candle 0.10's CUDA kernels index at most 2^32 − 1 (huggingface/candle#3604), and the plain latent cache prefills a batch in one pass: serve with paged attention (--paged-attn-context), which splits such steps, or with fewer concurrent requests"
             )
         }
         self.stats.record_fed(ids.elem_count() as u64);
