@@ -5,6 +5,10 @@
 #   cuda_lib=$(dirname "$(ldconfig -p | grep -m1 libcublas.so.13 | awk '{print $NF}')")
 #   LD_LIBRARY_PATH=$cuda_lib PALU_FIXTURES=$PWD/.gpu2/fix xz -dkf .gpu2/serve_bench.xz
 #   ./.gpu2/serve_bench --work /tmp/sb --layers 4 --context 16384 --streams 4 --gen 32 --latent-bits 4
+# The issue's 16 × 32K configuration (a heartbeat every 30 s; the engine's interval logger shows
+# running / waiting sequences):
+#   RUST_LOG=mistralrs_core=info ./.gpu2/serve_bench --work /tmp/sb --layers 32 --context 32768 \
+#       --streams 16 --gen 32 --configs palu-paged
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools=${PALU_CUDA_TOOLS:-../shared/tools}
