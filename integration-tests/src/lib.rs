@@ -333,7 +333,7 @@ pub fn mixed_choice(layer: usize) -> (palu::planner::Keys, palu::planner::Values
         } else {
             Keys::Latent
         },
-        if layer % 2 == 0 {
+        if layer.is_multiple_of(2) {
             Values::Fused
         } else {
             Values::Unfused
@@ -527,7 +527,7 @@ pub mod direct {
         }
         let b = seqs.len();
         let loc = dev.location();
-        let one = |x: Tensor| HashMap::from([(loc.clone(), x)]);
+        let one = |x: Tensor| HashMap::from([(loc, x)]);
         let mut meta = PagedAttentionInputMetadata::dummy(&dev)?;
         meta.slot_mappings = one(Tensor::from_vec(slots, (b, t), &dev)?);
         meta.block_tables = Some(one(Tensor::from_vec(tables, (b, cols), &dev)?));

@@ -161,7 +161,7 @@ impl AllocConfig {
             ));
         }
         let g = self.compression.group_size;
-        if g == 0 || cfg.num_kv_heads % g != 0 {
+        if g == 0 || !cfg.num_kv_heads.is_multiple_of(g) {
             return Err(PaluError::invalid(
                 path,
                 format!(

@@ -93,7 +93,7 @@ fn validate(cfg: &ModelConfig, opts: &CompressOptions, dir: &Path) -> Result<(),
         ));
     }
     let g = opts.group_size;
-    if g == 0 || cfg.num_kv_heads % g != 0 {
+    if g == 0 || !cfg.num_kv_heads.is_multiple_of(g) {
         return Err(PaluError::arg(
             "--group-size",
             g,

@@ -154,7 +154,7 @@ impl ModelConfig {
         }
         let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
         let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
-        if num_kv_heads == 0 || c.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !c.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(PaluError::invalid(
                 path,
                 format!("num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}", c.num_attention_heads),

@@ -198,7 +198,7 @@ impl LatentDecode {
 
     fn kernel_reads_pages(&self, pages: &Pages, q: &Tensor, hk: &Tensor, hv: &Tensor) -> bool {
         q.device().is_cuda()
-            && pages.block_size % 16 == 0
+            && pages.block_size.is_multiple_of(16)
             && (self.packed.is_some() || (hk.dtype() == q.dtype() && hv.dtype() == q.dtype()))
     }
 
@@ -298,7 +298,11 @@ impl LatentDecode {
                 self.n_heads, self.n_kv
             ));
         }
-        if bk_groups != bv_groups || gdh != gdh_v || bk_groups == 0 || self.n_kv % bk_groups != 0 {
+        if bk_groups != bv_groups
+            || gdh != gdh_v
+            || bk_groups == 0
+            || !self.n_kv.is_multiple_of(bk_groups)
+        {
             return fail(format!(
                 "B_k {:?} and B_v {:?} do not describe groups of {} KV heads",
                 self.bk.dims(),

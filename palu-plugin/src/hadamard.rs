@@ -47,7 +47,7 @@ pub fn hadamard(n: usize) -> Option<Vec<i8>> {
             debug_assert!(is_hadamard(&h, n));
             return Some(h);
         }
-        if base % 2 != 0 {
+        if !base.is_multiple_of(2) {
             return None;
         }
         base /= 2;
@@ -62,7 +62,7 @@ fn base_hadamard(n: usize) -> Option<Vec<i8>> {
     if n == 2 {
         return Some(vec![1, 1, 1, -1]);
     }
-    if n % 4 != 0 {
+    if !n.is_multiple_of(4) {
         return None;
     }
     let q = n - 1;
@@ -70,7 +70,7 @@ fn base_hadamard(n: usize) -> Option<Vec<i8>> {
         let h = paley1(q);
         return is_hadamard(&h, n).then_some(h);
     }
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         let q = n / 2 - 1;
         if is_prime(q) && q % 4 == 1 {
             let h = paley2(q);
@@ -81,7 +81,10 @@ fn base_hadamard(n: usize) -> Option<Vec<i8>> {
 }
 
 fn is_prime(q: usize) -> bool {
-    q >= 2 && (2..).take_while(|d| d * d <= q).all(|d| q % d != 0)
+    q >= 2
+        && (2..)
+            .take_while(|d| d * d <= q)
+            .all(|d| !q.is_multiple_of(d))
 }
 
 fn chi(a: usize, q: usize) -> i8 {

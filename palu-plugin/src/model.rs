@@ -1012,7 +1012,7 @@ fn load_lowrank(
             )
         })?;
     let g_count = ranks.len();
-    if g_count == 0 || cfg.num_kv_heads % g_count != 0 {
+    if g_count == 0 || !cfg.num_kv_heads.is_multiple_of(g_count) {
         return Err(PaluError::invalid(
             w.dir.join("config.json"),
             format!("head_wise_ranks[`{module}`] has {g_count} groups, which does not divide num_key_value_heads {}", cfg.num_kv_heads),

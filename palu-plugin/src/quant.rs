@@ -138,7 +138,7 @@ pub fn pack(codes: &[u8], bits: u8) -> Vec<u8> {
 }
 
 pub fn unpack(packed: &[u8], bits: u8, n: usize) -> Vec<u8> {
-    let mask = ((1u16 << bits) - 1) as u16;
+    let mask = (1u16 << bits) - 1;
     (0..n)
         .map(|i| {
             let bit = i * bits as usize;

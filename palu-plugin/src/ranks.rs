@@ -108,7 +108,7 @@ pub fn fisher_ranks_unrounded(modules: &[ModuleStats], ratio: f64, per_group: bo
         let full: usize = modules.iter().map(|m| m.group_width * m.sigmas.len()).sum();
         let shares = proportional_shares(&weights, &caps, (ratio * full as f64).floor() as usize);
         for ((l, k, _), s) in keys.into_iter().zip(shares) {
-            out.entry((l, k)).or_insert_with(Vec::new).push(s);
+            out.entry((l, k)).or_default().push(s);
         }
     } else {
         let weights: Vec<f64> = modules.iter().map(|m| m.fisher).collect();

@@ -152,7 +152,7 @@ pub fn write(spec: &SynthSpec, dir: &Path, tokenizer_from: Option<&Path>) -> Res
         for f in ["tokenizer.json", "tokenizer_config.json"] {
             if src.join(f).exists() {
                 std::fs::copy(src.join(f), dir.join(f))
-                    .map_err(|e| PaluError::io(&src.join(f), e))?;
+                    .map_err(|e| PaluError::io(src.join(f), e))?;
             }
         }
     }
@@ -186,7 +186,7 @@ pub fn write(spec: &SynthSpec, dir: &Path, tokenizer_from: Option<&Path>) -> Res
     put("lm_head.weight".into(), rand_t(&[spec.vocab, h], 0.2, 0.0))?;
     put("model.norm.weight".into(), rand_t(&[h], 0.1, 1.0))?;
     if let Some(p) = &spec.palu {
-        if p.group_size == 0 || spec.kv_heads % p.group_size != 0 {
+        if p.group_size == 0 || !spec.kv_heads.is_multiple_of(p.group_size) {
             return Err(PaluError::invalid(
                 "synthetic checkpoint",
                 format!(

@@ -47,12 +47,10 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 /// model in memory) must report word for word.
 fn load_err(dir: &Path) -> String {
     let loaded = Model::load(dir, &Device::Cpu)
-        .err()
-        .expect("load must fail")
+        .expect_err("load must fail")
         .to_string();
     let validated = Model::validate(dir)
-        .err()
-        .expect("validation must fail")
+        .expect_err("validation must fail")
         .to_string();
     assert_eq!(
         validated, loaded,
@@ -235,8 +233,7 @@ fn toml_err(text: &str) -> String {
         palu::config::ModelConfig::from_file(&common::stories_dir().join("config.json")).unwrap();
     let e = AllocConfig::from_file(&p)
         .and_then(|a| a.validate_for(&cfg, &p))
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     redact(e.to_string(), &[d.path()])
 }
 
