@@ -399,7 +399,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Calibrate { harness, out } => {
             let mut text = String::new();
             for h in &harness {
-                text += &palu::error::read_to_string(h)?;
+                let one = palu::error::read_to_string(h)?;
+                // Each file must be a harness run on its own, so an error names its file.
+                palu::planner::CostModel::fit_harness(&one, Default::default())
+                    .map_err(|m| palu::PaluError::invalid(h, m))?;
+                text += &one;
                 text.push('\n');
             }
             let cal = palu::planner::CostModel::fit_harness(&text, Default::default())

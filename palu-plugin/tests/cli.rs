@@ -312,3 +312,28 @@ fn eval_ppl_with_an_fp8_key_rebuild() {
     assert!(!ok);
     insta::assert_snapshot!("fp8_rebuild_needs_palu", err);
 }
+
+/// `palu calibrate` reads one harness run per model as one fit and writes the header naming
+/// them; a file that is not a harness run is an error naming that file.
+#[test]
+fn calibrate_reads_one_run_per_model_and_names_a_bad_file() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let (a, b) = (
+        root.join("docs/bench/palu_decode_stop13.md"),
+        root.join("docs/bench/palu_decode_stop13_llama2.md"),
+    );
+    let (ok, out, err) = palu(&["calibrate", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("(48 rows, batch ≥ 8)"), "{out}");
+    assert!(
+        out.contains(&format!("# palu calibrate {} {}", a.display(), b.display())),
+        "{out}"
+    );
+    let bad = root.join("README.md");
+    let (ok, _, err) = palu(&["calibrate", a.to_str().unwrap(), bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("{}: fewer than two harness rows", bad.display())),
+        "{err}"
+    );
+}
