@@ -68,7 +68,7 @@ Kernels select(const palu::DecodeParams& p) {
     }
     if (p.block_table != nullptr && p.variant == 1) return {};  // paged: register pipeline
     if (p.variant == 3) {
-        // The rebuild on wgmma (experimental; 4: descriptor strides swapped, see the kernel): sm_90a builds (PALU_WGMMA), head_dim 128, one-head
+        // The rebuild on wgmma (experimental): sm_90a builds (PALU_WGMMA), head_dim 128, one-head
         // groups (g = 1 and virtual heads), ranks a multiple of 8, B_k 16-byte aligned.
 #ifdef PALU_WGMMA
         if constexpr (DH == 128 && G == 1) {
@@ -82,6 +82,15 @@ Kernels select(const palu::DecodeParams& p) {
             return {palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP, 0, 0, true>, combine, S::total, palu::mma4::kWarps * 32};
         }
 #endif
+        return {};
+    }
+    if (p.variant == 5) {
+        // 8-warp blocks, 2 per SM (experimental): the 16-bit g = 1 kernel of head_dim 128 and
+        // rank 64 (Palu-50 % M-LRD of Llama-3/-2); larger ranks' buffers would not fit twice.
+        if constexpr (DH == 128 && G == 1 && RKP == 64) {
+            using S = palu::mma4::Smem<RKP, RKP, DH, G, 0, false, 8>;
+            return {palu::mma4::split_kernel<T, RKP, RKP, DH, G, NREP, 0, 0, false, 8>, combine, S::total, 8 * 32};
+        }
         return {};
     }
     if (p.variant != 1) {

@@ -45,7 +45,8 @@ struct DecodeParams {
     int B, H, dh, G, g, n_rep, Lmax, ldk, ldv, rk, rv, n_splits, split_len;
     int variant;      // 0: register pipeline (palu_decode_mma.cuh), 1: shared-memory pipeline,
                       // 2: 0 with g > 1 forced to virtual heads, 3: 0 with the rebuild on wgmma
-                      // (experimental; sm_90a builds with PALU_WGMMA)
+                      // (experimental; sm_90a builds with PALU_WGMMA), 5: 0 in blocks of 8 warps,
+                      // 2 per SM (experimental; g = 1, head_dim 128, 16-bit latents)
     int bf16;         // 1: q, latents and factors hold bf16 (the pointers are reinterpreted;
                       //    register pipeline only), 0: f16
     // Packed latents (register pipeline): 0 for 16-bit latents; 2, 4 or 8 for rows in

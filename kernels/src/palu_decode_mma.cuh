@@ -120,7 +120,8 @@ __device__ __forceinline__ void wgmma_m64n32k16(float* d, unsigned long long da,
 #endif
 }
 
-template <int RKP, int RVP, int DH, int GHEADS, int BITS = 0, bool WG = false>
+// NW: warps per block (4; 8 for the variant-5 kernels that trade 4 blocks of 4 warps for 2 of 8).
+template <int RKP, int RVP, int DH, int GHEADS, int BITS = 0, bool WG = false, int NW = kWarps>
 struct Smem {
     static constexpr int ldb = RKP + 8;   // padded rows: conflict-free ldmatrix
     static constexpr int ldk = RKP + 8;
@@ -138,11 +139,11 @@ struct Smem {
     // dequantized into a single 16-bit chunk buffer.
     static constexpr int stage_k = RKP * BITS / 8, stage_v = RVP * BITS / 8;  // bytes per row
     static constexpr int stage = kChunk * (stage_k + stage_v);
-    static constexpr int bufs = WG ? 2 * ktile + kWarps * 2 * vchunk : BITS == 0 ? kWarps * 2 * chunk : kWarps * (chunk + 2 * stage);
-    static constexpr int merge = kWarps * 16 * (RVP + 2) * 4;    // per-warp (m, l, A)
+    static constexpr int bufs = WG ? 2 * ktile + NW * 2 * vchunk : BITS == 0 ? NW * 2 * chunk : NW * (chunk + 2 * stage);
+    static constexpr int merge = NW * 16 * (RVP + 2) * 4;        // per-warp (m, l, A)
     static constexpr int rowoff = kChunk * (DH / 2) * 8;         // cos/sin(row·θ) per lane, row < 16
-    static constexpr int base = kWarps * (DH / 2) * 8;           // per warp: cos/sin(t0·θ)
-    static constexpr int base_h = kWarps * (DH / 4) * 8;         // the same as f16 pairs (f16 RoPE)
+    static constexpr int base = NW * (DH / 2) * 8;               // per warp: cos/sin(t0·θ)
+    static constexpr int base_h = NW * (DH / 4) * 8;             // the same as f16 pairs (f16 RoPE)
     static constexpr int step = (DH / 2) * 8;                    // per pair: rotation by 64·θ
     static constexpr int total = b + q + rowoff + base + base_h + step + (bufs > merge ? bufs : merge);
     static_assert(b % 16 == 0 && q % 16 == 0 && rowoff % 16 == 0 && base % 16 == 0 && base_h % 16 == 0,
@@ -304,20 +305,27 @@ __device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(
 // output, so the compiler keeps the rest.
 // BITS: 0 for 16-bit latents, 2/4/8 for packed rows (dequantized per chunk in shared memory).
 // Blocks of a split kernel that fit on an SM by shared memory (227 KiB per SM on sm_90, 1 KiB
-// of it reserved per block), at most 4: the register budget of __launch_bounds__. g > 1 kernels
-// (the joint rebuild of several heads) take one block and all 255 registers.
-template <int RKP, int RVP, int DH, int GHEADS, int BITS, bool WG = false>
+// of it reserved per block), at most 4 (16 warps: 128 registers each): the register budget of
+// __launch_bounds__. g > 1 kernels (the joint rebuild of several heads) take one block and all
+// 255 registers.
+template <int RKP, int RVP, int DH, int GHEADS, int BITS, bool WG = false, int NW = kWarps>
 constexpr int resident_blocks() {
-    constexpr int fit = 232448 / (Smem<RKP, RVP, DH, GHEADS, BITS, WG>::total + 1024);
-    return GHEADS > 1 || fit < 1 ? 1 : fit > 4 ? 4 : fit;
+    constexpr int fit = 232448 / (Smem<RKP, RVP, DH, GHEADS, BITS, WG, NW>::total + 1024);
+    constexpr int most = 4 * kWarps / NW;
+    return GHEADS > 1 || fit < 1 ? 1 : fit > most ? most : fit;
 }
 
 // WG: the rebuild on Hopper's wgmma (experimental, variant 3; g = 1 groups, 16-bit latents,
 // ranks a multiple of 8): the 4 warps (one warpgroup) stream 64-row tiles together, B_k and the
 // key tiles in the core-matrix layout, each dh quarter one m64n32 accumulator per warp fed to
 // the same RoPE / Sᵀ / softmax / value code as the mma.sync rebuild.
-template <typename T, int RKP, int RVP, int DH, int GHEADS, int NREP, int ABL = 0, int BITS = 0, bool WG = false>
-__global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GHEADS, BITS, WG>()))
+// NW = 8 (variant 5, experimental): blocks of 8 warps, 2 per SM. The stop-13 profile found the
+// 4-warp kernel latency-bound at 3 blocks (12 warps) per SM, held there by both its 156
+// registers and its 71 KiB of shared memory; ptxas fits the kernel in 128 registers without
+// spills, and 8 warps share one block's B_k, Q and angle tables, so 2 blocks of 8 fit
+// (2 × 110 KiB): 16 warps per SM.
+template <typename T, int RKP, int RVP, int DH, int GHEADS, int NREP, int ABL = 0, int BITS = 0, bool WG = false, int NW = kWarps>
+__global__ void __launch_bounds__(NW * 32, (resident_blocks<RKP, RVP, DH, GHEADS, BITS, WG, NW>()))
     split_kernel(DecodeParams p) {
     using E = Elem<T>;
     constexpr int NH = GHEADS * NREP;
@@ -336,8 +344,8 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
     // The latent A fragments of a chunk are held across the dh quarters up to rank 128 (32
     // registers) and reloaded per quarter above (64 registers at rank 256).
     constexpr bool kHoldA = KS <= 8;
-    using S = Smem<RKP, RVP, DH, GHEADS, BITS, WG>;
-    static_assert(!WG || (GHEADS == 1 && BITS == 0 && ABL == 0), "wgmma rebuild: g = 1, 16-bit latents");
+    using S = Smem<RKP, RVP, DH, GHEADS, BITS, WG, NW>;
+    static_assert(!WG || (GHEADS == 1 && BITS == 0 && ABL == 0 && NW == 4), "wgmma rebuild: g = 1, 16-bit latents, one warpgroup");
     // f16 models rotate keys in f16x2 arithmetic (angles as f16 pairs): half the RoPE
     // instructions; the rotated keys are rounded to f16 for the score mma anyway. bf16 keeps f32.
     constexpr bool kHalfRope = std::is_same_v<T, half>;
@@ -365,7 +373,7 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
         // Rows permuted so that each dh quarter's 32 columns (dims 16·dq… and their rotate-half
         // partners) are 32 consecutive rows n: one m64n32 wgmma per quarter and k-step.
         constexpr int pieces = RKP / 8;
-        for (int i = tid; i < DH * pieces; i += kWarps * 32) {
+        for (int i = tid; i < DH * pieces; i += NW * 32) {
             const int d = i / pieces, c8 = i % pieces;
             const int n = 32 * ((d % HALF) / 16) + 16 * (d / HALF) + d % 16;
             unsigned char* dst = reinterpret_cast<unsigned char*>(sB) + (n / 8) * S::core_sbo + c8 * 128 + (n % 8) * 16;
@@ -375,7 +383,7 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
     } else {
         constexpr int pieces = RKP / 8;
         const bool vec = p.rk % 8 == 0 && (reinterpret_cast<size_t>(p.bk) & 15) == 0;
-        for (int i = tid; i < GHEADS * DH * pieces; i += kWarps * 32) {
+        for (int i = tid; i < GHEADS * DH * pieces; i += NW * 32) {
             const int row = i / pieces, c = i % pieces * 8;
             half* dst = sB + row * S::ldb + c;
             if (vec) {  // pieces lie wholly inside or wholly beyond rk; the latter zero-filled
@@ -392,7 +400,7 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
         // Q rows of this group's heads (rows of other groups' heads stay zero): 8 elements per
         // step with their loads issued together.
         constexpr int per_row = DH / 8;
-        for (int i = tid; i < GHEADS * 16 * per_row; i += kWarps * 32) {
+        for (int i = tid; i < GHEADS * 16 * per_row; i += NW * 32) {
             const int j = i / (16 * per_row), h = (i / per_row) % 16, d0 = i % per_row * 8;
             const bool mine = h < NH && h / NREP == j;
             const T* src = reinterpret_cast<const T*>(p.q) + ((size_t)b * p.H + (grp * GHEADS + j) * NREP + h % NREP) * DH + d0;
@@ -404,19 +412,19 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
                 reinterpret_cast<T*>(sQ)[(j * 16 + h) * S::ldq + d0 + e] = E::from_float(E::to_float(v[e]) * qscale);
         }
     }
-    constexpr int kStride = kChunk * kWarps;  // positions between a warp's consecutive chunks
+    constexpr int kStride = kChunk * NW;  // positions between a warp's consecutive chunks
     // cos/sin(row·θ_f) for the (row, f) pairs each lane rotates, stored lane-minor (entry
     // `pair·32 + lane`): a warp's loads are consecutive, free of bank conflicts (v5 indexed
     // [row][f]: the 8 rows of a load fell on the same banks). Built from accurate sincosf of
     // θ, 2θ, 4θ, 8θ by at most three complex products (≤ 4 roundings): a sincosf per entry cost
     // ~17 µs of start-up per block. sStep: the rotation by 64·θ between a warp's chunks.
     float2* sPow = reinterpret_cast<float2*>(sBuf);  // [4][HALF], scratch until the first chunk lands
-    for (int i = tid; i < 4 * HALF; i += kWarps * 32) {
+    for (int i = tid; i < 4 * HALF; i += NW * 32) {
         float c, sn;
         sincosf((float)(1 << (i / HALF)) * p.inv_freq[i % HALF], &sn, &c);
         sPow[i] = make_float2(c, sn);
     }
-    for (int f = tid; f < HALF; f += kWarps * 32) {
+    for (int f = tid; f < HALF; f += NW * 32) {
         float c, sn;
         sincosf((float)kStride * p.inv_freq[f], &sn, &c);
         sStep[f] = make_float2(c, sn);
@@ -433,14 +441,14 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
         // f16 models: one entry per lane and (dq, t, r) holds the angles of both columns
         // (f, f + 1) of the lane as f16 pairs (cos, sin): half the table, one load per two pairs.
         uint2* sRowH = reinterpret_cast<uint2*>(sRow);
-        for (int i = tid; i < kChunk * HALF / 2; i += kWarps * 32) {
+        for (int i = tid; i < kChunk * HALF / 2; i += NW * 32) {
             const int ln = i % 32, ent = i / 32, r = ent % 2, t = (ent / 2) % 2, dq = ent / 4;
             const int f = 8 * (2 * dq + t) + 2 * (ln % 4), row = ln / 4 + 8 * r;
             const float2 a0 = row_angle(row, f), a1 = row_angle(row, f + 1);
             sRowH[i] = make_uint2(h2bits(__floats2half2_rn(a0.x, a1.x)), h2bits(__floats2half2_rn(a0.y, a1.y)));
         }
     } else {
-        for (int i = tid; i < kChunk * HALF; i += kWarps * 32) {
+        for (int i = tid; i < kChunk * HALF; i += NW * 32) {
             const int ln = i % 32, pair = i / 32, f = 8 * (2 * (pair / 8) + (pair / 4) % 2) + 2 * (ln % 4) + (pair / 2) % 2;
             sRow[i] = row_angle(ln / 4 + 8 * (pair % 2), f);
         }
@@ -855,16 +863,16 @@ __global__ void __launch_bounds__(kWarps * 32, (resident_blocks<RKP, RVP, DH, GH
         }
     }
     __syncthreads();
-    for (int i = tid; i < NH * (RVP + 2); i += kWarps * 32) {
+    for (int i = tid; i < NH * (RVP + 2); i += NW * 32) {
         int h = i / (RVP + 2), c = i % (RVP + 2);
         float M = -INFINITY;
-        for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sM[(w * 16 + h) * W]);
+        for (int w = 0; w < NW; ++w) M = fmaxf(M, sM[(w * 16 + h) * W]);
         float v;
         if (c == 0) {
             v = M;
         } else {
             v = 0.f;
-            for (int w = 0; w < kWarps; ++w) {
+            for (int w = 0; w < NW; ++w) {
                 float m = sM[(w * 16 + h) * W];
                 if (m != -INFINITY) v += sM[(w * 16 + h) * W + c] * ex2(m - M);
             }

@@ -43,8 +43,9 @@ pub fn cuda_launches() -> usize {
 }
 
 /// The decode kernel variant the CUDA path asks for: `PALU_DECODE_VARIANT=3` selects the
-/// experimental rebuild on Hopper's `wgmma` (sm_90a builds, docs/kernels.md), anything else the
-/// register pipeline (0). Shapes or builds without the variant fall back to 0. Read once.
+/// experimental rebuild on Hopper's `wgmma` (sm_90a builds), `5` the experimental blocks of 8
+/// warps (docs/kernels.md), anything else the register pipeline (0). Shapes or builds without
+/// the variant fall back to 0. Read once.
 #[cfg(feature = "cuda")]
 fn requested_variant() -> i32 {
     static VARIANT: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
@@ -53,9 +54,10 @@ fn requested_variant() -> i32 {
         match v.trim() {
             "" | "0" => 0,
             "3" => 3,
+            "5" => 5,
             other => {
                 tracing::warn!(
-                    "PALU_DECODE_VARIANT={other}: not a decode variant (0 or 3); using 0"
+                    "PALU_DECODE_VARIANT={other}: not a decode variant (0, 3 or 5); using 0"
                 );
                 0
             }
