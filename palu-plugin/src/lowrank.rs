@@ -123,7 +123,7 @@ impl LowRankProj {
     }
 
     /// The latents as the float8 rebuild reads them: rounded per token and group.
-    fn fp8_latents(&self, h: &Tensor) -> Result<Tensor> {
+    fn round_latents_fp8(&self, h: &Tensor) -> Result<Tensor> {
         let mut parts = Vec::with_capacity(self.ranks.len());
         let mut at = 0;
         for &r in &self.ranks {
@@ -150,7 +150,7 @@ impl LowRankProj {
     pub fn reconstruct(&self, h: &Tensor) -> Result<Tensor> {
         let rounded;
         let h = if self.fp8_latents {
-            rounded = self.fp8_latents(h)?;
+            rounded = self.round_latents_fp8(h)?;
             &rounded
         } else {
             h

@@ -234,28 +234,32 @@ fn plan_prints_the_table_and_writes_plan_toml() {
 
 /// `--fp8` stores the simulated latents as float8 e4m3 (what mistral.rs's f8e4m3 cache type
 /// would hold): the perplexity moves off the 16-bit one, by less than integer 2-bit codes move it.
+/// Perplexity (`--json`) of the authors' stories260K checkpoint on TinyStories, windows of 256,
+/// with `extra` flags.
+fn reference_ppl(extra: &[&str]) -> f64 {
+    let f = common::fixtures();
+    let ckpt = f.join("palu-reference/stories260K-g1-r50");
+    let text = f.join("text/tinystories-sample.txt");
+    let mut args = vec![
+        "eval",
+        "ppl",
+        ckpt.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--seq-len",
+        "256",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = palu(&args);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["perplexity"].as_f64().unwrap()
+}
+
 #[test]
 fn eval_ppl_with_fp8_latents() {
-    let f = common::fixtures();
-    let ppl = |extra: &[&str]| -> f64 {
-        let ckpt = f.join("palu-reference/stories260K-g1-r50");
-        let text = f.join("text/tinystories-sample.txt");
-        let mut args = vec![
-            "eval",
-            "ppl",
-            ckpt.to_str().unwrap(),
-            "--text",
-            text.to_str().unwrap(),
-            "--seq-len",
-            "256",
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        let (ok, out, err) = palu(&args);
-        assert!(ok, "{err}");
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["perplexity"].as_f64().unwrap()
-    };
+    let ppl = reference_ppl;
     let (full, fp8, two) = (ppl(&[]), ppl(&["--fp8"]), ppl(&["--latent-bits", "2"]));
     assert!(fp8.is_finite() && fp8 != full, "16-bit {full}, fp8 {fp8}");
     assert!(
@@ -272,24 +276,7 @@ fn eval_ppl_with_fp8_latents() {
 fn eval_ppl_with_an_fp8_key_rebuild() {
     let f = common::fixtures();
     let text = f.join("text/tinystories-sample.txt");
-    let ppl = |extra: &[&str]| -> f64 {
-        let ckpt = f.join("palu-reference/stories260K-g1-r50");
-        let mut args = vec![
-            "eval",
-            "ppl",
-            ckpt.to_str().unwrap(),
-            "--text",
-            text.to_str().unwrap(),
-            "--seq-len",
-            "256",
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        let (ok, out, err) = palu(&args);
-        assert!(ok, "{err}");
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["perplexity"].as_f64().unwrap()
-    };
+    let ppl = reference_ppl;
     let (full, fp8) = (ppl(&[]), ppl(&["--fp8-rebuild"]));
     assert!(
         fp8.is_finite() && fp8 != full,

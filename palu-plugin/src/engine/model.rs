@@ -1048,19 +1048,9 @@ impl PaluTextModel {
         let (b, t) = ids.dims2()?;
         let per_pass = self.sequences_per_pass(b, t)?;
         let mut masks = PrefillMasks::default();
-        if per_pass >= b {
-            return self.forward_paged_seqs(
-                ids,
-                seqlen_offsets,
-                context_lens,
-                pools,
-                meta,
-                0,
-                &mut masks,
-            );
-        }
         // Sequences are independent within a step (each writes its own slots and reads its own
-        // blocks): run them in sub-batches whose activations stay under the limit.
+        // blocks): run them in sub-batches whose activations stay under the limit (one pass,
+        // the whole step, almost always).
         let mut logits = Vec::with_capacity(b.div_ceil(per_pass));
         for first in (0..b).step_by(per_pass) {
             let n = per_pass.min(b - first);
@@ -1074,7 +1064,10 @@ impl PaluTextModel {
                 &mut masks,
             )?);
         }
-        Tensor::cat(&logits, 0)
+        match logits.len() {
+            1 => Ok(logits.pop().expect("one pass")),
+            _ => Tensor::cat(&logits, 0),
+        }
     }
 
     /// [`Self::forward_paged`] for the step's sequences `first .. first + ids.dim(0)`.
