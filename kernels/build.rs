@@ -34,7 +34,11 @@ mod cuda {
                 "src/latent_codec.cu",
                 "src/paged_rows.cu",
             ])
-            .watch(["src/palu_decode.cuh", "src/palu_decode_mma.cuh"])
+            .watch([
+                "src/palu_decode.cuh",
+                "src/palu_decode_mma.cuh",
+                "src/latent_dequant.cuh",
+            ])
             .compute_cap_arch(&arch)
             .args([
                 "-std=c++17",

@@ -13,3 +13,9 @@ for f in kernels/src/*.cu kernels/bench/*.cu; do
     n=$((n + 1))
 done
 echo "kernels: $n CUDA sources compile with $("$nvcc" --version | grep -o 'release [0-9.]*')"
+# Host-side checks of device code written for host and device (no GPU needed): built by nvcc
+# against the static CUDA runtime, run here.
+for t in kernels/tests/*.cu; do
+    "$nvcc" -std=c++17 -O2 -L"$(dirname "$nvcc")/../lib" "$t" -o "$out/$(basename "$t" .cu)"
+    "$out/$(basename "$t" .cu)"
+done

@@ -15,6 +15,7 @@
 // The four warps' (m, l, A) are merged in smem at the end of the split; the combine kernel of
 // palu_decode.cuh merges splits and applies B_v.
 #pragma once
+#include "latent_dequant.cuh"
 #include "palu_decode.cuh"
 #include <type_traits>
 
@@ -239,7 +240,9 @@ struct PackedLoader {
 // Dequantize one staged chunk (RP columns per row, BITS bits per code) into the 16-bit chunk
 // buffer: lane → row lane/2, half of the columns lane%2. value = (code − zero)·scale in f32 as
 // the CPU codec computes it, then rounded to T; columns ≥ r are zero. `sz`: this lane's
-// (scale, zero) register of the rows' owner lanes (`owner` + row).
+// (scale, zero) register of the rows' owner lanes (`owner` + row). f16 rows take the half2 path
+// of latent_dequant.cuh where it is exact (nearly always: zero points of mixed-sign groups lie in
+// [0, 2^BITS)), the same numbers in fewer instructions.
 template <typename T, int RP, int BITS>
 __device__ __forceinline__ void dequant_rows(T* tile, int ld_tile, const unsigned char* stage, int r, unsigned sz, int owner, int lane) {
     constexpr int per_lane = RP / 2, words = per_lane * BITS / 32, mask = (1 << BITS) - 1;
@@ -263,6 +266,37 @@ __device__ __forceinline__ void dequant_rows(T* tile, int ld_tile, const unsigne
             w[i] = v.x, w[i + 1] = v.y, w[i + 2] = v.z, w[i + 3] = v.w;
         }
     }
+    T* dst = tile + row * ld_tile + c0;
+    if constexpr (std::is_same_v<T, half>) {
+        // f16 rows whose zero fits and whose columns are all used: half2 arithmetic, bit for
+        // bit the f32 path below (latent_dequant.cuh), in under half its instructions.
+        const int zero_i = (short)(my >> 16);
+        if (dequant::fits_half2_dequant(zero_i) && c0 + per_lane <= r) {
+            const dequant::RowHalf2 rh(sb, zero_i);
+            auto store8 = [&](int col, unsigned a, unsigned b, unsigned c, unsigned d) {
+                *reinterpret_cast<uint4*>(dst + col) = make_uint4(a, b, c, d);
+            };
+            if constexpr (BITS == 8) {  // 4 codes per word: two words per 16-byte store
+#pragma unroll
+                for (int i = 0; i < words; i += 2) {
+                    unsigned a[2], b[2];
+                    dequant::dequant_word<8>(w[i], rh, a);
+                    dequant::dequant_word<8>(w[i + 1], rh, b);
+                    store8(4 * i, a[0], a[1], b[0], b[1]);
+                }
+            } else {  // 8 or 16 codes per word: one or two stores per word
+                constexpr int per_word = 32 / BITS, pairs = 16 / BITS;
+#pragma unroll
+                for (int i = 0; i < words; ++i) {
+                    unsigned o[pairs];
+                    dequant::dequant_word<BITS>(w[i], rh, o);
+#pragma unroll
+                    for (int q = 0; q < pairs; q += 4) store8(i * per_word + 2 * q, o[q], o[q + 1], o[q + 2], o[q + 3]);
+                }
+            }
+            return;
+        }
+    }
     using E = Elem<T>;
 #pragma unroll
     for (int j0 = 0; j0 < per_lane; j0 += 8) {
@@ -278,7 +312,7 @@ __device__ __forceinline__ void dequant_rows(T* tile, int ld_tile, const unsigne
             }
             out[e / 2] = E::pack2(v[0], v[1]);
         }
-        *reinterpret_cast<uint4*>(tile + row * ld_tile + c0 + j0) = make_uint4(out[0], out[1], out[2], out[3]);
+        *reinterpret_cast<uint4*>(dst + j0) = make_uint4(out[0], out[1], out[2], out[3]);
     }
 }
 
