@@ -242,7 +242,7 @@ struct PackedLoader {
 // the CPU codec computes it, then rounded to T; columns ≥ r are zero. `sz`: this lane's
 // (scale, zero) register of the rows' owner lanes (`owner` + row). f16 rows take the half2 path
 // of latent_dequant.cuh where it is exact (nearly always: zero points of mixed-sign groups lie in
-// [0, 2^BITS)), the same numbers in fewer instructions.
+// [0, 2^BITS)), the same numbers in fewer instructions; the rest the f32 path.
 template <typename T, int RP, int BITS>
 __device__ __forceinline__ void dequant_rows(T* tile, int ld_tile, const unsigned char* stage, int r, unsigned sz, int owner, int lane) {
     constexpr int per_lane = RP / 2, words = per_lane * BITS / 32, mask = (1 << BITS) - 1;
@@ -267,11 +267,12 @@ __device__ __forceinline__ void dequant_rows(T* tile, int ld_tile, const unsigne
         }
     }
     T* dst = tile + row * ld_tile + c0;
+    bool done = false;
     if constexpr (std::is_same_v<T, half>) {
-        // f16 rows whose zero fits and whose columns are all used: half2 arithmetic, bit for
-        // bit the f32 path below (latent_dequant.cuh), in under half its instructions.
+        // f16 rows whose zero point fits: half2 arithmetic, bit for bit the f32 path below
+        // (latent_dequant.cuh), in under half its instructions.
         const int zero_i = (short)(my >> 16);
-        if (dequant::fits_half2_dequant(zero_i) && c0 + per_lane <= r) {
+        if (dequant::fits_half2_dequant(zero_i)) {
             const dequant::RowHalf2 rh(sb, zero_i);
             auto store8 = [&](int col, unsigned a, unsigned b, unsigned c, unsigned d) {
                 *reinterpret_cast<uint4*>(dst + col) = make_uint4(a, b, c, d);
@@ -294,25 +295,33 @@ __device__ __forceinline__ void dequant_rows(T* tile, int ld_tile, const unsigne
                     for (int q = 0; q < pairs; q += 4) store8(i * per_word + 2 * q, o[q], o[q + 1], o[q + 2], o[q + 3]);
                 }
             }
-            return;
+            done = true;
         }
     }
-    using E = Elem<T>;
+    if (!done) {
+        using E = Elem<T>;
 #pragma unroll
-    for (int j0 = 0; j0 < per_lane; j0 += 8) {
-        unsigned out[4];
+        for (int j0 = 0; j0 < per_lane; j0 += 8) {
+            unsigned out[4];
 #pragma unroll
-        for (int e = 0; e < 8; e += 2) {
-            float v[2];
+            for (int e = 0; e < 8; e += 2) {
+                float v[2];
 #pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                const int j = j0 + e + u, bit = j * BITS;
-                const float code = __uint_as_float(((w[bit / 32] >> (bit % 32)) & mask) | 0x4B000000u);
-                v[u] = c0 + j < r ? __fmul_rn(__fsub_rn(code, zero), scale) : 0.f;
+                for (int u = 0; u < 2; ++u) {
+                    const int bit = (j0 + e + u) * BITS;
+                    const float code = __uint_as_float(((w[bit / 32] >> (bit % 32)) & mask) | 0x4B000000u);
+                    v[u] = __fmul_rn(__fsub_rn(code, zero), scale);
+                }
+                out[e / 2] = E::pack2(v[0], v[1]);
             }
-            out[e / 2] = E::pack2(v[0], v[1]);
+            *reinterpret_cast<uint4*>(dst + j0) = make_uint4(out[0], out[1], out[2], out[3]);
         }
-        *reinterpret_cast<uint4*>(dst + j0) = make_uint4(out[0], out[1], out[2], out[3]);
+    }
+    // Columns ≥ r (a rank below the padded width; rare) become zero: one test per lane and
+    // chunk instead of one per code (what was written there came from stale staging bytes).
+    if (c0 + per_lane > r) {
+        unsigned short* out = reinterpret_cast<unsigned short*>(dst);
+        for (int j = max(r - c0, 0); j < per_lane; ++j) out[j] = 0;
     }
 }
 
