@@ -276,7 +276,7 @@ static void setup(Problem& pr, const Shape& s, const std::vector<int>& lens, int
 
 // Packed latents (latent_codec.cu's row format, one quantization group per low-rank group) for
 // the same problem in the model layout: random codes, f16 scales in [0.02, 0.1)·15/(2^bits − 1),
-// zeros in [0, 2^bits). With `halves`, the 16-bit latents become the dequantized rows ((code − zero)·scale
+// zeros in [0, 2^bits), and every 7th row a zero beyond ±1024 (the f32 dequantization path). With `halves`, the 16-bit latents become the dequantized rows ((code − zero)·scale
 // rounded to f16, what the packed kernel's tiles hold), so the 16-bit kernel on them must give
 // the packed kernel's output bit for bit, and check() measures both against float64.
 extern "C" int palu_decode_packed_supported(int dh, int g, int n_rep, int rk, int rv, int bits);
@@ -304,6 +304,14 @@ static void make_packed(Problem& pr, int bits, unsigned long long seed, bool hal
             for (int gi = 0; gi < G; ++gi) {
                 half sc = __float2half(packed_scale((float)(rng() % 10000) / 10000.f, bits));
                 short zero = (short)(rng() % (1u << bits));
+                if (row % 7 == 3) {
+                    // A group of one sign far from zero: a zero point outside [−1024, 1023], which
+                    // takes the f32 dequantization path for f16 too (latent_dequant.cuh), and a
+                    // scale that keeps the values near ±1.
+                    const int off = 1025 + (int)(rng() % 200);
+                    zero = (short)(row % 2 ? off : -off);
+                    sc = __float2half(1.f / 1225.f);
+                }
                 memcpy(rp + nc + 2 * gi, &sc, 2);
                 memcpy(rp + nc + 2 * G + 2 * gi, &zero, 2);
                 if (!halves) continue;
