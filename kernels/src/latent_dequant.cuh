@@ -12,9 +12,9 @@
 // (`fits_half2_dequant`); other rows take the f32 path. About 2.4 instructions per code for 2-
 // and 4-bit, 1.5 for 8-bit, against 5–6 for the f32 path (shift, mask, FADD, FMUL, convert).
 //
-// Host and device: kernels/tests/latent_dequant_test.cu checks every code, a sweep of zeros and
-// every finite positive f16 scale against the f32 reference on the CPU (run by
-// scripts/kernels-check.sh, so in CI).
+// Host and device: kernels/tests/latent_dequant_test.cu checks every code at every position of a
+// word, every accepted zero point and f16 scales across the whole range (the edges and a stride)
+// against the f32 reference on the CPU (run by scripts/kernels-check.sh, so in CI).
 #pragma once
 #include <cuda_fp16.h>
 
