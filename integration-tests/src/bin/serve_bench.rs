@@ -143,12 +143,41 @@ fn checkpoints(a: &Args) -> Result<(PathBuf, PathBuf)> {
                 ratio: 0.5,
             });
             palu::checkpoint::write_dir_atomically(&dir, |tmp| {
-                palu::synth::write(&spec, tmp, Some(&a.tokenizer))
+                palu::synth::write(&spec, tmp, Some(&a.tokenizer))?;
+                unreachable_eos(tmp, spec.vocab)
+                    .map_err(|e| palu::error::PaluError::invalid(tmp, format!("{e:#}")))
             })?;
         }
         out.push(dir);
     }
     Ok((out.remove(0), out.remove(0)))
+}
+
+/// Random weights emit stories260K's `</s>` about once in 512 tokens, which ended streams early
+/// and unevenly (and mistral.rs 0.8.1 never applies `SamplingParams::logits_bias`). The
+/// benchmark's tokenizer therefore ends streams with an added token past the model's `vocab`
+/// logits, one it can never sample: every stream decodes exactly `--gen` tokens.
+fn unreachable_eos(dir: &Path, vocab: usize) -> Result<()> {
+    const EOS: &str = "<|serve_bench_eos|>";
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| -> Result<()> {
+        let path = dir.join(name);
+        let mut v: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", path.display()))?;
+        f(&mut v);
+        std::fs::write(&path, serde_json::to_vec_pretty(&v)?)
+            .with_context(|| format!("writing {}", path.display()))
+    };
+    edit("tokenizer.json", &|t| {
+        if let Some(added) = t["added_tokens"].as_array_mut() {
+            added.push(
+                serde_json::json!({"id": vocab, "content": EOS, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true}),
+            );
+        }
+    })?;
+    edit("tokenizer_config.json", &|c| c["eos_token"] = EOS.into())
 }
 
 struct Run {
@@ -202,9 +231,6 @@ async fn run(engine: &MistralRs, a: &Args, label: &str) -> Result<(f64, f64, usi
             RequestMessage::CompletionTokens(prompt),
             SamplingParams {
                 max_len: Some(a.gen),
-                // Random weights: keep the special tokens (stories260K's 0-2, EOS among them)
-                // from ending a stream early, so every stream decodes exactly `gen` tokens.
-                logits_bias: Some((0..3).map(|t| (t, -1e4)).collect()),
                 ..SamplingParams::deterministic()
             },
             tx,
