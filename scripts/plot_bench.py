@@ -196,6 +196,51 @@ def stop13_plots():
     )
 
 
+def stop14_plots():
+    decode_plots(
+        table(ROOT / "docs/bench/palu_decode_stop14.md"),
+        "stop14",
+        before=table(ROOT / "docs/bench/palu_decode_stop13.md"),
+        llama2=table(ROOT / "docs/bench/palu_decode_stop14_llama2.md"),
+    )
+
+
+def serve_stop14_plot():
+    """Decode tokens/s, Palu (latents in paged blocks) vs stock paged attention, from the stop-14
+    serve-bench log lines ("... decode D s for N tokens (T tok/s)") after the early-stop fix."""
+    text = (ROOT / "docs/bench/serve_bench_stop14.md").read_text()
+    after = text[text.index("## After the fix"):]
+    runs, cur = {}, None
+    for line in after.splitlines():
+        m = re.match(r"== (\d+) x (\d+) gen (\d+)", line)
+        if m:
+            cur = f"{m.group(1)} × {int(m.group(2)) // 1024}K"
+            runs[cur] = {}
+            continue
+        m = re.search(r"\(([\d.]+) tok/s\)", line)
+        if cur and m:
+            runs[cur]["stock" if line.startswith("stock") else "palu"] = float(m.group(1))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for i, (shape, r) in enumerate(runs.items()):
+        ax.bar(i - 0.18, r.get("palu", 0), 0.36, color="#262", label="--kv-cache palu, 16-bit latents, paged" if i == 0 else None)
+        if "stock" in r:
+            ax.bar(i + 0.18, r["stock"], 0.36, color="#c44", label="stock, paged attention" if i == 0 else None)
+            ax.text(i, max(r.values()) * 1.02, f"{r['palu'] / r['stock']:.2f}×", ha="center", fontsize=9)
+        else:
+            ax.text(i + 0.18, 60, "stock cannot run\n(candle#3604)", rotation=90, ha="center", va="bottom", fontsize=8, color="#c44")
+    ax.set_xticks(range(len(runs)))
+    ax.set_xticklabels(list(runs))
+    ax.set_xlim(-0.6, len(runs) - 0.4)
+    ax.set_ylim(0, 1.25 * max(v for r in runs.values() for v in r.values()))
+    ax.set_xlabel("streams × prompt tokens")
+    ax.set_ylabel("decode tokens/s (all streams)")
+    ax.set_title("serve-bench, H200: Llama-3-8B shape, 4 layers, random weights, bf16")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs/img/serve_bench_stop14.svg")
+
+
 def main():
     versions = {v: rows(ROOT / f"docs/bench/palu_decode_{v}.md") for v in ["v1", "v2", "v3", "v4", "v5", "v6"]}
     v5 = rows(ROOT / "docs/bench/palu_decode_v5_stock.md")
@@ -238,8 +283,11 @@ def main():
     serve_plot()
     stop12_plots()
     stop13_plots()
+    stop14_plots()
+    serve_stop14_plot()
     print("wrote docs/img/decode_latency_llama3.svg, docs/img/decode_bandwidth_versions.svg, docs/img/decode_speedup_vs_stock.svg, "
-          "docs/img/serve_bench_stop11.svg, docs/img/decode_{latency,roofline}_stop12.svg, docs/img/decode_{latency,roofline}_stop13.svg")
+          "docs/img/serve_bench_stop11.svg, docs/img/decode_{latency,roofline}_stop12.svg, docs/img/decode_{latency,roofline}_stop13.svg, "
+          "docs/img/decode_{latency,roofline}_stop14.svg, docs/img/serve_bench_stop14.svg")
 
 
 if __name__ == "__main__":
