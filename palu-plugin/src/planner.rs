@@ -24,12 +24,12 @@ use crate::error::{read_to_string, PaluError};
 use crate::lowrank::KvKind;
 
 /// Constants of the cost model. Defaults: one H200, fitted by `palu calibrate` to the kernel
-/// harness's stop-10 run (docs/bench/palu_decode_v6_stop10.md, all 32 rows with batch ≥ 8, every
-/// row within ±23 % of the model) and the criterion rows of docs/kernels.md ("Planner").
+/// harness's stop-14 run (docs/bench/palu_decode_stop14*.md, the 48 rows with batch ≥ 8, every
+/// row within ±21 % of the model) and the criterion rows of docs/kernels.md ("Planner").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CostModel {
-    /// Device-to-device copy bandwidth, TB/s (measured by the kernel harness: 4.29).
+    /// Device-to-device copy bandwidth, TB/s (measured by the kernel harness: 4.26).
     pub hbm_tbps: f64,
     /// Effective FLOP rate of the fused kernel's key rebuild, TFLOP/s: the slope of its time
     /// over the rebuild FLOPs (the kernel is bound by instruction issue, not bytes).
@@ -50,10 +50,10 @@ pub struct CostModel {
 impl Default for CostModel {
     fn default() -> Self {
         CostModel {
-            hbm_tbps: 4.29,
-            rebuild_tflops: 205.2,
-            step_overhead_us: 37.0,
-            packed_factor: 1.569,
+            hbm_tbps: 4.26,
+            rebuild_tflops: 207.8,
+            step_overhead_us: 38.3,
+            packed_factor: 1.489,
             full_keys_tbps: 0.075,
             gemm_tflops: 600.0,
         }

@@ -179,8 +179,8 @@ fn the_default_cost_model_is_the_fit_of_the_committed_h200_run() {
     // Stop 13's run, one file per model (palu calibrate reads them as one text), and the header
     // of the configs file it wrote naming them.
     let files = [
-        "docs/bench/palu_decode_stop13.md",
-        "docs/bench/palu_decode_stop13_llama2.md",
+        "docs/bench/palu_decode_stop14.md",
+        "docs/bench/palu_decode_stop14_llama2.md",
     ];
     let text: String = files
         .iter()
