@@ -21,7 +21,14 @@ fn every_stream_decodes_exactly_gen_tokens() {
     // "<server>: prefill P s, decode D s for N tokens (T tok/s), wall W s"
     let counts: Vec<usize> = log
         .lines()
-        .filter_map(|l| l.split(" s for ").nth(1)?.split(" tokens").next()?.parse().ok())
+        .filter_map(|l| {
+            l.split(" s for ")
+                .nth(1)?
+                .split(" tokens")
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
     // Each stream's first token comes from the prefill; the rest are decode steps.
     assert_eq!(counts, vec![streams * (gen - 1)], "{log}");

@@ -120,10 +120,12 @@ fn parse() -> Result<Args> {
     Ok(a)
 }
 
-/// Write the stock and the Palu-50 % checkpoint once (reused by later runs).
+/// Write the stock and the Palu-50 % checkpoint once (reused by later runs); each only where a
+/// server of `--configs` reads it (a 32-layer one is 16 GB).
 fn checkpoints(a: &Args) -> Result<(PathBuf, PathBuf)> {
     let mut out = Vec::new();
     for palu in [false, true] {
+        let needed = a.configs.iter().any(|c| c.starts_with("palu") == palu);
         let dir = a.work.join(format!(
             "llama3-8b-{}l-{}",
             a.layers,
@@ -133,7 +135,7 @@ fn checkpoints(a: &Args) -> Result<(PathBuf, PathBuf)> {
                 "dense".to_string()
             }
         ));
-        if !dir.join("config.json").exists() {
+        if needed && !dir.join("config.json").exists() {
             let mut spec = palu::synth::SynthSpec::preset("llama3-8b", Some(a.layers), 7)
                 .context("the llama3-8b preset")?;
             spec.dtype = candle_core::DType::BF16;
