@@ -183,25 +183,16 @@ def decode_plots(t, tag, before=None, llama2=None):
     fig.savefig(ROOT / f"docs/img/decode_roofline_{tag}.svg")
 
 
-def stop12_plots():
-    decode_plots(table(ROOT / "docs/bench/palu_decode_stop12.md"), "stop12")
-
-
-def stop13_plots():
+def stop_plots(stop, before=None):
+    """The decode plots of one stop's harness run (docs/bench/palu_decode_stopN.md, and its
+    Llama-2 run where there is one), with an earlier stop's g = 1 rows in grey."""
+    bench = ROOT / "docs/bench"
+    llama2 = bench / f"palu_decode_stop{stop}_llama2.md"
     decode_plots(
-        table(ROOT / "docs/bench/palu_decode_stop13.md"),
-        "stop13",
-        before=table(ROOT / "docs/bench/palu_decode_stop12.md"),
-        llama2=table(ROOT / "docs/bench/palu_decode_stop13_llama2.md"),
-    )
-
-
-def stop14_plots():
-    decode_plots(
-        table(ROOT / "docs/bench/palu_decode_stop14.md"),
-        "stop14",
-        before=table(ROOT / "docs/bench/palu_decode_stop13.md"),
-        llama2=table(ROOT / "docs/bench/palu_decode_stop14_llama2.md"),
+        table(bench / f"palu_decode_stop{stop}.md"),
+        f"stop{stop}",
+        before=table(bench / f"palu_decode_stop{before}.md") if before else None,
+        llama2=table(llama2) if llama2.exists() else None,
     )
 
 
@@ -281,9 +272,9 @@ def main():
     fig.savefig(ROOT / "docs/img/decode_bandwidth_versions.svg")
     speedup_plot()
     serve_plot()
-    stop12_plots()
-    stop13_plots()
-    stop14_plots()
+    stop_plots(12)
+    stop_plots(13, before=12)
+    stop_plots(14, before=13)
     serve_stop14_plot()
     print("wrote docs/img/decode_latency_llama3.svg, docs/img/decode_bandwidth_versions.svg, docs/img/decode_speedup_vs_stock.svg, "
           "docs/img/serve_bench_stop11.svg, docs/img/decode_{latency,roofline}_stop12.svg, docs/img/decode_{latency,roofline}_stop13.svg, "
